@@ -1,0 +1,22 @@
+"""Node modules of the pack. Each technique lives in its own module and exposes a ``NODES`` list."""
+
+from __future__ import annotations
+
+import importlib
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+# one module per technique; imported when ComfyUI asks for the node list
+NODE_MODULES = ("guidance_cutoff",)
+
+
+def all_nodes() -> list[type[io.ComfyNode]]:
+    return [node for name in NODE_MODULES for node in importlib.import_module(f".{name}", __name__).NODES]
+
+
+class PromptAnatomyExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return all_nodes()

@@ -1,0 +1,66 @@
+"""Unit tier: real ComfyUI imported in-process (CPU), the pack loaded as package ``prompt_anatomy``
+(the way ComfyUI loads it: by file location, never by putting the checkout on sys.path), tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_models = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
+tiny_models.bootstrap_comfy()
+
+import torch  # noqa: E402
+
+import comfy.model_management  # noqa: E402,F401
+import comfy.utils  # noqa: E402
+
+comfy.utils.PROGRESS_BAR_ENABLED = False
+import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own top-level nodes.py)
+
+_load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+support = _load_by_path("pa_support", Path(__file__).with_name("support.py"))
+tiny = support.tiny
+
+
+@pytest.fixture(scope="session")
+def sd1():
+    return tiny("sd1")
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return tiny("sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    return tiny("sd3")
+
+
+@pytest.fixture(scope="session")
+def flux():
+    return tiny("flux")
+
+
+@pytest.fixture(scope="session")
+def sd2():
+    return tiny("sd2")

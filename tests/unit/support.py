@@ -1,0 +1,48 @@
+"""Helpers shared by the unit tests, importable as ``pa_support`` (registered by conftest.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import nodes as comfy_nodes
+from comfy.patcher_extension import WrappersMP
+
+tiny_models = sys.modules["prompt_anatomy_tiny_models"]
+_CACHE: dict = {}
+
+
+def tiny(family: str, dtype=None):
+    """Session-cached tiny model of ``family`` (tests must clone before patching — as nodes do)."""
+    key = (family, dtype)
+    if key not in _CACHE:
+        _CACHE[key] = tiny_models.make(family, dtype=dtype)
+    return _CACHE[key]
+
+
+def empty_latent(batch=1, channels=4, size=16):
+    return {"samples": torch.zeros(batch, channels, size // 8 * 2, size // 8 * 2)}
+
+
+def ksample(model, pos, neg, *, steps=6, sampler="euler", scheduler="normal", cfg=5.0, batch=1, size=16,
+            channels=4, denoise=1.0, seed=0, latent=None):
+    """Core KSampler (nodes.common_ksampler) on a tiny model; returns the latent tensor."""
+    if latent is None:
+        latent = empty_latent(batch, channels, size)
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent, denoise=denoise)
+    return out["samples"]
+
+
+def count_rows(model):
+    """Clone of ``model`` with an APPLY_MODEL wrapper counting batch rows that reach the diffusion model."""
+    m = model.clone()
+    counter = {"rows": 0, "calls": 0}
+
+    def wrapper(executor, x, *args, **kwargs):
+        counter["rows"] += x.shape[0]
+        counter["calls"] += 1
+        return executor(x, *args, **kwargs)
+
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test.count_rows", wrapper)
+    return m, counter
