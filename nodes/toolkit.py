@@ -58,8 +58,9 @@ class RunState:
     """State of one sampling run (one OUTER_SAMPLE call). Not a dict on purpose: ComfyUI copies nested
     dicts of model_options per call, but passes other objects by reference."""
 
-    def __init__(self, roles: dict[Any, str]):
+    def __init__(self, roles: dict[Any, str], cfg: float | None = None):
         self.roles = roles  # cond uuid -> "positive" / "negative" / other guider key
+        self.cfg = cfg  # the guider's cfg scale (None for guiders without one)
         self.sample_sigmas: torch.Tensor | None = None
         self.sampler_name: str | None = None
         self.last_callback_step = -1
@@ -118,7 +119,8 @@ def _roles_from_guider(guider) -> dict[Any, str]:
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    run = RunState(_roles_from_guider(guider))
+    cfg = getattr(guider, "cfg", None)
+    run = RunState(_roles_from_guider(guider), cfg if isinstance(cfg, (int, float)) else None)
     to = guider.model_options.setdefault("transformer_options", {})
     previous = to.get(RUN_KEY)
     to[RUN_KEY] = run
@@ -165,12 +167,13 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
 
 
 def ensure_run_tracking(model_patcher) -> None:
-    """Install the pack's run-tracking wrappers on ``model_patcher`` (a clone you own). Idempotent."""
+    """Install the pack's run-tracking wrappers on ``model_patcher`` (a clone you own). Idempotent; an
+    existing installation keeps its place, so it stays outside every wrapper added after it."""
     for wrapper_type, fn in ((WrappersMP.OUTER_SAMPLE, _outer_sample_wrapper),
                              (WrappersMP.SAMPLER_SAMPLE, _sampler_sample_wrapper),
                              (WrappersMP.PREDICT_NOISE, _predict_noise_wrapper)):
-        model_patcher.remove_wrappers_with_key(wrapper_type, RUN_WRAPPER_KEY)
-        model_patcher.add_wrapper_with_key(wrapper_type, RUN_WRAPPER_KEY, fn)
+        if not model_patcher.get_wrappers(wrapper_type, RUN_WRAPPER_KEY):
+            model_patcher.add_wrapper_with_key(wrapper_type, RUN_WRAPPER_KEY, fn)
 
 
 def run_state(transformer_options: dict | None) -> RunState | None:

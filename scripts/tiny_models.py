@@ -99,6 +99,8 @@ def _patcher(model):
     import torch
     import comfy.model_patcher
 
+    model.eval()
+
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 

@@ -1,0 +1,377 @@
+"""Guidance cutoff (paper 1, Sec. 6, eq. 9): classifier-free guidance for the early steps only.
+
+After the cutoff each sampler evaluation runs a single branch, so the model sees half the rows:
+
+    eps = eps(neg) + w * (eps(pos) - eps(neg))   before the cutoff (plain CFG)
+    eps = eps(neg)            (keep="negative", the paper's eq. 9)   after the cutoff
+    eps = eps(pos)            (keep="positive", cfg 1 as A1111/Forge do)   after the cutoff
+
+One implementation serves three nodes: a keyed CALC_COND_BATCH wrapper (:func:`apply_cutoff`) that
+replaces the two-branch call by a one-branch call and hands the same prediction back for both branches,
+so ``cfg_function``, post-CFG hooks and CFG++ samplers all see a consistent pair. The sampler node runs
+core ``common_ksampler`` on the patched model (same noise, previews and progress bar as KSampler), the
+guider node wraps the patched model in a CFGGuider, and the patch node returns the patched MODEL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+
+import comfy.samplers
+import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (our own package is imported relatively)
+from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io, ui
+
+from . import toolkit
+
+WRAPPER_KEY = f"{toolkit.PACK}.guidance_cutoff"
+STORE = f"{toolkit.PACK}.guidance_cutoff"
+
+KEEP_MODES = ("negative", "positive")
+ADAPTIVE_MODES = ("off", "cosine", "low_frequency")
+
+
+@dataclasses.dataclass(frozen=True)
+class CutoffSettings:
+    cutoff: float = 0.6
+    cutoff_unit: str = "fraction"
+    keep: str = "negative"
+    adaptive: str = "off"
+    cosine_threshold: float = 0.98
+    lowfreq_threshold: float = 0.02
+
+    def validate(self, steps: int | None = None) -> None:
+        toolkit.validate_cutoff(self.cutoff, self.cutoff_unit, steps)
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, got {self.keep!r}.")
+        if self.adaptive not in ADAPTIVE_MODES:
+            raise ValueError(f"adaptive must be one of {', '.join(ADAPTIVE_MODES)}, got {self.adaptive!r}.")
+        for name in ("cosine_threshold", "lowfreq_threshold"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {value}: it is a similarity (cosine) or a relative "
+                                 f"change (low_frequency), so pick e.g. 0.98 or 0.02.")
+
+
+@dataclasses.dataclass
+class CutoffRun:
+    """Per-run record (lives in the run's store; published as a report when the run ends)."""
+
+    cutoff_step: int | None = None  # resolved fixed cutoff (latest allowed switch)
+    switched_at: int | None = None  # first single-branch step (adaptive may switch earlier)
+    steps: int | None = None
+    batch: int | None = None
+    cfg_calls: int = 0  # two-branch calls seen (before the switch)
+    cut_calls: int = 0  # calls reduced to one branch
+    single_calls: int = 0  # calls that came with one branch already (cfg 1, guidance-distilled models)
+    rows: int = 0  # batch rows that reached the diffusion model
+    prev_low: torch.Tensor | None = None  # low-frequency part of the last CFG prediction (adaptive)
+    last_step_seen: int | None = None
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+# ----------------------------------------------------------------------------------------------
+def prediction_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Smallest per-image cosine similarity of two predictions (fp32)."""
+    a = a.reshape(a.shape[0], -1).float()
+    b = b.reshape(b.shape[0], -1).float()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).min())
+
+
+def lowfreq_relative_change(low: torch.Tensor, prev_low: torch.Tensor) -> float:
+    """Largest per-image ||low - prev|| / ||prev|| (fp32)."""
+    low = low.reshape(low.shape[0], -1).float()
+    prev = prev_low.reshape(prev_low.shape[0], -1).float().to(low.device)
+    return float(((low - prev).norm(dim=1) / prev.norm(dim=1).clamp_min(1e-12)).max())
+
+
+def plain_cfg_rows(steps_evals: int, batch: int) -> int:
+    return 2 * steps_evals * batch
+
+
+# ----------------------------------------------------------------------------------------------
+# the one implementation: a CALC_COND_BATCH wrapper
+# ----------------------------------------------------------------------------------------------
+def _branch_roles(conds, run) -> list[str | None]:
+    roles = []
+    for entries in conds:
+        role = None
+        for entry in entries or []:
+            role = run.roles.get(entry.get("uuid")) if run is not None else None
+            if role is not None:
+                break
+        roles.append(role)
+    return roles
+
+
+def _after_switch(rec: CutoffRun, step: int) -> bool:
+    if rec.switched_at is not None and step >= rec.switched_at:
+        return True
+    return rec.cutoff_step is not None and step >= rec.cutoff_step
+
+
+def _adaptive_update(settings: CutoffSettings, rec: CutoffRun, run, step: int, out, i_pos: int, i_neg: int) -> None:
+    """After a full CFG step: decide whether later steps may run a single branch."""
+    if settings.adaptive == "off" or rec.switched_at is not None:
+        return
+    if settings.adaptive == "cosine":
+        cos = prediction_cosine(out[i_pos], out[i_neg])
+        if cos >= settings.cosine_threshold:
+            rec.switched_at = step + 1
+            rec.reason = f"adaptive: cosine(positive, negative) = {cos:.4f} ≥ {settings.cosine_threshold} at step {step}"
+        return
+    from .frequency import split_frequencies  # the pack's one frequency split
+
+    cfg = run.cfg if run is not None and run.cfg is not None else 1.0
+    denoised = out[i_neg] + (out[i_pos] - out[i_neg]) * cfg
+    low, _ = split_frequencies(denoised.float())
+    if rec.prev_low is not None and rec.last_step_seen is not None and step > rec.last_step_seen:
+        change = lowfreq_relative_change(low, rec.prev_low)
+        if change < settings.lowfreq_threshold:
+            rec.switched_at = step + 1
+            rec.reason = (f"adaptive: low-frequency change {change:.4f} < {settings.lowfreq_threshold} "
+                          f"at step {step}")
+    if rec.last_step_seen is None or step > rec.last_step_seen:
+        rec.prev_low = low.detach()
+
+
+def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
+    """The CALC_COND_BATCH wrapper doing the cutoff and an APPLY_MODEL wrapper counting the rows that reach
+    the diffusion model, sharing one per-run record that is reported when the run ends."""
+
+    def finish(run):
+        rec = run.peek(STORE)
+        toolkit.LOG.info("guidance cutoff: %s", format_report(rec, settings).replace("\n", " "))
+        if on_report is not None:
+            on_report(rec)
+
+    def record(run) -> CutoffRun:
+        rec = run.peek(STORE)
+        if rec is None:
+            rec = run.store(STORE, CutoffRun)
+            run.on_finish(finish)
+        return rec
+
+    def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
+        run = toolkit.run_state(model_options)
+        step = toolkit.current_step(model_options, timestep)
+        if run is None or step is None:
+            return executor(model, conds, x_in, timestep, model_options)
+        rec = record(run)
+        if rec.cutoff_step is None and run.sample_sigmas is not None:
+            rec.steps = len(run.sample_sigmas) - 1
+            rec.cutoff_step = toolkit.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas)
+            rec.batch = x_in.shape[0]
+        present = [c is not None for c in conds]
+        roles = _branch_roles(conds, run)
+        if len(conds) != 2 or not all(present) or sorted(r or "" for r in roles) != ["negative", "positive"]:
+            if sum(present) == 1:
+                rec.single_calls += 1
+            return executor(model, conds, x_in, timestep, model_options)
+        i_pos, i_neg = roles.index("positive"), roles.index("negative")
+        if _after_switch(rec, step):
+            keep = i_neg if settings.keep == "negative" else i_pos
+            sub = [c if i == keep else None for i, c in enumerate(conds)]
+            pred = executor(model, sub, x_in, timestep, model_options)[keep]
+            rec.cut_calls += 1
+            if rec.switched_at is None or step < rec.switched_at:
+                rec.switched_at = step
+            return [pred, pred]
+        out = executor(model, conds, x_in, timestep, model_options)
+        rec.cfg_calls += 1
+        _adaptive_update(settings, rec, run, step, out, i_pos, i_neg)
+        rec.last_step_seen = step
+        return out
+
+    def count_rows_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                           **kwargs):
+        run = toolkit.run_state(transformer_options)
+        if run is not None:
+            record(run).rows += x.shape[0]
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    return calc_cond_batch_wrapper, count_rows_wrapper
+
+
+def apply_cutoff(model, settings: CutoffSettings, on_report=None):
+    """Clone ``model`` and install the cutoff. ``on_report(CutoffRun)`` is called after every run."""
+    settings.validate()
+    m = model.clone()
+    toolkit.ensure_run_tracking(m)
+    cutoff_wrapper, count_wrapper = make_cutoff_wrappers(settings, on_report)
+    toolkit.add_keyed_wrapper(m, WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cutoff_wrapper)
+    toolkit.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, count_wrapper)
+    return m
+
+
+def format_report(rec: CutoffRun, settings: CutoffSettings, seconds: float | None = None,
+                  batch: int | None = None) -> str:
+    evals = rec.cfg_calls + rec.cut_calls + rec.single_calls
+    lines = []
+    if rec.cfg_calls + rec.cut_calls == 0:
+        lines.append("Nothing to cut: every model call had a single branch (cfg 1, or a guidance-distilled model "
+                     "such as Flux). The output equals KSampler's.")
+    else:
+        b = batch or 1
+        plain = 2 * (rec.cfg_calls + rec.cut_calls) * b
+        lines.append(f"Model rows evaluated: {rec.rows} (plain CFG: {plain}; "
+                     f"{100.0 * (1 - rec.rows / plain) if plain else 0.0:.1f} % fewer).")
+        lines.append(f"Sampler evaluations: {evals} — {rec.cfg_calls} with both branches, {rec.cut_calls} single-branch "
+                     f"(kept: {settings.keep}).")
+        if rec.switched_at is not None and rec.cut_calls:
+            lines.append(f"Guidance stopped at step {rec.switched_at} of {rec.steps}"
+                         + (f" ({rec.reason})." if rec.reason else f" (cutoff {settings.cutoff} {settings.cutoff_unit})."))
+        else:
+            lines.append(f"Guidance ran on every step (cutoff {settings.cutoff} {settings.cutoff_unit} is at or beyond "
+                         f"the last of {rec.steps} steps).")
+    if seconds is not None:
+        lines.append(f"Sampling time: {seconds:.2f} s.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# nodes
+# ----------------------------------------------------------------------------------------------
+_KEEP_TOOLTIP = ("Which prediction to keep after the cutoff. 'negative' is paper 1's eq. 9: only the unconditional "
+                 "(negative-prompt) prediction — identical to the paper when the negative prompt is empty. 'positive' "
+                 "keeps the positive prediction (cfg 1), what A1111/Forge and most tools do. Both save the same compute.")
+
+
+def cutoff_inputs() -> list:
+    return [
+        io.Float.Input("cutoff", default=0.6, min=0.0, max=10000.0, step=0.01,
+                       tooltip="Where guidance stops: the first step at or after this point, and every later step, runs "
+                               "a single branch. Unit set by cutoff_unit. Paper 1 Table 2: stopping at 0.6 of the steps "
+                               "saves ~27 % of time with almost no change."),
+        io.Combo.Input("cutoff_unit", options=list(toolkit.CUTOFF_UNITS), default="fraction",
+                       tooltip="fraction: of the sampling steps (0.6 = the last 40 % run single-branch); step: index of "
+                               "the first single-branch step (0-based, 'steps' = never); sigma: the first step whose "
+                               "sigma is at or below this value."),
+        io.Combo.Input("keep", options=list(KEEP_MODES), default="negative", tooltip=_KEEP_TOOLTIP),
+        io.Combo.Input("adaptive", options=list(ADAPTIVE_MODES), default="off",
+                       tooltip="off: fixed cutoff. cosine: stop guidance once the positive and negative predictions agree "
+                               "(cosine ≥ cosine_threshold). low_frequency: stop once the low-frequency part (the shape) "
+                               "of the prediction has stopped changing (relative change < lowfreq_threshold). The fixed "
+                               "cutoff stays the latest allowed switch."),
+        io.Float.Input("cosine_threshold", default=0.98, min=0.0, max=1.0, step=0.001,
+                       tooltip="adaptive=cosine: switch when cosine(positive, negative prediction) ≥ this, in (0, 1]."),
+        io.Float.Input("lowfreq_threshold", default=0.02, min=0.0, max=1.0, step=0.001,
+                       tooltip="adaptive=low_frequency: switch when the low-frequency part of the prediction changes by "
+                               "less than this fraction between steps, in (0, 1]."),
+    ]
+
+
+class GuidanceCutoffKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GuidanceCutoffKSampler",
+            display_name="KSampler (Guidance Cutoff)",
+            category="prompt_anatomy/guidance",
+            description="KSampler that runs classifier-free guidance only for the early steps (paper 1, eq. 9): after "
+                        "the cutoff each step evaluates one branch, saving up to ~half the compute of those steps.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising the input latent."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of sampling steps."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale used before the cutoff."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm (2nd-order samplers apply the cutoff per step, to both "
+                                       "of their model calls)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The scheduler controls how noise is removed over the steps."),
+                io.Conditioning.Input("positive", tooltip="The conditioning describing what you want in the image."),
+                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude (empty for the "
+                                                          "paper's unconditional branch)."),
+                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The amount of denoising; cutoff fractions and steps refer to the steps actually "
+                                       "run."),
+                *cutoff_inputs(),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The denoised latent."),
+                io.String.Output(display_name="report", tooltip="Model rows run vs plain CFG, where guidance "
+                                                                "stopped, and the measured time."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise=1.0, cutoff=0.6, cutoff_unit="fraction", keep="negative", adaptive="off",
+                cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
+        settings.validate(steps=steps if cutoff_unit == "step" else None)
+        records: list[CutoffRun] = []
+        m = apply_cutoff(model, settings, on_report=records.append)
+        start = time.perf_counter()
+        (out,) = comfy_nodes.common_ksampler(m, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                             latent_image, denoise=denoise)
+        seconds = time.perf_counter() - start
+        batch = latent_image["samples"].shape[0]
+        report = format_report(records[-1], settings, seconds, batch) if records else \
+            f"No sampling run happened (denoise {denoise} leaves no steps). Sampling time: {seconds:.2f} s."
+        return io.NodeOutput(out, report, ui=ui.PreviewText(report))
+
+
+class GuidanceCutoffGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GuidanceCutoffGuider",
+            display_name="Guidance Cutoff Guider",
+            category="prompt_anatomy/guidance",
+            description="A CFG guider for SamplerCustomAdvanced that stops classifier-free guidance after the cutoff "
+                        "(paper 1, eq. 9), evaluating one branch per step afterwards.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising."),
+                io.Conditioning.Input("positive", tooltip="The conditioning describing what you want in the image."),
+                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale used before the cutoff."),
+                *cutoff_inputs(),
+            ],
+            outputs=[io.Guider.Output(tooltip="Plug into SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, cutoff=0.6, cutoff_unit="fraction", keep="negative",
+                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
+        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class GuidanceCutoffPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GuidanceCutoffPatch",
+            display_name="Guidance Cutoff (model patch)",
+            category="prompt_anatomy/guidance",
+            description="Patches a MODEL so that the stock KSampler (or another pack's sampler) stops classifier-free "
+                        "guidance after the cutoff (paper 1, eq. 9). Composes with other wrappers; the report goes "
+                        "to the server log.",
+            inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
+                    *cutoff_inputs()],
+            outputs=[io.Model.Output(tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, cutoff=0.6, cutoff_unit="fraction", keep="negative", adaptive="off",
+                cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
+        return io.NodeOutput(apply_cutoff(model, settings))
+
+
+NODES = [GuidanceCutoffKSampler, GuidanceCutoffGuider, GuidanceCutoffPatch]
