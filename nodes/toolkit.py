@@ -375,3 +375,148 @@ def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def get_all_wrappers(wrapper_type: str, model_options: dict):
     return comfy.patcher_extension.get_all_wrappers(wrapper_type, model_options, is_model_options=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# model families and attention layers
+# ----------------------------------------------------------------------------------------------
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+
+
+def model_family(model_patcher) -> str:
+    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or the model config's class name for anything else."""
+    import comfy.supported_models as sm
+
+    config = model_patcher.model.model_config
+    checks = (("sdxl", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B")),
+              ("sd2", ("SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")),
+              ("sd1", ("SD15", "SD15_instructpix2pix")),
+              ("sd3", ("SD3",)),
+              ("flux", ("Flux", "FluxSchnell", "FluxInpaint")))
+    for family, names in checks:
+        classes = tuple(getattr(sm, n) for n in names if hasattr(sm, n))
+        if classes and isinstance(config, classes):
+            return family
+    return type(config).__name__
+
+
+def unsupported_family(family: str, what: str, why: str) -> ValueError:
+    return ValueError(f"{what} does not support this model ({family}): {why}")
+
+
+def unet_attn2_layers(model_patcher) -> list[tuple[str, int, int]]:
+    """Cross-attention layers of a UNet in forward order, as ComfyUI's attn2 patch keys
+    (block_name, block_id, block_index); the position in the list is the global cross-attention index."""
+    dm = model_patcher.model.diffusion_model
+    if not hasattr(dm, "input_blocks"):
+        return []
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    layers = []
+
+    def visit(name, idx, block):
+        for module in block:
+            if isinstance(module, SpatialTransformer):
+                for bi, tb in enumerate(module.transformer_blocks):
+                    if getattr(tb, "attn2", None) is not None:
+                        layers.append((name, idx, bi))
+
+    for i, block in enumerate(dm.input_blocks):
+        visit("input", i, block)
+    visit("middle", 0, dm.middle_block)
+    for i, block in enumerate(dm.output_blocks):
+        visit("output", i, block)
+    return layers
+
+
+def dit_blocks(model_patcher) -> list[tuple[str, int]]:
+    """Attention blocks of an MMDiT (("joint", i)) or Flux (("double", i), ("single", i)) in forward order."""
+    dm = model_patcher.model.diffusion_model
+    if hasattr(dm, "joint_blocks"):
+        return [("joint", i) for i in range(len(dm.joint_blocks))]
+    if hasattr(dm, "double_blocks"):
+        return [("double", i) for i in range(len(dm.double_blocks))] + \
+               [("single", i) for i in range(len(getattr(dm, "single_blocks", [])))]
+    return []
+
+
+LAYER_KEY = f"{PACK}.layer"  # transformer_options key: the attention layer running now (or None)
+TXT_LEN_KEY = f"{PACK}.txt_len"  # transformer_options key: text tokens at the front of a DiT sequence
+
+
+class _LayerFlag:
+    """Mutable holder shared by the UNet attn2 flagging patches of one model call: UNet attention patches
+    get a *copy* of transformer_options, so the flag lives in an object both copies point to."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self):
+        self.layer = None
+
+    def __deepcopy__(self, memo):  # each clone gets its own flag
+        return _LayerFlag()
+
+
+def _flag_attn2_on(n, context, value, extra_options):
+    flag = extra_options.get(LAYER_KEY)
+    if flag is not None:
+        block = extra_options.get("block") or (None, None)
+        flag.layer = (block[0], block[1], extra_options.get("block_index", 0))
+    return n, context, value
+
+
+def _flag_attn2_off(n, extra_options):
+    flag = extra_options.get(LAYER_KEY)
+    if flag is not None:
+        flag.layer = None
+    return n
+
+
+def current_attn2_layer(transformer_options: dict):
+    """(block_name, block_id, block_index) when a UNet cross-attention runs now, else None (self-attention,
+    or a model without layer tracking). Use inside an attention override."""
+    flag = (transformer_options or {}).get(LAYER_KEY)
+    return flag.layer if isinstance(flag, _LayerFlag) else None
+
+
+def _stamp_replace(kind: str, index: int, previous):
+    def replace(args, extra):
+        to = args.get("transformer_options")
+        if to is not None:
+            to[LAYER_KEY] = (kind, index)
+            if "txt" in args and args["txt"] is not None:
+                to[TXT_LEN_KEY] = args["txt"].shape[1]
+        try:
+            if previous is not None:
+                return previous(args, extra)
+            return extra["original_block"](args)
+        finally:
+            if to is not None:
+                to[LAYER_KEY] = None
+
+    replace.prompt_anatomy_stamp = True
+    return replace
+
+
+def ensure_layer_tracking(model_patcher) -> None:
+    """Make the attention layer that runs visible to attention overrides: ``current_attn2_layer`` for UNets
+    (an attn2_patch / attn2_output_patch pair), and ``transformer_options[LAYER_KEY]`` = ("joint"|"double"|
+    "single", i) plus ``[TXT_LEN_KEY]`` for SD3/Flux (chained "dit" block replaces). Idempotent."""
+    to = model_patcher.model_options.setdefault("transformer_options", {})
+    dm = model_patcher.model.diffusion_model
+    if hasattr(dm, "input_blocks"):
+        if not isinstance(to.get(LAYER_KEY), _LayerFlag):
+            to[LAYER_KEY] = _LayerFlag()
+        patches = to.get("patches", {})
+        if _flag_attn2_on not in patches.get("attn2_patch", []):
+            model_patcher.set_model_attn2_patch(_flag_attn2_on)
+        if _flag_attn2_off not in patches.get("attn2_output_patch", []):
+            model_patcher.set_model_attn2_output_patch(_flag_attn2_off)
+        return
+    replaces = to.get("patches_replace", {}).get("dit", {})
+    for kind, i in dit_blocks(model_patcher):
+        key = ("single_block" if kind == "single" else "double_block", i)
+        previous = replaces.get(key)
+        if getattr(previous, "prompt_anatomy_stamp", False):
+            continue
+        model_patcher.set_model_patch_replace(_stamp_replace(kind, i, previous), "dit", key[0], i)

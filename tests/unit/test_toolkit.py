@@ -154,14 +154,14 @@ def test_run_store_is_fresh_each_run_and_finishers_run(sd1, conds):
         if store["n"] == 0:
             run.on_finish(lambda r: finished.append(r.peek("test.count")["n"]))
         store["n"] += 1
-        seen.append(id(run))
+        seen.append(run)  # the objects, not id(): ids of collected objects get reused
         return executor(x, t, *args, **kwargs)
 
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test.count", count)
     ksample(m, *conds, steps=3)
     ksample(m, *conds, steps=4)
     assert finished == [3, 4]
-    assert len(set(seen)) == 2  # two runs, two RunStates
+    assert len({id(r) for r in seen}) == 2  # two runs, two RunStates
     # the run key never stays behind in the patcher's options, and a clone without our wrappers is clean
     assert toolkit.RUN_KEY not in m.model_options.get("transformer_options", {})
     plain = sd1.model.clone()
@@ -243,3 +243,75 @@ def test_tiny_families_sample(sd2, sdxl, flux):
         out = ksample(t.model, pos, neg, steps=2, channels=t.latent_channels, cfg=1.0 if t.family == "flux" else 4.0)
         assert torch.isfinite(out).all()
     assert tiny("sd1") is tiny("sd1")
+
+
+# --------------------------------------------------------------------------- families and layers
+def test_model_family_of_every_tiny_model(sd1, sd2, sdxl, sd3, flux):
+    assert [toolkit.model_family(t.model) for t in (sd1, sd2, sdxl, sd3, flux)] == list(toolkit.FAMILIES)
+
+
+def test_unet_attn2_layers_in_forward_order(sd1, sdxl):
+    assert toolkit.unet_attn2_layers(sd1.model) == [
+        ("input", 1, 0), ("input", 3, 0), ("middle", 0, 0),
+        ("output", 0, 0), ("output", 1, 0), ("output", 2, 0), ("output", 3, 0)]
+    layers = toolkit.unet_attn2_layers(sdxl.model)
+    assert ("input", 3, 1) in layers and len(layers) == len(set(layers)) == 10  # depth 2 at the 2nd level
+    assert toolkit.unet_attn2_layers(tiny("sd3").model) == []
+
+
+def _record_layers(model, conds, **kw):
+    m = model.clone()
+    toolkit.ensure_layer_tracking(m)
+    toolkit.ensure_layer_tracking(m)  # idempotent
+    seen = []
+
+    def spy(call_next, func, *args, **kwargs):
+        to = kwargs["transformer_options"]
+        seen.append((toolkit.current_attn2_layer(to), to.get(toolkit.LAYER_KEY) if not isinstance(
+            to.get(toolkit.LAYER_KEY), toolkit._LayerFlag) else None, to.get(toolkit.TXT_LEN_KEY), args[1].shape[1]))
+        return call_next(*args, **kwargs)
+
+    toolkit.chain_attention_override(m, spy)
+    out = ksample(m, *conds, **kw)
+    return m, seen, out
+
+
+def test_unet_cross_attention_is_flagged_inside_the_override(sd1, conds):
+    ref = ksample(sd1.model, *conds, steps=2)
+    m, seen, out = _record_layers(sd1.model, conds, steps=2)
+    assert torch.equal(out, ref)
+    cross = [layer for layer, _, _, k_len in seen if layer is not None]
+    self_attn = [k_len for layer, _, _, k_len in seen if layer is None]
+    assert cross == toolkit.unet_attn2_layers(sd1.model) * 2  # every attn2, both steps, in order
+    assert len(self_attn) == len(cross) and all(k != 77 for k in self_attn)
+    assert all(k_len == 77 for layer, _, _, k_len in seen if layer is not None)
+    assert len(m.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1
+    # a clone gets its own flag object
+    assert m.clone().model_options["transformer_options"][toolkit.LAYER_KEY] is not \
+        m.model_options["transformer_options"][toolkit.LAYER_KEY]
+
+
+@pytest.mark.parametrize("family,txt_len", [("sd3", 77), ("flux", 256)])
+def test_dit_blocks_are_stamped(family, txt_len):
+    t = tiny(family)
+    conds_ = (t.encode("a cat"), t.encode("a cat"))
+    ref = ksample(t.model, *conds_, steps=2, channels=16, cfg=1.0)
+    m, seen, out = _record_layers(t.model, conds_, steps=2, channels=16, cfg=1.0)
+    assert torch.equal(out, ref)
+    blocks = [b for _, b, _, _ in seen]
+    assert blocks == toolkit.dit_blocks(t.model) * 2
+    assert {n for _, _, n, _ in seen} == {txt_len}
+
+
+def test_dit_stamp_chains_a_previous_block_replace(sd3):
+    m = sd3.model.clone()
+    calls = []
+
+    def previous(args, extra):
+        calls.append(args["transformer_options"].get(toolkit.LAYER_KEY))
+        return extra["original_block"](args)
+
+    m.set_model_patch_replace(previous, "dit", "double_block", 1)
+    toolkit.ensure_layer_tracking(m)
+    ksample(m, sd3.encode("a"), sd3.encode("a"), steps=1, channels=16, cfg=1.0)
+    assert calls == [("joint", 1)]

@@ -1,0 +1,53 @@
+"""Shared set-up for the benchmarks: ComfyUI in-process on CPU, the pack loaded as ``prompt_anatomy``,
+the full-size random SD1.5 checkpoint, and a timer. Benchmarks print ratios measured in one run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / ".comfyui" / "models" / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
+
+
+def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def setup():
+    """Import ComfyUI (CPU) and the pack; returns the pack module."""
+    tiny_models = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
+    tiny_models.bootstrap_comfy()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    return _load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+
+
+def load_sd15():
+    """(model, clip, vae) of the random SD1.5 checkpoint (scripts/make_sd15_checkpoint.py writes it)."""
+    if not CHECKPOINT.exists():
+        raise SystemExit(f"{CHECKPOINT} is missing: run `.venv/bin/python scripts/make_sd15_checkpoint.py` first.")
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(CHECKPOINT), output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+def encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
