@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     sys.argv = sys.argv[:1]
     setup()
     import torch
+    from prompt_anatomy.nodes import guidance_cutoff as gc
 
     import nodes as comfy_nodes
-    from prompt_anatomy.nodes import guidance_cutoff as gc
 
     model, clip, _ = load_sd15()
     pos, neg = encode(clip, "a photo of a red cube on a wooden table"), encode(clip, "")

@@ -19,12 +19,12 @@ import dataclasses
 import math
 import time
 
-import torch
-
 import comfy.samplers
-import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (our own package is imported relatively)
+import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io, ui
+
+import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (our own package is imported relatively)
 
 from . import toolkit
 

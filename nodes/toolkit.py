@@ -22,9 +22,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 import comfy.patcher_extension
+import torch
 from comfy.patcher_extension import WrappersMP
 
 LOG = logging.getLogger("prompt_anatomy")
@@ -384,20 +383,22 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
 
 def model_family(model_patcher) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or the model config's class name for anything else."""
-    import comfy.supported_models as sm
-
-    config = model_patcher.model.model_config
-    checks = (("sdxl", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B")),
-              ("sd2", ("SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")),
-              ("sd1", ("SD15", "SD15_instructpix2pix")),
-              ("sd3", ("SD3",)),
-              ("flux", ("Flux", "FluxSchnell", "FluxInpaint")))
-    for family, names in checks:
-        classes = tuple(getattr(sm, n) for n in names if hasattr(sm, n))
-        if classes and isinstance(config, classes):
+    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or the model config's class name for anything else (matched by
+    exact config class, so e.g. Flux2 — another text encoder — is not taken for Flux.1)."""
+    name = type(model_patcher.model.model_config).__name__
+    for family, names in _FAMILY_CONFIGS:
+        if name in names:
             return family
-    return type(config).__name__
+    return name
+
+
+_FAMILY_CONFIGS = (
+    ("sd1", ("SD15", "SD15_instructpix2pix")),
+    ("sd2", ("SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")),
+    ("sdxl", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")),
+    ("sd3", ("SD3",)),
+    ("flux", ("Flux", "FluxSchnell", "FluxInpaint")),
+)
 
 
 def unsupported_family(family: str, what: str, why: str) -> ValueError:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from pa_support import count_rows, empty_latent, ksample, tiny
-
 import comfy.samplers
 import node_helpers
+import pytest
+import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_extras import nodes_custom_sampler
+from pa_support import count_rows, empty_latent, ksample, tiny
 from prompt_anatomy.nodes import guidance_cutoff as gc
 from prompt_anatomy.nodes import toolkit
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import comfy.samplers
 import pytest
 import torch
-from pa_support import ksample, tiny
-
-import comfy.samplers
-import nodes as comfy_nodes
 from comfy.patcher_extension import WrappersMP
+from pa_support import ksample, tiny
 from prompt_anatomy.nodes import toolkit
 
 
