@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.argv = sys.argv[:1]
     setup()
-    import torch
-
     import comfy.utils
-    import nodes as comfy_nodes
+    import torch
     from comfy.patcher_extension import WrappersMP
     from prompt_anatomy.nodes import frequency as fq
+
+    import nodes as comfy_nodes
 
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: None)  # as on the server: previews are produced
     model, clip, _ = load_sd15()

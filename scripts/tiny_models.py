@@ -96,8 +96,8 @@ def _init_weights(module, seed: int) -> None:
 
 
 def _patcher(model):
-    import torch
     import comfy.model_patcher
+    import torch
 
     model.eval()
 
@@ -105,9 +105,9 @@ def _patcher(model):
 
 
 def _clip(tokenizer_cls, clip_cls, seed, dtype, model_options_extra=None):
-    import torch
     import comfy.sd
     import comfy.supported_models_base
+    import torch
 
     opts = {"dtype": dtype or torch.float32, "load_device": torch.device("cpu"),
             "offload_device": torch.device("cpu"), "initial_device": torch.device("cpu")}
@@ -172,8 +172,8 @@ def make_sd2(seed: int = 0, dtype=None) -> TinyModel:
     bootstrap_comfy()
     import comfy.model_base
     import comfy.sd1_clip
-    import comfy.text_encoders.sd2_clip as sd2_clip
     import comfy.supported_models
+    import comfy.text_encoders.sd2_clip as sd2_clip
 
     cfg = dict(UNET_BASE, use_linear_in_transformer=True, num_heads=-1, num_head_channels=16)
     model = _unet_model(comfy.supported_models.SD20, comfy.model_base.BaseModel, cfg, seed, dtype)
@@ -208,10 +208,10 @@ def make_sdxl(seed: int = 0, dtype=None) -> TinyModel:
 
 def make_sd3(seed: int = 0, dtype=None) -> TinyModel:
     bootstrap_comfy()
-    import torch
     import comfy.model_base
     import comfy.supported_models
     import comfy.text_encoders.sd3_clip as sd3_clip
+    import torch
 
     unet_config = {
         "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 128,
@@ -236,10 +236,10 @@ def make_sd3(seed: int = 0, dtype=None) -> TinyModel:
 
 def make_flux(seed: int = 0, dtype=None) -> TinyModel:
     bootstrap_comfy()
-    import torch
     import comfy.model_base
     import comfy.supported_models
     import comfy.text_encoders.flux as flux_te
+    import torch
 
     unet_config = {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64, "context_in_dim": 64,

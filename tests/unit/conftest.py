@@ -26,13 +26,11 @@ def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
 tiny_models = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
 tiny_models.bootstrap_comfy()
 
-import torch  # noqa: E402
-
 import comfy.model_management  # noqa: E402,F401
 import comfy.utils  # noqa: E402
+import torch  # noqa: E402
 
 comfy.utils.PROGRESS_BAR_ENABLED = False
-import nodes as comfy_nodes  # noqa: E402  (ComfyUI's own top-level nodes.py)
 
 _load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

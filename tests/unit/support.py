@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from comfy.patcher_extension import WrappersMP
 
 import nodes as comfy_nodes
-from comfy.patcher_extension import WrappersMP
 
 tiny_models = sys.modules["prompt_anatomy_tiny_models"]
 _CACHE: dict = {}
