@@ -62,3 +62,16 @@ def flux():
 @pytest.fixture(scope="session")
 def sd2():
     return tiny("sd2")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Free the tiny models while ComfyUI's modules still exist (ModelPatcher.__del__ at interpreter
+    shutdown otherwise prints AttributeErrors)."""
+    import gc
+
+    import comfy.model_management
+
+    support._CACHE.clear()
+    comfy.model_management.unload_all_models()
+    comfy.model_management.current_loaded_models.clear()
+    gc.collect()
