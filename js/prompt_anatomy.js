@@ -15,7 +15,10 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       const widget = ComfyWidgets.STRING(this, WIDGET, ["STRING", { multiline: true }], app).widget;
-      widget.serialize = false; // display only: never part of widgets_values
+      // display only: neither saved in the workflow nor sent with the prompt (graphToPrompt skips
+      // widgets whose options.serialize is false; a changing report would otherwise defeat the cache)
+      widget.serialize = false;
+      widget.options.serialize = false;
       widget.options.read_only = true;
       if (widget.inputEl) {
         widget.inputEl.readOnly = true;

@@ -1,0 +1,190 @@
+"""workflows/*.json are up-to-date builds of scripts/workflow_specs/*.json (scripts/build_workflows.py).
+
+The staleness tests need neither server nor browser (the builder stamps every workflow with the sha256
+of its spec's canonical JSON); test_workflow_prompt_equals_spec loads each shipped workflow in the real
+frontend and checks that what it would queue (app.graphToPrompt) is the spec. Loading and running
+every workflow is tests/browser/test_browser_workflows.py's job.
+Rebuild after changing a spec: .venv/bin/python scripts/build_workflows.py [names...]
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import harness
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("prompt_anatomy_build_workflows", ROOT / "scripts" / "build_workflows.py")
+bw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bw)
+
+SPECS = bw.spec_names()
+REBUILD = ".venv/bin/python scripts/build_workflows.py"
+_none = [pytest.param(None, marks=pytest.mark.skip(reason="no scripts/workflow_specs/*.json yet"))]
+
+
+@pytest.mark.parametrize("name", SPECS or _none)
+def test_workflow_built_from_current_spec(name):
+    problems = bw.staleness(name)
+    assert not problems, f"{name}: " + "; ".join(problems) + f"\n-> rebuild: {REBUILD} {name}"
+
+
+def test_every_workflow_has_spec_and_thumbnail():
+    from PIL import Image
+
+    orphans = [p for p in bw.check([]) if "has no" in p]
+    assert not orphans, "\n".join(orphans)
+    for wf in sorted(bw.WORKFLOWS_DIR.glob("*.json")):
+        jpg = bw.thumbnail_path(wf.stem)
+        assert jpg.is_file(), f"{jpg} missing -> rebuild: {REBUILD} {wf.stem}"
+        with Image.open(jpg) as img:
+            assert img.format == "JPEG", f"{jpg.name} is {img.format}, not JPEG"
+            assert img.width == bw.THUMB_WIDTH and 0.25 <= img.height / img.width <= 1.0, (jpg.name, img.size)
+
+
+def test_workflow_files_are_deterministic_builder_output():
+    """The files are exactly what the builder writes (canonical formatting, links 1..N, uuid5 id):
+    a hand edit or a foreign serializer shows up here even when the stamp was kept."""
+    for wf_file in sorted(bw.WORKFLOWS_DIR.glob("*.json")):
+        text = wf_file.read_text()
+        wf = json.loads(text)
+        # readable: no two nodes (title bar included) overlap
+        boxes = [(n["id"], n["pos"][0], n["pos"][1] - bw.TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+                 for n in wf["nodes"]]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], (
+                    f"{wf_file.name}: nodes {a[0]} and {b[0]} overlap")
+        assert bw.dump_workflow(wf) == text, f"{wf_file.name} is not in the builder's format -> {REBUILD} {wf_file.stem}"
+        assert wf["id"] == str(bw.uuid.uuid5(bw.UUID_NAMESPACE, wf_file.stem)), wf_file.name
+        assert [link[0] for link in wf["links"]] == list(range(1, len(wf["links"]) + 1)), wf_file.name
+        assert wf["last_link_id"] == len(wf["links"]), wf_file.name
+        # every control_after_generate next to a seed is "fixed": the shipped experiments are reproducible
+        for node in wf["nodes"]:
+            values = node.get("widgets_values") or []
+            for v in values:
+                assert v not in ("randomize", "increment", "decrement"), (
+                    f"{wf_file.name} node {node['id']} ({node['type']}) has control_after_generate {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the builder's own logic (pure functions, temporary folders)
+# ---------------------------------------------------------------------------------------------
+SPEC_A = {
+    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+    "2": {"class_type": "CLIPTextEncode", "_meta": {"title": "Positive"}, "inputs": {"text": "a", "clip": ["1", 1]}},
+    "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                               "latent_image": ["3", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+    "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+}
+
+
+def test_workflow_spec_hash_ignores_formatting_not_content():
+    reordered = json.loads(json.dumps(SPEC_A, indent=4, sort_keys=True))
+    assert bw.spec_hash(reordered) == bw.spec_hash(SPEC_A)
+    changed = json.loads(json.dumps(SPEC_A))
+    changed["4"]["inputs"]["steps"] = 3
+    assert bw.spec_hash(changed) != bw.spec_hash(SPEC_A)
+    retitled = json.loads(json.dumps(SPEC_A))
+    retitled["2"]["_meta"]["title"] = "Other"
+    assert bw.spec_hash(retitled) != bw.spec_hash(SPEC_A)
+
+
+def test_workflow_layout_left_to_right_without_overlap():
+    sizes = {nid: (300, 100 + 20 * int(nid)) for nid in SPEC_A}
+    pos = bw.layout(SPEC_A, sizes)
+    assert pos == bw.layout(SPEC_A, sizes)
+    for nid, srcs in bw.spec_edges(SPEC_A).items():
+        for s in srcs:  # every link goes rightwards, past the source's right edge
+            assert pos[s][0] + sizes[s][0] < pos[nid][0], (s, nid, pos)
+    boxes = [(pos[n][0], pos[n][1] - bw.TITLE_H, pos[n][0] + sizes[n][0], pos[n][1] + sizes[n][1]) for n in SPEC_A]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert pos["1"][0] == pos["3"][0] < pos["2"][0] < pos["4"][0] < pos["5"][0] < pos["6"][0]
+
+
+def test_workflow_spec_validation_names_the_problem(tmp_path, monkeypatch):
+    monkeypatch.setattr(bw, "SPECS_DIR", tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"_meta_title": "x", **SPEC_A}))
+    with pytest.raises(ValueError, match="'_meta_title' is not an API-format node"):
+        bw.load_spec("bad")
+    broken = json.loads(json.dumps(SPEC_A))
+    broken["5"]["inputs"]["vae"] = ["9", 2]
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"node 5 input 'vae' links to \['9', 2\]"):
+        bw.load_spec("bad")
+
+
+def test_workflow_staleness_detection(tmp_path, monkeypatch):
+    specs, wfs = tmp_path / "specs", tmp_path / "workflows"
+    specs.mkdir()
+    wfs.mkdir()
+    monkeypatch.setattr(bw, "SPECS_DIR", specs)
+    monkeypatch.setattr(bw, "WORKFLOWS_DIR", wfs)
+    monkeypatch.setattr(bw, "ROOT", tmp_path)
+    (specs / "a.json").write_text(json.dumps(SPEC_A))
+    assert any("workflows/a.json missing" in p for p in bw.check(["a"]))
+    assert any("workflows/a.jpg missing" in p for p in bw.check(["a"]))
+    wf = {"nodes": [], "links": [], "extra": {bw.EXTRA_KEY: bw.build_stamp("a", SPEC_A)}}
+    (wfs / "a.json").write_text(json.dumps(wf))
+    shutil.copy(Path(__file__), wfs / "a.jpg")  # content irrelevant to check()
+    assert bw.check(["a"]) == []
+    changed = json.loads(json.dumps(SPEC_A))
+    changed["4"]["inputs"]["seed"] = 2
+    (specs / "a.json").write_text(json.dumps(changed))
+    assert any("is stale" in p for p in bw.check(["a"]))
+    (specs / "a.json").write_text(json.dumps(SPEC_A, indent=2))  # reformatting is not a change
+    assert bw.check(["a"]) == []
+    wf["extra"][bw.EXTRA_KEY]["builder_version"] = bw.BUILDER_VERSION - 1
+    (wfs / "a.json").write_text(json.dumps(wf))
+    assert any("is stale" in p for p in bw.check(["a"]))
+    (wfs / "orphan.json").write_text("{}")
+    (wfs / "lonely.jpg").write_bytes(b"")
+    problems = bw.check([])
+    assert any("orphan.json has no spec" in p for p in problems), problems
+    assert any("lonely.jpg has no workflow" in p for p in problems), problems
+    assert bw.main(["--check", "a"]) == 1
+
+
+def test_workflow_prompt_differences_catch_wrong_values():
+    prompt = json.loads(json.dumps(SPEC_A))
+    for node in prompt.values():
+        node.setdefault("_meta", {"title": node["class_type"]})
+    prompt["4"]["inputs"]["add_noise"] = "enable"  # a default the spec leaves out: a note, not an error
+    errors, notes = bw.prompt_differences(SPEC_A, prompt)
+    assert errors == [] and len(notes) == 1 and "add_noise" in notes[0]
+    prompt["4"]["inputs"]["cfg"] = 7.5
+    prompt["4"]["inputs"]["positive"] = ["3", 0]
+    prompt["2"]["_meta"]["title"] = "CLIP Text Encode (Prompt)"
+    del prompt["6"]
+    errors, _ = bw.prompt_differences(SPEC_A, prompt)
+    text = "\n".join(errors)
+    assert "input 'cfg' = 7.5, spec says 7.0" in text
+    assert "input 'positive' = ['3', 0], spec says ['2', 0]" in text
+    assert "title 'CLIP Text Encode (Prompt)' != spec 'Positive'" in text
+    assert "node ids differ" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# in the real frontend: the shipped file queues exactly the spec
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SPECS or _none)
+def test_workflow_prompt_equals_spec(name, app_page):
+    wf_file = bw.workflow_path(name)
+    if not wf_file.is_file():
+        pytest.fail(f"{wf_file} missing -> rebuild: {REBUILD} {name}")
+    wf = json.loads(wf_file.read_text())
+    loaded = app_page.evaluate(harness.LOAD_WORKFLOW_JS, [wf, wf_file.name])
+    problems = {k: loaded[k] for k in ("unknownBefore", "unknownAfter", "missingNodes", "missingModels", "dialogs")
+                if loaded[k]}
+    assert not problems, f"{wf_file.name} does not load cleanly: {json.dumps(problems, indent=1)}"
+    prompt = app_page.evaluate(bw.GRAPH_TO_PROMPT_JS)
+    errors, _ = bw.prompt_differences(bw.load_spec(name), prompt)
+    assert not errors, f"{wf_file.name} queues something else than its spec:\n" + "\n".join(errors)
