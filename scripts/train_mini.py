@@ -1,0 +1,1177 @@
+#!/usr/bin/env python3
+"""Train the pack's miniature text-to-image model (and its judge) from scratch, on CPU, reproducibly.
+
+Stages (each checkpoints as it goes and resumes where it stopped; finished stages are reused):
+
+1. ``data``    the mini world (scripts/mini_world.py): ``n_train`` scenes of the train split (held-out
+               combinations never appear) and ``n_judge`` single-object scenes of every combination.
+2. ``judge``   a small CNN with colour / shape / texture heads, trained on the judge scenes with blur,
+               noise and contrast augmentation (the automatic judge of scripts/eval_mini.py).
+3. ``vae``     ComfyUI's ``AutoencoderKL`` (diffusionmodules.model Encoder/Decoder, 8x compression,
+               4 latent channels): L1 + image-gradient L1 + SD's tiny KL term, on random 32/48/64 px crops.
+               Afterwards the latents are standardised exactly (folded into quant_conv / post_quant_conv) to
+               per-channel mean 0, std 1 / 0.18215, so SD1.x's latent scale factor gives unit variance.
+4. ``text``    the causal CLIP text tower (``comfy.sd1_clip.SD1ClipModel``, small config, the real CLIP BPE,
+               77 tokens padded with [EOS]) trained CLIP-style, contrastively against a small image tower, and
+               then frozen for the UNet stage -- as CLIP is for SD. The contrastive target is the [EOS] state
+               (the pooled output) and, in the same loss, one random later [EOS]-padding state: real CLIP sees
+               captions of every length, so its [EOS] at every position summarises the prompt; our captions are
+               3..10 tokens, so the padding positions are trained explicitly (see docs/mini_model_card.md).
+5. ``latents`` the train images encoded with the shipped VAE (through comfy.sd.VAE, as VAEEncode does) and
+               every caption encoded with the shipped text encoder (clip.encode_from_tokens, as
+               CLIPTextEncode does), both loaded back from their fp16 files.
+6. ``unet``    ComfyUI's ``UNetModel`` (SD15 model config: eps-prediction, SD1.x linear beta schedule),
+               cross-attention at 8x8, 4x4 and the 2x2 middle block, MSE on eps, prompt dropout 10 % (the
+               empty prompt, for classifier-free guidance), AdamW with warm-up + cosine decay, EMA weights.
+7. ``export``  fp16 safetensors in ``--out`` (default models/prompt_anatomy_mini): unet, text_encoder, vae
+               and judge, each with its config and the training record in the metadata.
+
+Reproducibility: every random draw comes from a generator seeded with (seed, stage, step), so a run that
+is stopped and resumed gives the same weights as an uninterrupted one, and the same step counts give the
+same weights (same torch version and CPU kernels). By default the run fits a time budget (115 minutes,
+``--budget-minutes``): before each stage it times a few throw-away steps and sets that stage's step count
+from its share of the remaining budget; the resolved step counts are logged and saved in plan.json of the
+checkpoint folder and in the weights' metadata (rerun with ``--steps judge=N vae=N text=N unet=N`` to
+reproduce them exactly). ``--no-budget`` uses the fixed step counts of DEFAULT_PLAN instead.
+
+    .venv/bin/python scripts/train_mini.py                       # fits 115 minutes on this machine
+    .venv/bin/python scripts/train_mini.py --no-budget           # the fixed recipe of DEFAULT_PLAN
+    .venv/bin/python scripts/train_mini.py --smoke               # a few steps of every stage (.cache/mini_smoke)
+    .venv/bin/python scripts/train_mini.py --estimate-from .cache/mini_smoke/ckpt   # time of DEFAULT_PLAN
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG = logging.getLogger("train_mini")
+STAGES = ("data", "judge", "vae", "text", "latents", "unet", "export")
+TRAINED_STAGES = ("judge", "vae", "text", "unet")
+STAGE_IDS = {name: i for i, name in enumerate(STAGES)}
+# share of the remaining budget each trained stage gets; RESERVE covers data, latents, export and probes
+BUDGET_SHARES = {"judge": 0.05, "vae": 0.24, "text": 0.07, "unet": 0.64}
+BUDGET_RESERVE = 0.07
+BUDGET_SAFETY = 0.015  # kept free after the last encoding stage (export, logging)
+DEFAULT_BUDGET_MINUTES = 115.0  # the issue's limit is 2 hours on 2 CPU cores
+LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
+IMAGE_TOWER_WIDTHS = (16, 32, 64, 64)  # the contrastive stage's throw-away image encoder
+
+
+@dataclasses.dataclass
+class Plan:
+    seed: int = 1234
+    world_seed: int = 20250101
+    n_train: int = 24000
+    n_judge: int = 12000
+    n_val: int = 512
+    judge_steps: int = 1000
+    judge_batch: int = 64
+    judge_lr: float = 2e-3
+    vae_steps: int = 2000
+    vae_batch: int = 32  # at 32 px crops; 48 / 64 px crops use the same number of pixels
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6  # SD's KL weight (relative to the summed reconstruction loss)
+    text_steps: int = 800
+    text_batch: int = 64
+    text_lr: float = 1e-3
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+
+    def steps(self, stage: str) -> int:
+        return int(getattr(self, f"{stage}_steps"))
+
+
+DEFAULT_PLAN = Plan()
+SMOKE_PLAN = Plan(n_train=512, n_judge=512, n_val=64, judge_steps=12, vae_steps=12, text_steps=12, unet_steps=30,
+                  unet_warmup=5)
+
+
+# ----------------------------------------------------------------------------------------------
+# environment: ComfyUI, the pack, the world
+# ----------------------------------------------------------------------------------------------
+def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_env():
+    """(demo_model module, mini_world module): ComfyUI bootstrapped on the CPU, the pack loaded as package
+    ``prompt_anatomy`` by file location (as ComfyUI and the unit tests load it)."""
+    tiny = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
+    tiny.bootstrap_comfy()
+    import comfy.model_management  # noqa: F401
+
+    _load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+    demo = importlib.import_module("prompt_anatomy.nodes.demo_model")
+    world = _load_by_path("prompt_anatomy_mini_world", ROOT / "scripts" / "mini_world.py")
+    return demo, world
+
+
+# ----------------------------------------------------------------------------------------------
+# initialisation (ComfyUI's ops skip weight init; training needs PyTorch's)
+# ----------------------------------------------------------------------------------------------
+def init_operations():
+    """comfy.ops.disable_weight_init with PyTorch's own reset_parameters back (zero_module() outputs of the
+    UNet stay zero: they are zeroed after construction)."""
+    import comfy.ops
+    import torch
+
+    base = comfy.ops.disable_weight_init
+
+    def with_init(cls, torch_cls):
+        return type(cls.__name__, (cls,), {"reset_parameters": lambda self: torch_cls.reset_parameters(self)})
+
+    class InitOps(base):
+        Linear = with_init(base.Linear, torch.nn.Linear)
+        Conv1d = with_init(base.Conv1d, torch.nn.Conv1d)
+        Conv2d = with_init(base.Conv2d, torch.nn.Conv2d)
+        Conv3d = with_init(base.Conv3d, torch.nn.Conv3d)
+        GroupNorm = with_init(base.GroupNorm, torch.nn.GroupNorm)
+        LayerNorm = with_init(base.LayerNorm, torch.nn.LayerNorm)
+        Embedding = with_init(base.Embedding, torch.nn.Embedding)
+
+    return InitOps
+
+
+def reinit_(module) -> None:
+    """PyTorch default init of every conv / linear / norm of ``module`` (for modules built with ComfyUI's
+    module-level disable_weight_init ops, e.g. the autoencoder)."""
+    import torch
+
+    for m in module.modules():
+        for torch_cls in (torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.Linear, torch.nn.GroupNorm,
+                          torch.nn.LayerNorm, torch.nn.Embedding):
+            if isinstance(m, torch_cls):
+                torch_cls.reset_parameters(m)
+                break
+
+
+def attention_override():
+    """transformer_options for training: SDPA instead of the CPU default (sub-quadratic attention), same math."""
+    import comfy.ldm.modules.attention as attn
+
+    return {"optimized_attention_override": lambda func, *a, **kw: attn.attention_pytorch(*a, **kw)}
+
+
+def fp16_round_(module) -> None:
+    """Round every parameter to fp16 in place: the shipped files are fp16, so later stages see exactly them."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+
+
+# ----------------------------------------------------------------------------------------------
+# the judge and the contrastive image tower
+# ----------------------------------------------------------------------------------------------
+def _convnet_cls():
+    import torch
+    from torch import nn
+
+    class ConvNet(nn.Module):
+        """64 x 64 RGB (0..1) -> features: 5 conv layers (4 stride-2), GroupNorm, SiLU, mean+max pooling."""
+
+        def __init__(self, out_dim: int, widths=(32, 64, 128, 128)):
+            super().__init__()
+            w0, w1, w2, w3 = widths
+            layers = []
+            for cin, cout, stride in ((3, w0, 2), (w0, w1, 2), (w1, w2, 2), (w2, w3, 1), (w3, w3, 2)):
+                layers += [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Linear(2 * w3, out_dim)
+            self.widths = tuple(widths)
+
+        def forward(self, x):
+            if x.shape[-1] != 64 or x.shape[-2] != 64:
+                x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False,
+                                                    antialias=True)
+            h = self.body(x * 2.0 - 1.0)
+            return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
+
+    return ConvNet
+
+
+def make_judge(world, widths=(32, 64, 128, 128)):
+    n = len(world.COLOUR_NAMES) + len(world.SHAPES) + len(world.ALL_TEXTURES)
+    return _convnet_cls()(n, widths)
+
+
+def judge_config(world, widths) -> dict:
+    return {"widths": list(widths), "size": world.SIZE, "colour": list(world.COLOUR_NAMES),
+            "shape": list(world.SHAPES), "texture": list(world.ALL_TEXTURES)}
+
+
+def split_logits(logits, config: dict) -> dict:
+    nc, ns = len(config["colour"]), len(config["shape"])
+    return {"colour": logits[:, :nc], "shape": logits[:, nc:nc + ns], "texture": logits[:, nc + ns:]}
+
+
+def load_judge(path: Path):
+    """(judge module in eval mode, config) from judge.safetensors."""
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    config = json.loads(meta["config"])
+    n = len(config["colour"]) + len(config["shape"]) + len(config["texture"])
+    judge = _convnet_cls()(n, tuple(config["widths"]))
+    judge.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(str(path)).items()})
+    judge.eval()
+    for p in judge.parameters():
+        p.requires_grad_(False)
+    return judge, config
+
+
+def judge_predict(judge, config: dict, images) -> dict:
+    """Class names the judge sees in IMAGE tensors [B, H, W, 3] (0..1): {"colour": [...], "shape": [...],
+    "texture": [...]}, plus "<head>_prob" tensors."""
+    import torch
+
+    with torch.no_grad():
+        x = images.detach().float().cpu().permute(0, 3, 1, 2).clamp(0, 1)
+        heads = split_logits(judge(x), config)
+    out = {}
+    for k, logits in heads.items():
+        out[k] = [config[k][i] for i in logits.argmax(1).tolist()]
+        out[f"{k}_prob"] = logits.softmax(1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# text encoder forward for training (the same math as comfy.clip_model, without in-place residuals)
+# ----------------------------------------------------------------------------------------------
+def text_forward(transformer, tokens):
+    """Final-layer-norm hidden states [B, L, C] of ``comfy.clip_model.CLIPTextModel`` for token ids [B, L]:
+    CLIPTextModel_.forward without its in-place ``x +=`` (which autograd cannot differentiate)."""
+    import comfy.ldm.modules.attention as attn
+    import torch
+
+    tm = transformer.text_model
+    x = tm.embeddings.token_embedding.weight[tokens].float() + tm.embeddings.position_embedding.weight[:tokens.shape[1]].float()
+    n = tokens.shape[1]
+    mask = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+    fn = attn.optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in tm.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, fn)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return tm.final_layer_norm(x)
+
+
+def token_ids(clip, text: str) -> list[int]:
+    """The 77 token ids CLIPTextEncode feeds the text encoder for ``text`` (first chunk)."""
+    return [int(t[0]) for t in clip.tokenize(text)["l"][0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------
+def save_component(path: Path, state_dict: dict, config: dict, record: dict | None = None, dtype="fp16") -> None:
+    import safetensors.torch
+    import torch
+
+    demo, _ = load_env()
+    cast = torch.float16 if dtype == "fp16" else torch.float32
+    sd = {k: v.detach().to("cpu", cast if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
+    meta = {"format": demo.FORMAT, "format_version": demo.FORMAT_VERSION, "config": json.dumps(config, sort_keys=True)}
+    if record is not None:
+        meta["training"] = json.dumps(record, sort_keys=True, default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def vae_component_config(demo) -> dict:
+    return {"ddconfig": dict(demo.VAE_DDCONFIG), "embed_dim": demo.VAE_EMBED_DIM}
+
+
+def new_vae(demo, seed: int):
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(ddconfig=dict(demo.VAE_DDCONFIG), embed_dim=demo.VAE_EMBED_DIM)
+    reinit_(ae)
+    return ae
+
+
+def new_clip(demo, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    cpu = torch.device("cpu")
+    clip = demo.build_clip(demo.CLIP_CONFIG, dtype=torch.float32, operations=init_operations(),
+                           device_options={"load_device": cpu, "offload_device": cpu, "initial_device": cpu})
+    tm = clip.cond_stage_model.clip_l.transformer
+    with torch.no_grad():
+        tm.text_model.embeddings.token_embedding.weight.normal_(0.0, 0.02)
+        tm.text_model.embeddings.position_embedding.weight.normal_(0.0, 0.01)
+    return clip
+
+
+def new_unet(demo, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return demo.build_unet(demo.UNET_CONFIG, operations=init_operations())
+
+
+def export_untrained(out_dir: Path, seed: int = 0, with_judge: bool = True) -> dict[str, Path]:
+    """Weight files of a model after 0 training steps (initial weights), in the shipped format: what the
+    unit tests load. Returns {component: path}."""
+    demo, world = load_env()
+    out_dir = Path(out_dir)
+    record = {"steps": 0, "seed": seed, "note": "untrained (initial weights)"}
+    paths = {}
+    unet = new_unet(demo, seed)
+    paths["unet"] = out_dir / demo.COMPONENTS["unet"]
+    save_component(paths["unet"], unet.diffusion_model.state_dict(), demo.UNET_CONFIG, record)
+    clip = new_clip(demo, seed + 1)
+    paths["text_encoder"] = out_dir / demo.COMPONENTS["text_encoder"]
+    save_component(paths["text_encoder"], clip.cond_stage_model.state_dict(), demo.CLIP_CONFIG, record)
+    ae = new_vae(demo, seed + 2)
+    paths["vae"] = out_dir / demo.COMPONENTS["vae"]
+    save_component(paths["vae"], ae.state_dict(), vae_component_config(demo), record)
+    if with_judge:
+        import torch
+
+        torch.manual_seed(seed + 3)
+        judge = make_judge(world)
+        paths["judge"] = out_dir / demo.JUDGE_FILE
+        save_component(paths["judge"], judge.state_dict(), judge_config(world, judge.widths), record, dtype="fp32")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# training machinery
+# ----------------------------------------------------------------------------------------------
+def step_generator(seed: int, stage: str, step: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGE_IDS[stage] * 100_000_007 + step)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs the stages with resumable checkpoints under ``ckpt_dir`` and writes the weights to ``out_dir``."""
+
+    def __init__(self, plan: Plan, out_dir: Path, ckpt_dir: Path, budget_minutes: float | None = None,
+                 checkpoint_minutes: float = 5.0, log_every: int = 25, probe_steps: int = 2,
+                 step_overrides: dict | None = None):
+        import torch
+
+        self.demo, self.world = load_env()
+        self.torch = torch
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_s = checkpoint_minutes * 60.0
+        self.log_every = log_every
+        self.probe_steps = probe_steps
+        self.step_overrides = dict(step_overrides or {})
+        self.state_path = self.ckpt_dir / "plan.json"
+        self.state = self._load_state(budget_minutes)
+        self.t_start = time.time()
+        self.elapsed_before = float(self.state.get("elapsed_s", 0.0))
+        self.cache: dict = {}
+
+    # ---- persistent run state
+    def _load_state(self, budget_minutes):
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            if state["plan"] != dataclasses.asdict(self.plan):
+                raise SystemExit(f"{self.ckpt_dir} holds checkpoints of another plan ({state['plan']}); use --fresh "
+                                 f"or another --ckpt-dir.")
+            if budget_minutes is not None and state.get("budget_minutes") != budget_minutes:
+                LOG.info("budget changed from %s to %s minutes for the stages still to plan",
+                         state.get("budget_minutes"), budget_minutes)
+                state["budget_minutes"] = budget_minutes
+            return state
+        return {"plan": dataclasses.asdict(self.plan), "budget_minutes": budget_minutes, "steps": {}, "stages": {},
+                "elapsed_s": 0.0}
+
+    def _save_state(self) -> None:
+        self.state["elapsed_s"] = self.elapsed()
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        os.replace(tmp, self.state_path)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.time() - self.t_start)
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state["stages"].get(stage, {}).get("done"))
+
+    # ---- step planning
+    def plan_steps(self, stage: str, probe_fn) -> int:
+        if stage in self.state["steps"]:
+            return int(self.state["steps"][stage])
+        if stage in self.step_overrides:
+            steps = int(self.step_overrides[stage])
+            how = "--steps"
+        elif self.state.get("budget_minutes") is None:
+            steps = self.plan.steps(stage)
+            how = "plan"
+        else:
+            step_s = probe_fn()
+            total = self.state["budget_minutes"] * 60.0
+            left = [s for s in TRAINED_STAGES if not self.done(s)]
+            # the reserve covers the work between the stages (chiefly encoding the latents); once that is done
+            # only a small safety margin for the export stays reserved
+            reserve = BUDGET_RESERVE if not self.done("latents") else BUDGET_SAFETY
+            available = total * (1.0 - reserve) - self.elapsed()
+            share = BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in left)
+            steps = max(10, int(available * share / step_s))
+            how = f"budget: {available / 60:.1f} min left x share {share:.2f} / {step_s:.3f} s per probed step"
+        LOG.info("stage %s: %d steps (%s)", stage, steps, how)
+        self.state["steps"][stage] = steps
+        self._save_state()
+        return steps
+
+    def probe(self, modules: list, make_opt, step_fn) -> float:
+        """Wall seconds of one training step, timed on throw-away copies (the real state is untouched)."""
+        copies = [copy.deepcopy(m) for m in modules]
+        opt = make_opt(copies)
+        times = []
+        for k in range(self.probe_steps + 1):
+            t0 = time.perf_counter()
+            step_fn(copies, opt, self.torch.Generator().manual_seed(10_000 + k), 0)
+            times.append(time.perf_counter() - t0)
+        del copies, opt
+        return sum(times[1:]) / max(1, len(times) - 1)
+
+    # ---- generic resumable loop
+    def run_loop(self, stage: str, modules: list, opt, steps: int, lr_fn, step_fn, ema=None) -> dict:
+        """``step_fn(modules, opt, generator, step) -> {name: float}`` does one optimisation step."""
+        torch = self.torch
+        path = self.ckpt_dir / f"{stage}.pt"
+        start, history = 0, []
+        if path.exists():
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            for m, sd in zip(modules, ck["modules"], strict=True):
+                m.load_state_dict(sd)
+            opt.load_state_dict(ck["opt"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
+            start, history = ck["step"], ck["history"]
+            LOG.info("stage %s: resumed at step %d of %d", stage, start, steps)
+        last_ck = time.time()
+        window: dict[str, list[float]] = {}
+        wall_steps, cpu_steps = [], []
+        stage_t0 = time.time()
+        for s in range(start, steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_fn(s)
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses = step_fn(modules, opt, step_generator(self.plan.seed, stage, s), s)
+            if ema is not None:
+                ema.update(modules[0], s)
+            wall_steps.append(time.perf_counter() - t0)
+            cpu_steps.append(time.process_time() - c0)
+            for k, v in losses.items():
+                window.setdefault(k, []).append(v)
+            if (s + 1) % self.log_every == 0 or s + 1 == steps:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                recent = wall_steps[-self.log_every:]
+                per = sum(recent) / len(recent)
+                history.append({"step": s + 1, **means, "step_wall_s": per,
+                                "step_cpu_s": sum(cpu_steps[-self.log_every:]) / len(recent)})
+                LOG.info("%s %5d/%d  %s  %.3f s/step (cpu %.3f)  elapsed %.1f min  stage eta %.1f min", stage, s + 1,
+                         steps, "  ".join(f"{k} {v:.4f}" for k, v in means.items()), per,
+                         history[-1]["step_cpu_s"], self.elapsed() / 60, per * (steps - s - 1) / 60)
+                window = {}
+            if time.time() - last_ck > self.checkpoint_s and s + 1 < steps:
+                self._checkpoint(path, modules, opt, ema, s + 1, history)
+                last_ck = time.time()
+        self._checkpoint(path, modules, opt, ema, steps, history)
+        timed = wall_steps[2:] if len(wall_steps) > 4 else wall_steps
+        timed_cpu = cpu_steps[2:] if len(cpu_steps) > 4 else cpu_steps
+        return {"steps": steps, "history": history, "resumed_at": start,
+                "wall_s_this_session": time.time() - stage_t0,
+                "step_wall_s_mean": (sum(timed) / len(timed)) if timed else None,
+                "step_cpu_s_mean": (sum(timed_cpu) / len(timed_cpu)) if timed_cpu else None}
+
+    def _checkpoint(self, path, modules, opt, ema, step, history) -> None:
+        _atomic_save({"modules": [m.state_dict() for m in modules], "opt": opt.state_dict(),
+                      "ema": ema.state_dict() if ema is not None else None, "step": step, "history": history}, path)
+        self._save_state()
+        LOG.info("checkpoint: %s at step %d", path.name, step)
+
+    def finish_stage(self, stage: str, record: dict) -> None:
+        record["done"] = True
+        record["elapsed_total_min"] = self.elapsed() / 60
+        self.state["stages"][stage] = record
+        self._save_state()
+        LOG.info("stage %s done (%.1f min elapsed in all)", stage, self.elapsed() / 60)
+
+    # ---- data
+    def data(self):
+        if "data" in self.cache:
+            return self.cache["data"]
+        np = __import__("numpy")
+        p = self.plan
+        path = self.ckpt_dir / "data.npz"
+        timing = {}
+        if path.exists():
+            z = np.load(path, allow_pickle=False)
+            train, judge_imgs, val = z["train"], z["judge"], z["val"]
+        else:
+            t0, c0 = time.time(), time.process_time()
+            train, _ = self.world.make_dataset(p.n_train, "train", p.world_seed)
+            judge_imgs, _ = self.world.make_dataset(p.n_judge, "all", p.world_seed, two_object_rate=0.0)
+            val, _ = self.world.make_dataset(p.n_val, "all", p.world_seed, start=p.n_judge, two_object_rate=0.0)
+            np.savez(path, train=train, judge=judge_imgs, val=val)
+            timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+            LOG.info("data: %d train, %d judge, %d validation images drawn in %.1f s", len(train), len(judge_imgs),
+                     len(val), timing["wall_s"])
+        # scenes are cheap to redraw (no rendering) and deterministic
+        train_scenes = [self.world.sample(i, "train", p.world_seed) for i in range(p.n_train)]
+        judge_scenes = [self.world.sample(i, "all", p.world_seed, 0.0) for i in range(p.n_judge)]
+        val_scenes = [self.world.sample(p.n_judge + i, "all", p.world_seed, 0.0) for i in range(p.n_val)]
+        self.cache["data"] = (train, train_scenes, judge_imgs, judge_scenes, val, val_scenes)
+        if not self.done("data"):
+            self.finish_stage("data", {"n_train": len(train), "n_judge": len(judge_imgs), "n_val": len(val),
+                                       "distinct_train_prompts": len({s.prompt for s in train_scenes}), **timing})
+        return self.cache["data"]
+
+    def to_float(self, images_uint8, idx=None):
+        """uint8 [N, H, W, 3] -> float [N, 3, H, W] in 0..1."""
+        torch = self.torch
+        a = images_uint8 if idx is None else images_uint8[idx.numpy() if hasattr(idx, "numpy") else idx]
+        return torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0)
+
+    # ---- stage: judge
+    def stage_judge(self):
+        torch, world, p = self.torch, self.world, self.plan
+        path = self.ckpt_dir / "judge.safetensors"
+        if self.done("judge") and path.exists():
+            return path
+        _, _, imgs, scenes, val, val_scenes = self.data()
+        labels = torch.tensor([s.labels for s in scenes], dtype=torch.long)
+        val_labels = torch.tensor([s.labels for s in val_scenes], dtype=torch.long)
+        torch.manual_seed(p.seed + 11)
+        judge = make_judge(world)
+        cfg = judge_config(world, judge.widths)
+
+        def make_opt(mods):
+            return torch.optim.AdamW(mods[0].parameters(), lr=p.judge_lr, weight_decay=1e-4)
+
+        def step_fn(mods, opt, g, s):
+            net = mods[0]
+            idx = torch.randint(0, len(imgs), (p.judge_batch,), generator=g)
+            x = degrade(self.to_float(imgs, idx), g)
+            heads = split_logits(net(x), cfg)
+            losses = {k: torch.nn.functional.cross_entropy(heads[k], labels[idx, i])
+                      for i, k in enumerate(("colour", "shape", "texture"))}
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": float(loss.detach())}
+
+        steps = self.plan_steps("judge", lambda: self.probe([judge], make_opt, step_fn))
+        opt = make_opt([judge])
+        rec = self.run_loop("judge", [judge], opt, steps, lambda s: cosine_lr(s, steps, p.judge_lr, 50), step_fn)
+        judge.eval()
+        metrics = {}
+        with torch.no_grad():
+            x = self.to_float(val)
+            for name, xin in (("clean", x), ("degraded", degrade(x, torch.Generator().manual_seed(7)))):
+                heads = split_logits(judge(xin), cfg)
+                for i, k in enumerate(("colour", "shape", "texture")):
+                    metrics[f"val_{name}_{k}_acc"] = float((heads[k].argmax(1) == val_labels[:, i]).float().mean())
+        LOG.info("judge validation accuracy: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        rec["metrics"] = metrics
+        save_component(path, judge.state_dict(), cfg, {"steps": steps, **metrics}, dtype="fp32")
+        self.finish_stage("judge", rec)
+        return path
+
+    # ---- stage: vae
+    def stage_vae(self):
+        torch, p, demo = self.torch, self.plan, self.demo
+        path = self.ckpt_dir / "vae.safetensors"
+        if self.done("vae") and path.exists():
+            return path
+        train, _, _, _, val, _ = self.data()
+        ae = new_vae(demo, p.seed + 21)
+        crops = ((32, p.vae_batch), (48, max(1, round(p.vae_batch * (32 / 48) ** 2))), (64, max(1, p.vae_batch // 4)))
+
+        def make_opt(mods):
+            return torch.optim.AdamW(mods[0].parameters(), lr=p.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+        def step_fn(mods, opt, g, s):
+            net = mods[0]
+            r = float(torch.rand((), generator=g))
+            size, batch = crops[0] if r < 0.6 else crops[1] if r < 0.85 else crops[2]
+            idx = torch.randint(0, len(train), (batch,), generator=g)
+            x = self.to_float(train, idx) * 2.0 - 1.0
+            cells = (64 - size) // 8
+            oy, ox = (int(torch.randint(0, cells + 1, (), generator=g)) * 8 for _ in range(2))
+            x = x[:, :, oy:oy + size, ox:ox + size]
+            flip = torch.rand(batch, generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            moments = net.quant_conv(net.encoder(x))
+            mean, logvar = moments.chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+            rec = net.decoder(net.post_quant_conv(z))
+            l1 = (rec - x).abs().mean()
+            grad = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
+            loss = l1 + grad + p.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            return {"loss": float(loss.detach()), "l1": float(l1.detach())}
+
+        steps = self.plan_steps("vae", lambda: self.probe([ae], make_opt, step_fn))
+        opt = make_opt([ae])
+        rec = self.run_loop("vae", [ae], opt, steps, lambda s: cosine_lr(s, steps, p.vae_lr, 100), step_fn)
+        ae.eval()
+        stats = standardise_latents_(ae, self.to_float(train[: min(len(train), 2048)]) * 2 - 1)
+        fp16_round_(ae)
+        with torch.no_grad():
+            x = self.to_float(val) * 2 - 1
+            out = ae.decode(ae.encode(x)).clamp(-1, 1)
+            mse = float(((out - x) / 2).pow(2).mean())
+            z = ae.encode(self.to_float(train[:512]) * 2 - 1) * LATENT_SCALE
+        rec["metrics"] = {"val_l1": float(((out - x) / 2).abs().mean()), "val_psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)),
+                          "latent_std_before_standardising": stats["std"], "latent_mean_before_standardising": stats["mean"],
+                          "scaled_latent_std": float(z.std()), "scaled_latent_mean": float(z.mean())}
+        LOG.info("vae: %s", json.dumps(rec["metrics"]))
+        save_component(path, ae.state_dict(), vae_component_config(demo), {"steps": steps, **rec["metrics"]})
+        self.finish_stage("vae", rec)
+        return path
+
+    # ---- stage: text
+    def stage_text(self):
+        torch, p, demo, world = self.torch, self.plan, self.demo, self.world
+        path = self.ckpt_dir / "text_encoder.safetensors"
+        if self.done("text") and path.exists():
+            return path
+        train, scenes, _, _, val, val_scenes = self.data()
+        clip = new_clip(demo, p.seed + 31)
+        tm = clip.cond_stage_model.clip_l.transformer
+        tm.requires_grad_(True)
+        tm.train()
+        check_text_forward(clip, ["a red star", "a blue checkered heart and a green circle", ""])
+        prompts = sorted({s.prompt for s in scenes})
+        pidx = {t: i for i, t in enumerate(prompts)}
+        tokens = torch.tensor([token_ids(clip, t) for t in prompts], dtype=torch.long)
+        eos = (tokens[:, 1:] == 49407).int().argmax(1) + 1  # first [EOS] (position 0 is [SOS])
+        cap = torch.tensor([pidx[s.prompt] for s in scenes], dtype=torch.long)
+        cap_attr = prompt_attributes(world, prompts)
+        img_attr = scene_attributes(world, scenes)
+        torch.manual_seed(p.seed + 32)
+        tower = _convnet_cls()(int(demo.CLIP_CONFIG["projection_dim"]), IMAGE_TOWER_WIDTHS)
+        scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+        def make_opt(mods):
+            params = [q for m in mods for q in m.parameters()]
+            return torch.optim.AdamW(params, lr=p.text_lr, weight_decay=0.0)
+
+        holder = torch.nn.ParameterList([scale])
+
+        def step_fn(mods, opt, g, s):
+            text, image, sc = mods
+            idx = torch.randint(0, len(train), (p.text_batch,), generator=g)
+            x = degrade(self.to_float(train, idx), g, strength=0.5)
+            iemb = torch.nn.functional.normalize(image(x), dim=-1)
+            c = cap[idx]
+            h = text_forward(text, tokens[c])
+            e = eos[c]
+            pad = e + 1 + (torch.rand(len(c), generator=g) * (76 - e).float()).long().clamp(max=75 - e)
+            rows = torch.arange(len(c))
+            match = match_matrix(cap_attr[c], img_attr[idx])
+            logit_scale = sc[0].clamp(max=math.log(100.0)).exp()
+            loss = 0.0
+            for pos in (e, pad):
+                temb = torch.nn.functional.normalize(text.text_projection(h[rows, pos]), dim=-1)
+                logits = logit_scale * temb @ iemb.T
+                loss = loss + 0.5 * (multi_positive_ce(logits, match) + multi_positive_ce(logits.T, match.T))
+            loss = loss / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([q for m in mods for q in m.parameters()], 1.0)
+            opt.step()
+            return {"loss": float(loss.detach())}
+
+        mods = [tm, tower, holder]
+        steps = self.plan_steps("text", lambda: self.probe(mods, make_opt, step_fn))
+        opt = make_opt(mods)
+        rec = self.run_loop("text", mods, opt, steps, lambda s: cosine_lr(s, steps, p.text_lr, 50), step_fn)
+        tm.eval()
+        tower.eval()
+        fp16_round_(tm)
+        rec["metrics"] = text_retrieval_metrics(self, clip, tower, val, val_scenes)
+        LOG.info("text: %s", json.dumps(rec["metrics"]))
+        save_component(path, clip.cond_stage_model.state_dict(), demo.CLIP_CONFIG, {"steps": steps, **rec["metrics"]})
+        self.finish_stage("text", rec)
+        return path
+
+    # ---- stage: latents and contexts
+    def stage_latents(self, vae_path: Path, text_path: Path):
+        torch = self.torch
+        path = self.ckpt_dir / "latents.pt"
+        if self.done("latents") and path.exists():
+            return torch.load(path, map_location="cpu", weights_only=False)
+        train, scenes, *_ = self.data()
+        t0, c0 = time.time(), time.process_time()
+        with torch.no_grad():  # comfy's VAE / CLIP parameters keep requires_grad
+            x0 = self._encode_images(vae_path, train)
+            t_images, c_images = time.time() - t0, time.process_time() - c0
+            prompts, ctx = self._encode_prompts(text_path, [""] + sorted({s.prompt for s in scenes}))
+        pidx = {t: i for i, t in enumerate(prompts)}
+        data = {"x0": x0, "contexts": ctx, "prompts": prompts,
+                "caption": torch.tensor([pidx[s.prompt] for s in scenes], dtype=torch.long)}
+        _atomic_save(data, path)
+        self.finish_stage("latents", {"n": len(x0), "prompts": len(prompts), "encode_images_s": t_images,
+                                      "encode_images_cpu_s": c_images,
+                                      "encode_prompts_s": time.time() - t0 - t_images,
+                                      "encode_prompts_cpu_s": time.process_time() - c0 - c_images,
+                                      "x0_std": float(x0.std()), "x0_mean": float(x0.mean())})
+        LOG.info("latents: %d images (x0 std %.3f) and %d prompts encoded in %.1f s", len(x0), float(x0.std()),
+                 len(prompts), time.time() - t0)
+        return data
+
+    def _encode_images(self, vae_path: Path, images):
+        """VAEEncode of every image with the shipped VAE, scaled as the model sees it (latent_format.process_in)."""
+        torch, demo = self.torch, self.demo
+        vae = demo.load_vae(vae_path, torch.float32)
+        latent_format = demo.unet_model_config(demo.UNET_CONFIG).latent_format
+        lat = [vae.encode(torch.from_numpy(images[i:i + 256]).float() / 255.0).float()  # IMAGE [B, H, W, 3]
+               for i in range(0, len(images), 256)]
+        return latent_format.process_in(torch.cat(lat)).detach().contiguous()
+
+    def _encode_prompts(self, text_path: Path, prompts: list[str]):
+        """CLIPTextEncode of every prompt with the shipped text encoder: [P, 77, C]. Batched through the same
+        SDClipModel forward (all token weights are 1, so encode_token_weights adds nothing); the first prompts
+        are checked against clip.encode_from_tokens itself."""
+        torch = self.torch
+        clip = self.demo.load_clip(text_path, torch.float32)
+        clip.load_model()
+        enc = clip.cond_stage_model.clip_l
+        out = []
+        for i in range(0, len(prompts), 256):
+            toks = [token_ids(clip, p) for p in prompts[i:i + 256]]  # as encode_token_weights hands them over
+            out.append(enc(toks)[0].float())
+        ctx = torch.cat(out)
+        for k in range(min(4, len(prompts))):
+            ref = clip.encode_from_tokens(clip.tokenize(prompts[k])).float()[0]
+            if not torch.allclose(ref, ctx[k], atol=1e-5, rtol=1e-5):
+                raise RuntimeError(f"internal: batched prompt encoding differs from CLIPTextEncode for {prompts[k]!r}")
+        return prompts, ctx.detach().contiguous()
+
+    # ---- stage: unet
+    def stage_unet(self, data):
+        torch, p, demo = self.torch, self.plan, self.demo
+        path = self.ckpt_dir / "unet.safetensors"
+        if self.done("unet") and path.exists():
+            return path
+        model = new_unet(demo, p.seed + 41)
+        dm = model.diffusion_model
+        dm.train()
+        ema = EMA(dm, p.ema_decay)
+        sigmas = model.model_sampling.sigmas.double()
+        abar = (1.0 / (1.0 + sigmas ** 2)).float()
+        x0_all, ctx_all, cap = data["x0"], data["contexts"], data["caption"]
+        empty = ctx_all[0]
+        to = attention_override()
+        n_t = len(abar)
+
+        def make_opt(mods):
+            return torch.optim.AdamW(mods[0].parameters(), lr=p.unet_lr, weight_decay=0.0)
+
+        def step_fn(mods, opt, g, s):
+            net = mods[0]
+            idx = torch.randint(0, len(x0_all), (p.unet_batch,), generator=g)
+            t = torch.randint(0, n_t, (p.unet_batch,), generator=g)
+            eps = torch.randn(x0_all[idx].shape, generator=g)
+            drop = torch.rand(p.unet_batch, generator=g) < p.p_uncond
+            ctx = torch.where(drop[:, None, None], empty[None], ctx_all[cap[idx]])
+            a = abar[t][:, None, None, None]
+            xt = a.sqrt() * x0_all[idx] + (1 - a).sqrt() * eps
+            pred = net(xt, t.float(), context=ctx, transformer_options=to)
+            loss = torch.nn.functional.mse_loss(pred, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            return {"loss": float(loss.detach())}
+
+        steps = self.plan_steps("unet", lambda: self.probe([dm], make_opt, step_fn))
+        opt = make_opt([dm])
+        rec = self.run_loop("unet", [dm], opt, steps, lambda s: cosine_lr(s, steps, p.unet_lr, p.unet_warmup),
+                            step_fn, ema=ema)
+        save_component(path, ema.shadow.state_dict(), demo.UNET_CONFIG, {"steps": steps, "ema_decay": p.ema_decay})
+        self.finish_stage("unet", rec)
+        return path
+
+    # ---- stage: export
+    def stage_export(self, paths: dict[str, Path]) -> dict[str, Path]:
+        import safetensors
+
+        demo = self.demo
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"plan": self.state["plan"], "steps": self.state["steps"], "budget_minutes": self.state.get("budget_minutes"),
+                  "elapsed_min": self.elapsed() / 60, "torch": self.torch.__version__,
+                  "threads": self.torch.get_num_threads(),
+                  "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in self.state["stages"].items()}}
+        names = {**demo.COMPONENTS, "judge": demo.JUDGE_FILE}
+        out = {}
+        for comp, src in paths.items():
+            with safetensors.safe_open(str(src), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            meta["training"] = json.dumps({**json.loads(meta.get("training", "{}")), "run": record}, sort_keys=True,
+                                          default=str)
+            dst = self.out_dir / names[comp]
+            import safetensors.torch
+
+            tmp = dst.with_suffix(".tmp")
+            safetensors.torch.save_file(sd, str(tmp), metadata=meta)
+            os.replace(tmp, dst)
+            out[comp] = dst
+        (self.out_dir / "training_record.json").write_text(json.dumps(
+            {**record, "histories": {k: v.get("history") for k, v in self.state["stages"].items() if v.get("history")}},
+            indent=1, sort_keys=True, default=str))
+        sizes = {k: v.stat().st_size for k, v in out.items()}
+        LOG.info("export: %s (%.2f MB in all)", ", ".join(f"{v.name} {sizes[k] / 1e6:.2f} MB" for k, v in out.items()),
+                 sum(sizes.values()) / 1e6)
+        self.finish_stage("export", {"files": {k: str(v) for k, v in out.items()}, "bytes": sizes})
+        return out
+
+    def run(self) -> dict[str, Path]:
+        self.data()
+        judge = self.stage_judge()
+        vae = self.stage_vae()
+        text = self.stage_text()
+        data = self.stage_latents(vae, text)
+        unet = self.stage_unet(data)
+        return self.stage_export({"unet": unet, "text_encoder": text, "vae": vae, "judge": judge})
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers of the stages
+# ----------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a module's parameters (decay warmed up as min(decay, (1+s)/(10+s)))."""
+
+    def __init__(self, module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval()
+        for q in self.shadow.parameters():
+            q.requires_grad_(False)
+
+    def update(self, module, step: int) -> None:
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            shadow, live = list(self.shadow.parameters()), [q.detach() for q in module.parameters()]
+            torch._foreach_lerp_(shadow, live, 1.0 - d)
+
+    def state_dict(self):
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, sd):
+        self.shadow.load_state_dict(sd)
+
+
+def degrade(x, g, strength: float = 1.0):
+    """Augmentation for the judge / image tower: per-image Gaussian blur (sigma 0..1.2 px), half-resolution
+    resampling, contrast/brightness jitter and pixel noise -- the ways generated images differ from drawn ones."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=g) * 1.2 * strength
+    blur = torch.rand(b, generator=g) < 0.7
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    k = torch.where(blur[:, None], k / k.sum(1, keepdim=True), (r == 0).float()[None].expand(b, 5))
+    kk = k.repeat_interleave(3, 0)  # [b*3, 5]
+    y = x.reshape(1, b * 3, *x.shape[-2:])
+    y = F.conv2d(F.pad(y, (2, 2, 0, 0), mode="replicate"), kk[:, None, None, :], groups=b * 3)
+    y = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), kk[:, None, :, None], groups=b * 3)
+    y = y.reshape_as(x)
+    half = (torch.rand(b, generator=g) < 0.3 * strength)[:, None, None, None]
+    small = F.interpolate(F.interpolate(y, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False),
+                          size=x.shape[-2:], mode="bilinear", align_corners=False)
+    y = torch.where(half, small, y)
+    c = 1 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.3 * strength
+    br = (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.1 * strength
+    noise = torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.05 * strength
+    return ((y - 0.5) * c + 0.5 + br + noise).clamp(0, 1)
+
+
+def standardise_latents_(ae, x) -> dict:
+    """Fold a per-channel affine map into quant_conv / post_quant_conv so that the encoder's latents (mode)
+    of ``x`` have mean 0 and std 1 / LATENT_SCALE per channel; decode(encode(x)) is unchanged."""
+    import torch
+
+    with torch.no_grad():
+        z = torch.cat([ae.encode(x[i:i + 256]) for i in range(0, len(x), 256)])
+        m = z.mean(dim=(0, 2, 3)).double()
+        s = z.std(dim=(0, 2, 3)).double().clamp(min=1e-6)
+        k = (1.0 / LATENT_SCALE) / s
+        c = len(m)
+        qw, qb = ae.quant_conv.weight.double(), ae.quant_conv.bias.double()
+        qw[:c] *= k[:, None, None, None]
+        qb[:c] = (qb[:c] - m) * k
+        qb[c:] += 2.0 * torch.log(k)  # logvar of the scaled posterior
+        pw, pb = ae.post_quant_conv.weight.double(), ae.post_quant_conv.bias.double()
+        pb_new = pb + (pw[:, :, 0, 0] @ m)
+        pw = pw / k[None, :, None, None]
+        ae.quant_conv.weight.copy_(qw.float())
+        ae.quant_conv.bias.copy_(qb.float())
+        ae.post_quant_conv.weight.copy_(pw.float())
+        ae.post_quant_conv.bias.copy_(pb_new.float())
+    return {"mean": m.tolist(), "std": s.tolist()}
+
+
+def check_text_forward(clip, texts) -> None:
+    """text_forward must equal ComfyUI's CLIPTextModel forward (what CLIPTextEncode runs)."""
+    import torch
+
+    tm = clip.cond_stage_model.clip_l.transformer
+    toks = torch.tensor([token_ids(clip, t) for t in texts], dtype=torch.long)
+    with torch.no_grad():
+        ours = text_forward(tm, toks)
+        ref = tm(toks)[0]
+    err = float((ours - ref).abs().max())
+    if err > 1e-4:
+        raise RuntimeError(f"internal: the training forward of the text encoder differs from ComfyUI's by {err}")
+
+
+def prompt_attributes(world, prompts):
+    """[P, 6] long: n_objects, colour0, shape0, texture0 (-1 = unnamed, wildcard), colour1, shape1."""
+    import torch
+
+    rows = []
+    for t in prompts:
+        objs = world.parse_prompt(t)
+        o0 = objs[0]
+        row = [len(objs), world.COLOUR_NAMES.index(o0["colour"]) if o0["colour"] else -1, world.SHAPES.index(o0["shape"]),
+               world.ALL_TEXTURES.index(o0["texture"]) if o0["texture"] else -1, -1, -1]
+        if len(objs) == 2:
+            row[4], row[5] = world.COLOUR_NAMES.index(objs[1]["colour"]), world.SHAPES.index(objs[1]["shape"])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def scene_attributes(world, scenes):
+    import torch
+
+    rows = []
+    for s in scenes:
+        o = s.objects
+        row = [len(o), world.COLOUR_NAMES.index(o[0].colour), world.SHAPES.index(o[0].shape),
+               world.ALL_TEXTURES.index(o[0].texture), -1, -1]
+        if len(o) == 2:
+            row[4], row[5] = world.COLOUR_NAMES.index(o[1].colour), world.SHAPES.index(o[1].shape)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def match_matrix(cap, img):
+    """[B, B] bool: caption i describes image j (named attributes equal; two objects in either order)."""
+    c, i = cap[:, None, :], img[None, :, :]
+    n_eq = c[..., 0] == i[..., 0]
+    single = (c[..., 0] == 1) & ((c[..., 1] < 0) | (c[..., 1] == i[..., 1])) & (c[..., 2] == i[..., 2]) & \
+        ((c[..., 3] < 0) | (c[..., 3] == i[..., 3]))
+    same = (c[..., 1] == i[..., 1]) & (c[..., 2] == i[..., 2]) & (c[..., 4] == i[..., 4]) & (c[..., 5] == i[..., 5])
+    swapped = (c[..., 1] == i[..., 4]) & (c[..., 2] == i[..., 5]) & (c[..., 4] == i[..., 1]) & (c[..., 5] == i[..., 2])
+    double = (c[..., 0] == 2) & (same | swapped)
+    return n_eq & (single | double)
+
+
+def multi_positive_ce(logits, match):
+    """Cross-entropy against the uniform distribution over each row's positives."""
+    target = match.float() / match.float().sum(1, keepdim=True).clamp(min=1.0)
+    return -(target * logits.log_softmax(1)).sum(1).mean()
+
+
+def text_retrieval_metrics(trainer, clip, tower, val, val_scenes) -> dict:
+    """Zero-shot colour / shape classification of validation images by the text tower, through the first
+    [EOS] and through padding position 60 (does the padding carry the prompt?)."""
+    import torch
+
+    world = trainer.world
+    tm = clip.cond_stage_model.clip_l.transformer
+    prompts = [world.caption(c, s) for c in world.COLOUR_NAMES for s in world.SHAPES]
+    toks = torch.tensor([token_ids(clip, t) for t in prompts], dtype=torch.long)
+    eos = (toks[:, 1:] == 49407).int().argmax(1) + 1
+    with torch.no_grad():
+        h = text_forward(tm, toks)
+        iemb = torch.nn.functional.normalize(tower(trainer.to_float(val)), dim=-1)
+        out = {}
+        for name, pos in (("eos", eos), ("pad60", torch.full_like(eos, 60))):
+            temb = torch.nn.functional.normalize(tm.text_projection(h[torch.arange(len(toks)), pos]), dim=-1)
+            best = (iemb @ temb.T).argmax(1)
+            colour = torch.tensor([world.COLOUR_NAMES.index(prompts[b].split()[1]) for b in best.tolist()])
+            shape = torch.tensor([world.SHAPES.index(prompts[b].split()[-1]) for b in best.tolist()])
+            truth = torch.tensor([[world.COLOUR_NAMES.index(s.objects[0].colour), world.SHAPES.index(s.objects[0].shape)]
+                                  for s in val_scenes])
+            out[f"zero_shot_colour_acc_{name}"] = float((colour == truth[:, 0]).float().mean())
+            out[f"zero_shot_shape_acc_{name}"] = float((shape == truth[:, 1]).float().mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# time estimate from a (smoke) run
+# ----------------------------------------------------------------------------------------------
+def estimate(state: dict, plan: Plan, threads: int = 2) -> dict:
+    """Extrapolate the run time of ``plan`` from the per-step times a finished (smoke) run recorded in its
+    plan.json: CPU seconds per step of each trained stage (mean over its steps after the first two) times the
+    plan's steps, plus data drawing and encoding scaled per image / prompt; wall time on ``threads`` dedicated
+    cores = CPU seconds / threads (what a contention-free run of 2 threads gives when both stay busy; the CPU
+    time of a run on a shared machine is itself inflated, so this errs long). The smoke's own wall time per
+    step (contended) is extrapolated too, as the pessimistic bound."""
+    _, world = load_env()
+    st = state["stages"]
+    out = {"stages": {}, "threads": threads}
+    cpu_total = wall_total = 0.0
+    for stage in TRAINED_STAGES:
+        rec = st[stage]
+        n = plan.steps(stage)
+        cpu = rec["step_cpu_s_mean"] * n
+        wall = rec["step_wall_s_mean"] * n
+        out["stages"][stage] = {"steps": n, "cpu_s_per_step": rec["step_cpu_s_mean"],
+                                "wall_s_per_step_measured": rec["step_wall_s_mean"], "cpu_s": cpu}
+        cpu_total += cpu
+        wall_total += wall
+    d = st["data"]
+    images = plan.n_train + plan.n_judge + plan.n_val
+    per_image = d["cpu_s"] / (d["n_train"] + d["n_judge"] + d["n_val"])
+    lat = st["latents"]
+    prompts = len({world.sample(i, "train", plan.world_seed).prompt for i in range(plan.n_train)}) + 1
+    extra = {"data_cpu_s": per_image * images,
+             "encode_images_cpu_s": lat["encode_images_cpu_s"] / lat["n"] * plan.n_train,
+             "encode_prompts_cpu_s": lat["encode_prompts_cpu_s"] / lat["prompts"] * prompts, "prompts": prompts}
+    out["other"] = extra
+    cpu_total += extra["data_cpu_s"] + extra["encode_images_cpu_s"] + extra["encode_prompts_cpu_s"]
+    wall_total += (d["wall_s"] / (d["n_train"] + d["n_judge"] + d["n_val"]) * images
+                   + lat["encode_images_s"] / lat["n"] * plan.n_train + lat["encode_prompts_s"] / lat["prompts"] * prompts)
+    out["cpu_s"] = cpu_total
+    out["estimated_wall_min_dedicated"] = cpu_total / threads / 60
+    out["extrapolated_wall_min_as_measured"] = wall_total / 60
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def parse_steps(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if name not in TRAINED_STAGES or not value.isdigit():
+            raise SystemExit(f"--steps takes stage=N with stage one of {', '.join(TRAINED_STAGES)}, got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description="Train the Prompt Anatomy demo model on CPU (see the module docstring).")
+    ap.add_argument("--out", type=Path, help="where the weights go (default: models/prompt_anatomy_mini; smoke: "
+                                             ".cache/mini_smoke/weights)")
+    ap.add_argument("--ckpt-dir", type=Path, help="checkpoints and caches (default .cache/mini_train; smoke: "
+                                                  ".cache/mini_smoke/ckpt)")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help=f"fit the whole run into this wall-clock budget: each stage's steps are set from timed probe "
+                         f"steps (default {DEFAULT_BUDGET_MINUTES:g}; --smoke uses a budget only when given one)")
+    ap.add_argument("--no-budget", action="store_true",
+                    help="use the fixed step counts of DEFAULT_PLAN instead of a time budget (bit-reproducible "
+                         "anywhere; the time then depends on the machine)")
+    ap.add_argument("--smoke", action="store_true", help="a few steps of every stage on 512 images, to check the "
+                                                         "pipeline and time the steps; never writes models/")
+    ap.add_argument("--steps", nargs="*", default=[], metavar="STAGE=N", help="override step counts, e.g. unet=12000")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default 1234)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
+    ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
+    ap.add_argument("--fresh", action="store_true", help="delete the checkpoint folder first")
+    ap.add_argument("--estimate-from", type=Path, metavar="CKPT_DIR",
+                    help="print the time the default plan (with --steps) would take, extrapolated from the step "
+                         "times of the finished run in CKPT_DIR (e.g. .cache/mini_smoke/ckpt), and exit")
+    args = ap.parse_args(argv)
+    if args.estimate_from is not None:
+        logging.basicConfig(level=logging.WARNING)
+        plan = dataclasses.replace(DEFAULT_PLAN)
+        for k, v in parse_steps(args.steps).items():
+            setattr(plan, f"{k}_steps", v)
+        est = estimate(json.loads((args.estimate_from / "plan.json").read_text()), plan, args.threads)
+        print(json.dumps(est, indent=1))
+        print(f"default plan: {est['cpu_s'] / 3600:.2f} CPU hours -> about {est['estimated_wall_min_dedicated']:.0f} min "
+              f"on {args.threads} dedicated cores; {est['extrapolated_wall_min_as_measured']:.0f} min at the measured "
+              f"(shared-machine) wall time per step")
+        return 0
+
+    plan = dataclasses.replace(SMOKE_PLAN if args.smoke else DEFAULT_PLAN)
+    if args.seed is not None:
+        plan.seed = args.seed
+    out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
+    ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
+    if args.fresh and ckpt.exists():
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(ckpt / "train.log")])
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    budget = None if args.no_budget or (args.smoke and args.budget_minutes is None) else \
+        (args.budget_minutes or DEFAULT_BUDGET_MINUTES)
+    LOG.info("train_mini: plan %s, out %s, checkpoints %s, threads %d, budget %s min", dataclasses.asdict(plan), out,
+             ckpt, torch.get_num_threads(), budget)
+    trainer = Trainer(plan, out, ckpt, budget, args.checkpoint_minutes,
+                      args.log_every or (3 if args.smoke else 25), step_overrides=parse_steps(args.steps))
+    paths = trainer.run()
+    LOG.info("done in %.1f min: %s", trainer.elapsed() / 60, ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,276 @@
+"""PromptAnatomyDemoLoader: builds MODEL / CLIP / VAE from ComfyUI classes and weight files, and the core
+nodes run on them. The weights are written by scripts/train_mini.py's own exporter after 0 training steps
+(its initial weights), so the test checks the shipped format without needing trained weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import comfy.sd
+import comfy.sd1_clip
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from prompt_anatomy.nodes import demo_model as dm
+from prompt_anatomy.nodes import eos_swap, toolkit
+
+import nodes as comfy_nodes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_mini():
+    import importlib.util
+
+    name = "prompt_anatomy_train_mini"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_mini.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini")
+    paths = _train_mini().export_untrained(out, seed=0)
+    return out, paths
+
+
+@pytest.fixture(scope="module")
+def loaded(weights):
+    return dm.load_demo_model(weights[0])
+
+
+def test_files_carry_format_and_config_and_fit_the_size_budget(weights):
+    out, paths = weights
+    assert set(paths) == {"unet", "text_encoder", "vae", "judge"}
+    total = 0
+    for comp, path in paths.items():
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        assert meta["format"] == dm.FORMAT and meta["format_version"] == dm.FORMAT_VERSION
+        json.loads(meta["config"])
+        assert json.loads(meta["training"])["steps"] == 0
+        if comp != "judge":
+            assert dtypes == {torch.float16}, comp
+        total += path.stat().st_size
+    assert total <= 30 * 1024 * 1024, f"{total / 1e6:.1f} MB of weights: over the 30 MB budget"
+
+
+def test_loader_builds_comfy_classes_of_the_sd1_family(loaded):
+    model, clip, vae = loaded
+    assert toolkit.model_family(model) == "sd1"
+    assert type(model.model.model_config).__name__ == "SD15"
+    assert isinstance(clip, comfy.sd.CLIP) and isinstance(clip.cond_stage_model, comfy.sd1_clip.SD1ClipModel)
+    assert isinstance(clip.tokenizer, comfy.sd1_clip.SD1Tokenizer)
+    assert isinstance(vae, comfy.sd.VAE) and vae.latent_channels == 4 and vae.downscale_ratio == 8
+    dmodel = model.model.diffusion_model
+    assert dmodel.in_channels == 4 and dmodel.model_channels == dm.UNET_CONFIG["model_channels"]
+    # cross-attention (attn2) at three resolutions: 8x8 and 4x4 latents (input/output blocks), 2x2 (middle)
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(args[0].shape[1]))
+             for name, m in dmodel.named_modules() if name.endswith("attn2")]
+    try:
+        with torch.no_grad():
+            dmodel(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), context=torch.zeros(1, 77, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {64, 16, 4}
+    # the EOS swap sees the SD1.x layout: CLIP-L pads with [EOS]
+    assert eos_swap.detect_layout(clip).family == "sd1"
+
+
+def test_tokenizer_is_clip_bpe_with_77_tokens_padded_with_eos(loaded):
+    _, clip, _ = loaded
+    ids = [t[0] for t in clip.tokenize("a red star")["l"][0]]
+    assert len(ids) == 77
+    assert ids[:5] == [49406, 320, 736, 1565, 49407]  # [SOS] a red star [EOS]
+    assert set(ids[4:]) == {49407}  # padded with [EOS], like SD1.x
+
+
+def test_loaded_weights_equal_the_files(weights, loaded):
+    out, paths = weights
+    model, clip, vae = loaded
+    unet_sd = safetensors.torch.load_file(str(paths["unet"]))
+    ours = model.model.diffusion_model.state_dict()
+    assert set(unet_sd) == set(ours)
+    k = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(ours[k].float(), unet_sd[k].float())
+    te_sd = safetensors.torch.load_file(str(paths["text_encoder"]))
+    key = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
+    assert torch.equal(clip.cond_stage_model.state_dict()[key].float(), te_sd[key].float())
+    vae_sd = safetensors.torch.load_file(str(paths["vae"]))
+    assert torch.equal(vae.first_stage_model.state_dict()["decoder.conv_out.weight"].float(),
+                       vae_sd["decoder.conv_out.weight"].float())
+
+
+def _generate(model, clip, vae, text="a red star", steps=2, size=64, batch=1):
+    (pos,) = comfy_nodes.CLIPTextEncode().encode(clip, text)
+    (neg,) = comfy_nodes.CLIPTextEncode().encode(clip, "")
+    (latent,) = comfy_nodes.EmptyLatentImage().generate(size, size, batch)
+    (out,) = comfy_nodes.KSampler().sample(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent)
+    (images,) = comfy_nodes.VAEDecode().decode(vae, out)
+    return pos, out["samples"], images
+
+
+def test_core_nodes_run_on_the_demo_model(loaded):
+    model, clip, vae = loaded
+    pos, samples, images = _generate(*loaded, steps=2, size=64, batch=2)
+    assert pos[0][0].shape == (1, 77, dm.CLIP_CONFIG["hidden_size"])
+    assert samples.shape == (2, 4, 8, 8)
+    assert images.shape == (2, 64, 64, 3) and torch.isfinite(images).all()
+    assert float(images.detach().min()) >= 0.0 and float(images.detach().max()) <= 1.0
+
+
+def test_node_raises_a_clear_error_when_weights_are_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "MODEL_DIR", tmp_path / "prompt_anatomy_mini")
+    with pytest.raises(ValueError, match=r"weights are missing .*unet\.safetensors.*scripts/train_mini\.py"):
+        dm.PromptAnatomyDemoLoader.execute()
+
+
+def test_node_loads_from_its_model_dir_and_validates_dtype(weights, monkeypatch):
+    monkeypatch.setattr(dm, "MODEL_DIR", weights[0])
+    out = dm.PromptAnatomyDemoLoader.execute("fp32")
+    model, clip, vae = out.args
+    assert toolkit.model_family(model) == "sd1"
+    with pytest.raises(ValueError, match="weight_dtype must be one of default, fp32, fp16, bf16"):
+        dm.PromptAnatomyDemoLoader.execute("int8")
+    schema = dm.PromptAnatomyDemoLoader.define_schema()
+    assert schema.node_id == "PromptAnatomyDemoLoader" and schema.category.startswith("prompt_anatomy/")
+    assert all(i.tooltip for i in schema.inputs)
+
+
+def test_wrong_file_is_rejected_with_the_training_hint(weights, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in dm.COMPONENTS.values():
+        safetensors.torch.save_file({"w": torch.zeros(1)}, str(bad / name), metadata={"format": "other"})
+    with pytest.raises(ValueError, match=r"is not a prompt_anatomy_mini weight file.*train_mini\.py"):
+        dm.load_demo_model(bad)
+
+
+def test_bfloat16_model_samples(weights):
+    model, clip, vae = dm.load_demo_model(weights[0], "bf16")
+    assert model.model.get_dtype() == torch.bfloat16
+    _, samples, images = _generate(model, clip, vae, steps=1, size=32)
+    assert samples.shape == (1, 4, 4, 4) and torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------ the trainer that makes these weights
+def test_training_forward_of_the_text_encoder_equals_comfys():
+    tm = _train_mini()
+    clip = tm.new_clip(dm, seed=3)
+    tm.check_text_forward(clip, ["a red star", "a blue checkered heart and a green circle", ""])  # raises on mismatch
+    toks = torch.tensor([tm.token_ids(clip, "a pink cross")])
+    with torch.no_grad():
+        ours = tm.text_forward(clip.cond_stage_model.clip_l.transformer, toks)
+        ref = clip.encode_from_tokens(clip.tokenize("a pink cross")).float()
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_latent_standardisation_is_exact_and_gives_sd1_scale():
+    tm = _train_mini()
+    ae = tm.new_vae(dm, seed=5).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        before = ae.decode(ae.encode(x))
+        tm.standardise_latents_(ae, x)
+        z = ae.encode(x)
+        after = ae.decode(z)
+    assert torch.allclose(after, before, atol=1e-4)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-3)
+    assert torch.allclose((z * tm.LATENT_SCALE).std(dim=(0, 2, 3)), torch.ones(4), atol=1e-3)
+
+
+def test_contrastive_match_matrix():
+    tm = _train_mini()
+    world = tm.load_env()[1]
+    prompts = ["a red star", "a striped star", "a red circle and a blue square", "a star"]
+    scenes = [world.scene_for_prompt(p, __import__("random").Random(i)) for i, p in
+              enumerate(["a red striped star", "a blue square and a red circle", "a green star"])]
+    m = tm.match_matrix(tm.prompt_attributes(world, prompts), tm.scene_attributes(world, scenes))
+    assert m.tolist() == [[True, False, False], [True, False, False], [False, True, False], [True, False, True]]
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    tm = _train_mini()
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+    def step_fn(mods, opt, g, s):
+        x = torch.randn(8, 4, generator=g)
+        loss = (mods[0](x) - x[:, :2]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    plan = tm.SMOKE_PLAN
+    a = tm.Trainer(plan, tmp_path / "outa", tmp_path / "a", log_every=100)
+    net_a, opt_a = make()
+    a.run_loop("judge", [net_a], opt_a, 6, lambda s: 1e-2, step_fn)
+    b = tm.Trainer(plan, tmp_path / "outb", tmp_path / "b", log_every=100)
+    net_b, opt_b = make()
+    b.run_loop("judge", [net_b], opt_b, 3, lambda s: 1e-2, step_fn)  # "interrupted" after 3 steps
+    b2 = tm.Trainer(plan, tmp_path / "outb", tmp_path / "b", log_every=100)
+    net_c, opt_c = make()
+    rec = b2.run_loop("judge", [net_c], opt_c, 6, lambda s: 1e-2, step_fn)
+    assert rec["resumed_at"] == 3
+    for pa, pc in zip(net_a.parameters(), net_c.parameters(), strict=True):
+        assert torch.equal(pa, pc)
+
+
+def test_budget_sets_steps_from_the_probed_step_time_and_keeps_them(tmp_path):
+    tm = _train_mini()
+    t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
+    steps = t.plan_steps("judge", lambda: 0.5)
+    # 10 min x (1 - reserve) x judge's share of all trained stages / 0.5 s per step
+    expected = 600 * (1 - tm.BUDGET_RESERVE) * tm.BUDGET_SHARES["judge"] / sum(tm.BUDGET_SHARES.values()) / 0.5
+    assert expected - 2 <= steps <= expected
+    again = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
+    assert again.plan_steps("judge", lambda: pytest.fail("a resolved stage must not be probed again")) == steps
+    plain = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck2")
+    assert plain.plan_steps("unet", lambda: pytest.fail("no budget: no probe")) == tm.SMOKE_PLAN.unet_steps
+
+
+def test_probe_times_throwaway_copies_and_leaves_the_model_alone(tmp_path):
+    tm = _train_mini()
+    t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", probe_steps=2)
+    net = torch.nn.Linear(3, 1)
+    before = copy.deepcopy(net.state_dict())
+    calls = []
+
+    def step_fn(mods, opt, g, s):
+        calls.append(mods[0] is net)
+        loss = mods[0](torch.randn(4, 3, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {}
+
+    seconds = t.probe([net], lambda mods: torch.optim.SGD(mods[0].parameters(), lr=0.1), step_fn)
+    assert seconds > 0 and calls == [False, False, False]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_weight_file_that_does_not_match_its_config_is_rejected(weights, tmp_path):
+    src = weights[1]["vae"]
+    with safetensors.safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys() if k != "decoder.conv_out.weight"}
+    broken = tmp_path / "vae.safetensors"
+    safetensors.torch.save_file(sd, str(broken), metadata=meta)
+    with pytest.raises(ValueError, match=r"vae\.safetensors \(VAE\): .*missing \['decoder\.conv_out\.weight'\]"):
+        dm.load_vae(broken)
