@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib
 
+from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from comfy_api.latest import ComfyExtension, io
-
 # one module per technique; imported when ComfyUI asks for the node list
-NODE_MODULES = ("guidance_cutoff",)
+NODE_MODULES = ("guidance_cutoff", "eos_swap", "frequency", "attention_maps", "text_layers", "text_layers_localize")
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

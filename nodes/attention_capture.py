@@ -1,0 +1,802 @@
+"""Cross-attention capture (paper 1, Sec. 4.1 and 5.1, Fig. 1 and 3): the attention probabilities
+softmax(Q Kᵀ / √d) of the text tokens, accumulated while any sampler runs, for CrossAttentionMapViewer.
+
+**What is recorded.** For every chosen layer, every model evaluation and every batch row of the chosen
+conditioning (positive by default; rows are found by the conds' uuids, so batch > 1, a negative of another
+length and foreign guiders are safe), the probabilities are computed explicitly in fp32, in chunks of
+queries and heads, and averaged over heads:
+
+    UNet (SD1.x, SD2.x, SDXL)  the cross-attention (attn2) of each transformer block: image queries x text
+                               keys; each pixel's row sums to 1 over the context tokens.
+    SD3 (MMDiT), Flux          the joint attention of each joint / double / single block: the image-query
+                               rows against *all* keys (text first, then image); the text columns keep the
+                               full-row normaliser, and one extra channel holds the weight on every
+                               non-text key ("[image]"), so text + [image] sums to 1 per pixel.
+
+A context repeated to the LCM of two lengths (ComfyUI batches a 77- and a 154-token prompt that way) is
+folded back: token t of the repeated context is token t mod L of the prompt, and the repeats are summed.
+
+**Where it goes.** Running sums with a fixed size, so memory does not grow with the number of steps:
+per layer on its own grid (whole-run mean), and averaged over layers on one reference grid (the largest
+grid of the captured layers) for each of ``buckets`` step buckets (bucket j holds steps
+[ceil(j·n/b), ceil((j+1)·n/b)) of the n steps); the whole-run mean is the sum of the buckets. Per step
+only each token's spatial mean is kept (tokens x steps numbers, for the class-share plot). Accumulators are
+grouped by the prompt's token count, so timestep-ranged entries of one prompt add up and the viewer picks
+the group its text tokenizes to.
+
+**Bit-identical sampling.** The probabilities come from a chained ``optimized_attention_override``
+(:func:`toolkit.chain_attention_override`), which then calls the next override or the original backend
+with the untouched arguments. The sampled latent is the same, bit for bit, as without the capture.
+
+**Layers with an attn2 replace (IPAdapter, SAG...).** Such a replace computes the attention itself, without
+``transformer_options``, so the override never sees those layers. An ``attn2_patch`` remembers the block's
+normalised input and context, and when the attention of a chosen layer has not been seen by the time its
+``attn2_output_patch`` runs, Q and K are recomputed through the layer's own ``to_q`` / ``to_k`` (the
+projections ComfyUI hands to the replace) and captured from there. The record names those layers, and any
+chosen layer that was never seen.
+
+Per-run state lives in the run's store (:func:`toolkit.ensure_run_tracking`): every run starts empty, and
+a finished run is published, moved to the CPU, to the ``PA_ATTENTION_RECORD`` handle (the last few runs
+are kept; the viewer picks the one that produced its LATENT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io
+
+from . import toolkit
+
+NODE_ID = "CrossAttentionCapture"
+CATEGORY = "prompt_anatomy/attention"
+WRAPPER_KEY = f"{toolkit.PACK}.attention_capture"
+STORE = f"{toolkit.PACK}.attention_capture"
+ROW_ROLES = ("positive", "negative")
+DEFAULT_BUCKETS = 10
+MAX_BUCKETS = 100
+MAX_RUNS_KEPT = 3
+OTHER_LABEL = "[image]"  # the extra DiT channel: weight on every non-text key
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32), queries x keys x heads x rows
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+
+AttentionRecord = io.Custom("PA_ATTENTION_RECORD")
+
+_serial = itertools.count(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    index: int  # position in forward order (0-based)
+    key: tuple  # UNet ("input", 1, 0) = attn2 patch key; DiT ("joint", 3) / ("double", i) / ("single", i)
+    label: str  # "input.1.0" / "joint.3"
+    level: int = 0  # UNet resolution level (0 = the latent grid, each level halves it); 0 for DiT
+
+
+def _unet_attn2(dm) -> dict[tuple, tuple[torch.nn.Module, int]]:
+    """attn2 module and resolution level of every UNet cross-attention, by attn2 patch key (the same keys and
+    order as :func:`toolkit.unet_attn2_layers`)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+
+    out: dict[tuple, tuple[torch.nn.Module, int]] = {}
+
+    def visit(name, idx, block, level):
+        for module in block:
+            if isinstance(module, SpatialTransformer):
+                for bi, tb in enumerate(module.transformer_blocks):
+                    if getattr(tb, "attn2", None) is not None:
+                        out[(name, idx, bi)] = (tb.attn2, level)
+
+    def resamples(block, cls) -> bool:
+        return any(isinstance(m, cls) or (isinstance(m, ResBlock) and isinstance(getattr(m, "h_upd", None), cls))
+                   for m in block)
+
+    level = 0
+    for i, block in enumerate(dm.input_blocks):
+        visit("input", i, block, level)
+        level += resamples(block, Downsample)
+    visit("middle", 0, dm.middle_block, level)
+    for i, block in enumerate(dm.output_blocks):
+        visit("output", i, block, level)
+        level -= resamples(block, Upsample)
+    return out
+
+
+def model_layers(model) -> tuple[str, list[Layer]]:
+    """("unet" | "dit", the model's attention layers in forward order). Raises ValueError for model families
+    whose cross-attention this capture does not know."""
+    family = toolkit.model_family(model)
+    if family not in SUPPORTED:
+        raise toolkit.unsupported_family(
+            family, "CrossAttentionCapture",
+            "it knows the text cross-attention of SD1.x / SD2.x / SDXL UNets and the joint attention of SD3 and "
+            "Flux.1 only; other architectures lay out text and image tokens differently. Use one of those models.")
+    keys = toolkit.unet_attn2_layers(model)
+    if keys:
+        levels = _unet_attn2(model.model.diffusion_model)
+        return "unet", [Layer(i, k, ".".join(map(str, k)), levels[k][1]) for i, k in enumerate(keys)]
+    blocks = toolkit.dit_blocks(model)
+    if not blocks:
+        raise toolkit.unsupported_family(family, "CrossAttentionCapture", "this model has no attention layers the "
+                                         "capture can find.")
+    return "dit", [Layer(i, k, f"{k[0]}.{k[1]}") for i, k in enumerate(blocks)]
+
+
+def parse_layers(spec: str, layers: list[Layer]) -> list[Layer]:
+    """Layers chosen by ``spec``: "all", or a comma list of forward-order indices ("3"), index ranges ("0-5"),
+    group names ("input", "middle", "output"; "joint"; "double", "single") and layer labels ("output.3.0")."""
+    text = (spec or "").strip().lower()
+    if text in ("", "all", "*"):
+        return list(layers)
+    by_label = {layer.label: layer for layer in layers}
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(str(layer.key[0]), []).append(layer)
+    chosen: dict[int, Layer] = {}
+    n = len(layers)
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if item in by_label:
+            picked = [by_label[item]]
+        elif item in groups:
+            picked = groups[item]
+        else:
+            try:
+                a, _, b = item.partition("-")
+                lo, hi = int(a), int(b if b else a)
+            except ValueError:
+                raise ValueError(
+                    f"layers: {item!r} is not a layer. Use 'all', indices 0-{n - 1} in forward order (e.g. '0-3, 8'), "
+                    f"group names ({', '.join(groups)}) or labels such as {layers[0].label!r} "
+                    f"(this model has {n}: {', '.join(x.label for x in layers[:12])}"
+                    f"{', ...' if n > 12 else ''}).") from None
+            if lo > hi or lo < 0 or hi >= n:
+                raise ValueError(f"layers: {item!r} is outside 0-{n - 1}: this model has {n} attention layers "
+                                 f"(forward order). Use indices in that range.")
+            picked = layers[lo:hi + 1]
+        for layer in picked:
+            chosen[layer.index] = layer
+    if not chosen:
+        raise ValueError("layers: no layer chosen. Use 'all' or e.g. '0-3'.")
+    return [chosen[i] for i in sorted(chosen)]
+
+
+# ----------------------------------------------------------------------------------------------
+# pure tensor functions
+# ----------------------------------------------------------------------------------------------
+def heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """Attention input -> (B, H, L, D): ComfyUI passes (B, L, H*D) (UNet, SD3), (B, L, H, D) (SD3 v) or,
+    with skip_reshape, (B, H, L, D) (Flux)."""
+    if skip_reshape:
+        return t
+    if t.ndim == 4:
+        return t.transpose(1, 2)
+    b, n, hd = t.shape
+    return t.reshape(b, n, heads, hd // heads).transpose(1, 2)
+
+
+def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    m = mask
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None]
+    if m.shape[0] > 1:
+        m = m[rows]
+    return m
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int] | None = None,
+                    columns: tuple[int, int] | None = None, other: bool = False, mask: torch.Tensor | None = None,
+                    budget: int = CHUNK_ELEMENTS, stats: dict | None = None) -> torch.Tensor:
+    """Head-averaged softmax(q kᵀ / √d) in fp32, computed in chunks of heads and queries.
+
+    ``q``, ``k``: (B, H, L, D). ``queries``: the query rows to keep (start, stop). ``columns``: the key columns
+    to return (start, stop), normalised over *all* keys; with ``other`` one more column holds the weight on
+    every key outside ``columns``. ``mask``: the attention mask the backend got (bool: True = attend; float:
+    added to the logits), broadcastable to (B, H, Lq, Lk). Returns (B, n_queries, n_columns [+1]).
+    ``stats["transient"]`` gets the largest number of bytes held by the temporaries of one chunk."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    q0, q1 = queries if queries is not None else (0, lq)
+    c0, c1 = columns if columns is not None else (0, lk)
+    nq, nc = q1 - q0, c1 - c0
+    scale = d ** -0.5
+    out = torch.zeros(b, nq, nc + (1 if other else 0), device=q.device, dtype=torch.float32)
+    kf = k.float()
+    per_head = b * nq * lk
+    if per_head <= budget:
+        hc, qc = max(1, min(h, budget // per_head)), nq
+    else:
+        hc, qc = 1, max(1, budget // max(1, b * lk))
+    peak = 0
+    for h0 in range(0, h, hc):
+        kh = kf[:, h0:h0 + hc].transpose(-1, -2)
+        for i0 in range(0, nq, qc):
+            i1 = min(nq, i0 + qc)
+            logits = torch.matmul(q[:, h0:h0 + hc, q0 + i0:q0 + i1].float(), kh)
+            logits.mul_(scale)
+            if mask is not None:
+                m = mask[..., q0 + i0:q0 + i1, :]
+                if m.dtype == torch.bool:
+                    logits.masked_fill_(~m, float("-inf"))
+                else:
+                    logits.add_(m.float())
+            p = torch.softmax(logits, dim=-1)
+            out[:, i0:i1, :nc] += p[..., c0:c1].sum(1)
+            if other:
+                out[:, i0:i1, nc] += p[..., :c0].sum((1, -1)) + p[..., c1:].sum((1, -1))
+            peak = max(peak, 2 * logits.numel() * 4)
+            del logits, p
+    out.div_(h)
+    if stats is not None:
+        stats["transient"] = max(stats.get("transient", 0), peak + kf.numel() * 4 * (k.dtype != torch.float32)
+                                 + out.numel() * 4)
+    return out
+
+
+def fold_repeats(p: torch.Tensor, length: int) -> torch.Tensor:
+    """(..., m * length) -> (..., length): a context repeated m times (ComfyUI's LCM padding) folded back, the
+    repeats of each token summed."""
+    total = p.shape[-1]
+    if total == length:
+        return p
+    if total % length:
+        raise ValueError(f"internal: a context of {total} tokens is not a repeat of {length} tokens")
+    return p.reshape(*p.shape[:-1], total // length, length).sum(-2)
+
+
+def to_grid(p: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h*w, C) query-major probabilities -> maps (B, C, h, w)."""
+    b, n, c = p.shape
+    if n != h * w:
+        raise ValueError(f"internal: {n} queries do not form a {h}x{w} grid")
+    return p.transpose(1, 2).reshape(b, c, h, w)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps (B, C, h, w) on another grid: bilinear up, area down. Both are convex combinations of the input
+    pixels, so maps that sum to 1 over C at each pixel still do."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if maps.shape[-2] <= size[0] and maps.shape[-1] <= size[1]:
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(maps, size=size, mode="area")
+
+
+def bucket_of(step: int, n_steps: int, n_buckets: int) -> int:
+    """Bucket of ``step``: bucket j holds steps [ceil(j n / b), ceil((j + 1) n / b))."""
+    return min(n_buckets - 1, max(0, (int(step) * n_buckets) // max(1, n_steps)))
+
+
+def bucket_ranges(n_steps: int, n_buckets: int) -> list[tuple[int, int]]:
+    """(first, last) step of each bucket (inclusive)."""
+    out = []
+    for j in range(n_buckets):
+        steps = [s for s in range(n_steps) if bucket_of(s, n_steps, n_buckets) == j]
+        out.append((steps[0], steps[-1]) if steps else (-1, -1))
+    return out
+
+
+def tensor_bytes(obj, _seen=None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (attributes, dicts, lists, tuples), each counted once."""
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, deque)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# accumulators
+# ----------------------------------------------------------------------------------------------
+class MapSums:
+    """Running sums of the maps of one conditioning group (prompts of one token count) for a run."""
+
+    def __init__(self, length: int, extra: bool, batch: int, ref_hw: tuple[int, int], n_steps: int,
+                 n_buckets: int, device):
+        self.length = length  # text tokens of the prompt
+        self.extra = extra  # one more channel: weight on non-text keys (DiT)
+        self.batch = batch
+        self.ref_hw = tuple(ref_hw)
+        channels = length + (1 if extra else 0)
+        self.bucket_sum = torch.zeros(n_buckets, batch, channels, *ref_hw, device=device)
+        self.bucket_count = torch.zeros(n_buckets, dtype=torch.int64)
+        self.step_sum = torch.zeros(n_steps, batch, channels, device=device)
+        self.step_count = torch.zeros(n_steps, dtype=torch.int64)
+        self.layer_sum: dict[str, torch.Tensor] = {}
+        self.layer_count: dict[str, int] = {}
+
+    @property
+    def channels(self) -> int:
+        return self.length + (1 if self.extra else 0)
+
+    def add(self, layer: str, step: int, bucket: int, maps: torch.Tensor) -> int:
+        """Add maps (batch, channels, h, w) of one layer evaluation; returns bytes of the temporaries."""
+        total = self.layer_sum.get(layer)
+        if total is None:
+            self.layer_sum[layer] = maps.clone()
+            self.layer_count[layer] = 1
+        else:
+            total += maps
+            self.layer_count[layer] += 1
+        self.step_sum[step] += maps.mean(dim=(-2, -1))
+        self.step_count[step] += 1
+        ref = resize_maps(maps, self.ref_hw)
+        self.bucket_sum[bucket] += ref
+        self.bucket_count[bucket] += 1
+        return ref.numel() * 4 if ref is not maps else 0
+
+    def to_cpu(self) -> MapSums:
+        self.bucket_sum = self.bucket_sum.cpu()
+        self.step_sum = self.step_sum.cpu()
+        self.layer_sum = {k: v.cpu() for k, v in self.layer_sum.items()}
+        return self
+
+    # ---- views used by the viewer and the tests
+    def mean(self) -> torch.Tensor:
+        """Whole-run mean on the reference grid (batch, channels, H, W)."""
+        n = int(self.bucket_count.sum())
+        return self.bucket_sum.sum(0) / max(1, n)
+
+    def bucket_mean(self, j: int) -> torch.Tensor | None:
+        n = int(self.bucket_count[j])
+        return None if n == 0 else self.bucket_sum[j] / n
+
+    def layer_mean(self, layer: str) -> torch.Tensor:
+        return self.layer_sum[layer] / self.layer_count[layer]
+
+    def step_share(self) -> torch.Tensor:
+        """Per step, each channel's spatial-mean weight (steps, batch, channels); NaN for steps not seen."""
+        counts = self.step_count.to(self.step_sum.dtype).clamp(min=1)[:, None, None]
+        out = self.step_sum / counts
+        out[self.step_count == 0] = float("nan")
+        return out
+
+    def token_share(self) -> torch.Tensor:
+        """Whole-run spatial-mean weight of each channel (batch, channels)."""
+        return self.step_sum.sum(0) / max(1, int(self.step_count.sum()))
+
+
+@dataclasses.dataclass
+class CaptureConfig:
+    arch: str  # "unet" / "dit"
+    family: str
+    layers: list[Layer]  # chosen
+    all_layers: int
+    rows: str  # "positive" / "negative"
+    buckets: int
+    ref_level: int  # UNet: level of the largest chosen grid
+    patch_size: int  # DiT
+    register_length: int  # SD3 register tokens in front of the text
+    modules: dict  # UNet: attn2 key -> module (fallback projections)
+
+    @property
+    def by_key(self) -> dict[tuple, Layer]:
+        return {layer.key: layer for layer in self.layers}
+
+
+@dataclasses.dataclass
+class _Pending:
+    layer: Layer
+    n: torch.Tensor  # normalised block input handed to attn2
+    context: torch.Tensor
+    options: dict  # the block's extra_options (transformer_options copy)
+
+
+class CaptureRun:
+    """Working state of one sampling run (in the RunState store)."""
+
+    def __init__(self, cfg: CaptureConfig, lengths: dict, latent_shape, n_steps: int):
+        self.cfg = cfg
+        self.by_key = cfg.by_key
+        self.lengths = lengths  # cond uuid -> text token count
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.batch = self.latent_shape[0]
+        self.n_steps = max(1, int(n_steps))
+        self.n_buckets = max(1, min(cfg.buckets, self.n_steps))
+        h, w = self.latent_shape[-2:]
+        if cfg.arch == "unet":
+            for _ in range(cfg.ref_level):
+                h, w = math.ceil(h / 2), math.ceil(w / 2)
+        else:
+            h, w = math.ceil(h / cfg.patch_size), math.ceil(w / cfg.patch_size)
+        self.ref_hw = (h, w)
+        self.sums: dict[int, MapSums] = {}
+        self.seen: dict[str, int] = {}  # layer label -> model calls with captured rows, through the override
+        self.fallback: dict[str, int] = {}  # ... recomputed from to_q / to_k (attn2 replace present)
+        self.skipped: dict[str, int] = {}
+        self.errors: list[str] = []  # the first error stops the capture for the rest of the run
+        self.pending: _Pending | None = None
+        self.peak_transient = 0
+        self.final: torch.Tensor | None = None
+
+    # ---- helpers
+    def _skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+    def fail(self, exc: Exception) -> None:
+        toolkit.LOG.exception("CrossAttentionCapture: capture failed and stops for this run; the image is unaffected, "
+                              "the maps of this run are incomplete")
+        self.pending = None
+        self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _groups(self, to: dict, n_rows: int):
+        """(rows slice, text length) of every chunk of this model call with the captured role."""
+        roles = toolkit.chunk_roles(to)
+        uuids = to.get("uuids") or []
+        if not roles or n_rows % len(roles):
+            self._skip("model calls without conditioning rows")
+            return []
+        per = n_rows // len(roles)
+        out = []
+        for c, role in enumerate(roles):
+            if role != self.cfg.rows:
+                continue
+            length = self.lengths.get(uuids[c]) if c < len(uuids) else None
+            if length is None:
+                self._skip("rows whose prompt length is unknown")
+                continue
+            if per != self.batch:
+                self._skip("calls whose batch is not the latent batch")
+                continue
+            out.append((slice(c * per, (c + 1) * per), length))
+        return out
+
+    def _sums(self, length: int, device) -> MapSums:
+        s = self.sums.get(length)
+        if s is None:
+            s = self.sums[length] = MapSums(length, self.cfg.arch == "dit", self.batch, self.ref_hw, self.n_steps,
+                                            self.n_buckets, device)
+        return s
+
+    def _step(self, to: dict) -> int | None:
+        step = toolkit.current_step(to)
+        if step is None:
+            self._skip("calls outside a sampler's schedule")
+            return None
+        return min(max(0, int(step)), self.n_steps - 1)
+
+    def _add(self, layer: Layer, step: int, length: int, maps: torch.Tensor, transient: int) -> None:
+        sums = self._sums(length, maps.device)
+        extra = sums.add(layer.label, step, bucket_of(step, self.n_steps, self.n_buckets), maps)
+        self.peak_transient = max(self.peak_transient, transient + extra + maps.numel() * 4)
+
+    # ---- UNet
+    def attn2_in(self, n, context, extra_options) -> None:
+        layer_key = toolkit.current_attn2_layer(extra_options)
+        layer = self.by_key.get(layer_key) if layer_key is not None else None
+        self.pending = _Pending(layer, n, context, extra_options) if layer is not None and context is not None else None
+
+    def unet_override(self, args, kwargs, to) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        layer_key = toolkit.current_attn2_layer(to)
+        if layer_key != pending.layer.key:
+            return
+        q, k = args[0], args[1]
+        if q.shape[:2] != pending.n.shape[:2] or k.shape[1] != pending.context.shape[1]:
+            return  # another attention inside the layer (e.g. an image-prompt branch)
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        self.pending = None
+        if self._capture_unet(pending, q, k, int(heads), bool(kwargs.get("skip_reshape", False)), to):
+            self.seen[pending.layer.label] = self.seen.get(pending.layer.label, 0) + 1
+
+    def attn2_out(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        module = self.cfg.modules.get(pending.layer.key)
+        if module is None:
+            return
+        q = module.to_q(pending.n)
+        k = module.to_k(pending.context)
+        if self._capture_unet(pending, q, k, int(module.heads), False, pending.options):
+            self.fallback[pending.layer.label] = self.fallback.get(pending.layer.label, 0) + 1
+
+    def _capture_unet(self, pending: _Pending, q, k, heads: int, skip_reshape: bool, to: dict) -> int:
+        """Capture the chosen rows of one attn2 call; returns how many row groups were added."""
+        step = self._step(to)
+        if step is None:
+            return 0
+        shape = to.get("activations_shape") or pending.options.get("activations_shape")
+        original = to.get("original_shape") or pending.options.get("original_shape")
+        if shape is None:
+            self._skip("layers without a known grid")
+            return 0
+        if original is not None and tuple(original[-2:]) != self.latent_shape[-2:]:
+            self._skip("area-conditioned calls (cropped latent)")
+            return 0
+        h, w = int(shape[-2]), int(shape[-1])
+        q4, k4 = heads_first(q, heads, skip_reshape), heads_first(k, heads, skip_reshape)
+        added = 0
+        for rows, length in self._groups(to, q.shape[0]):
+            if k4.shape[2] % length:
+                self._skip("contexts that are not a repeat of the prompt")
+                continue
+            stats: dict = {}
+            p = attention_probs(q4[rows], k4[rows], stats=stats)
+            maps = to_grid(fold_repeats(p, length), h, w)
+            self._add(pending.layer, step, length, maps, stats.get("transient", 0))
+            added += 1
+        return added
+
+    # ---- DiT
+    def dit_override(self, args, kwargs, to) -> None:
+        layer = self.by_key.get(to.get(toolkit.LAYER_KEY))
+        txt_len = to.get(toolkit.TXT_LEN_KEY)
+        if layer is None or txt_len is None:
+            return
+        q, k = args[0], args[1]
+        skip_reshape = bool(kwargs.get("skip_reshape", False))
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        q4, k4 = heads_first(q, int(heads), skip_reshape), heads_first(k, int(heads), skip_reshape)
+        seq = q4.shape[2]
+        gh, gw = self.ref_hw
+        n_img = gh * gw
+        if k4.shape[2] != seq or seq == n_img:
+            return  # image-only self-attention (SD3.5 x-blocks), not the joint attention
+        if seq < txt_len + n_img:
+            self._skip("area-conditioned calls (cropped latent)")
+            return
+        step = self._step(to)
+        if step is None:
+            return
+        reg = self.cfg.register_length
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        added = 0
+        for rows, length in self._groups(to, q4.shape[0]):
+            if txt_len - reg != length:
+                self._skip("text streams whose length differs from the prompt's")
+                continue
+            stats: dict = {}
+            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(reg, txt_len),
+                                other=True, mask=_mask_rows(mask, rows), stats=stats)
+            self._add(layer, step, length, to_grid(p, gh, gw), stats.get("transient", 0))
+            added += 1
+        if added:
+            self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
+
+    # ---- end of run
+    def persistent_bytes(self) -> int:
+        return tensor_bytes(self.sums)
+
+    def finish(self, sampler_name: str | None, latent_format) -> AttentionRun | None:
+        if self.final is None:
+            return None
+        chosen = [layer.label for layer in self.cfg.layers]
+        missing = [lab for lab in chosen if lab not in self.seen and lab not in self.fallback]
+        if missing and self.sums:
+            toolkit.LOG.warning("CrossAttentionCapture: %d chosen layer(s) were never seen during sampling: %s",
+                                len(missing), ", ".join(missing))
+        if self.fallback:
+            toolkit.LOG.info("CrossAttentionCapture: layers with an attn2 replace, maps recomputed from to_q/to_k: %s",
+                             ", ".join(self.fallback))
+        return AttentionRun(
+            family=self.cfg.family, arch=self.cfg.arch, rows=self.cfg.rows, layers=chosen,
+            all_layers=self.cfg.all_layers, seen=dict(self.seen), fallback=dict(self.fallback), missing=missing,
+            skipped=dict(self.skipped), errors=list(self.errors), n_steps=self.n_steps,
+            buckets=bucket_ranges(self.n_steps, self.n_buckets), ref_hw=self.ref_hw,
+            sums={k: v.to_cpu() for k, v in self.sums.items()}, final=self.final, latent_format=latent_format,
+            sampler=sampler_name, peak_bytes=self.persistent_bytes() + self.peak_transient)
+
+
+@dataclasses.dataclass
+class AttentionRun:
+    """What one sampling run leaves in the record (CPU tensors)."""
+
+    family: str
+    arch: str
+    rows: str
+    layers: list[str]  # chosen layer labels
+    all_layers: int
+    seen: dict[str, int]  # label -> evaluations captured through the attention override
+    fallback: dict[str, int]  # label -> evaluations recomputed from to_q / to_k (an attn2 replace was there)
+    missing: list[str]  # chosen layers never seen
+    skipped: dict[str, int]
+    errors: list[str]
+    n_steps: int
+    buckets: list[tuple[int, int]]
+    ref_hw: tuple[int, int]
+    sums: dict[int, MapSums]  # by text token count
+    final: torch.Tensor  # the sampler's output latent (CPU fp32)
+    latent_format: object
+    sampler: str | None
+    peak_bytes: int  # accumulators + the largest temporaries of one layer evaluation
+
+    @property
+    def batch(self) -> int:
+        return int(self.final.shape[0])
+
+
+class AttentionRecordHandle:
+    """The PA_ATTENTION_RECORD value: the capture publishes finished runs here (the last few)."""
+
+    def __init__(self, cfg: CaptureConfig):
+        self.cfg = cfg
+        self.serial = next(_serial)
+        self.runs: deque[AttentionRun] = deque(maxlen=MAX_RUNS_KEPT)
+
+    def publish(self, run: AttentionRun) -> None:
+        self.runs.append(run)
+
+    def find(self, samples: torch.Tensor | None) -> tuple[AttentionRun | None, bool]:
+        """The newest run whose output latent equals ``samples`` (True), else the newest run (False)."""
+        if samples is not None and isinstance(samples, torch.Tensor):
+            s = samples.detach().float().cpu()
+            for run in reversed(self.runs):
+                if tuple(run.final.shape) == tuple(s.shape) and torch.allclose(run.final, s, rtol=1e-4, atol=1e-4):
+                    return run, True
+        return (self.runs[-1] if self.runs else None), False
+
+    def __repr__(self) -> str:
+        return f"AttentionRecordHandle({len(self.runs)} runs)"
+
+
+# ----------------------------------------------------------------------------------------------
+# installation
+# ----------------------------------------------------------------------------------------------
+def _cond_lengths(guider) -> dict:
+    """Text token count of every cond entry, by uuid (CONDCrossAttn batches different lengths repeated to their
+    LCM, so the model call alone does not tell the prompt's length)."""
+    out = {}
+    for entries in (getattr(guider, "conds", None) or {}).values():
+        for entry in entries or []:
+            if isinstance(entry, dict) and "uuid" in entry and isinstance(entry.get("cross_attn"), torch.Tensor):
+                out[entry["uuid"]] = int(entry["cross_attn"].shape[1])
+    return out
+
+
+def install_capture(model, layers: str = "all", rows: str = "positive", buckets: int = DEFAULT_BUCKETS):
+    """Clone ``model`` with the capture installed; returns (patched model, record handle)."""
+    if rows not in ROW_ROLES:
+        raise ValueError(f"rows must be one of {', '.join(ROW_ROLES)}, got {rows!r}.")
+    if not (isinstance(buckets, int) and 1 <= buckets <= MAX_BUCKETS):
+        raise ValueError(f"buckets must be a whole number from 1 to {MAX_BUCKETS}, got {buckets!r}: it is how many "
+                         f"time slices of the steps keep their own maps (10 = each tenth of the run).")
+    arch, all_layers = model_layers(model)
+    chosen = parse_layers(layers, all_layers)
+    dm = model.model.diffusion_model
+    modules = {k: mod for k, (mod, _lvl) in _unet_attn2(dm).items()} if arch == "unet" else {}
+    cfg = CaptureConfig(arch=arch, family=toolkit.model_family(model), layers=chosen, all_layers=len(all_layers),
+                        rows=rows, buckets=int(buckets), ref_level=min(x.level for x in chosen),
+                        patch_size=int(getattr(dm, "patch_size", 2) or 2),
+                        register_length=int(getattr(dm, "register_length", 0) or 0), modules=modules)
+    handle = AttentionRecordHandle(cfg)
+    store = f"{STORE}.{handle.serial}"
+
+    m = model.clone()
+    toolkit.ensure_run_tracking(m)
+    toolkit.ensure_layer_tracking(m)
+
+    def outer(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        run = toolkit.run_state(guider.model_options)
+        if run is None:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        n_steps = int(sigmas.shape[-1]) - 1
+        state = run.store(store, lambda: CaptureRun(cfg, _cond_lengths(guider), noise.shape, n_steps))
+        fn = getattr(sampler, "sampler_function", None)
+        sampler_name = getattr(fn, "__name__", None) or type(sampler).__name__
+
+        def finish(_run):
+            result = state.finish(sampler_name, getattr(guider.model_patcher.model, "latent_format", None))
+            if result is not None:
+                handle.publish(result)
+
+        run.on_finish(finish)
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        state.final = out.detach().to("cpu", torch.float32, copy=True)
+        return out
+
+    toolkit.add_keyed_wrapper(m, WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}.{handle.serial}", outer)
+
+    def state_of(options) -> CaptureRun | None:
+        run = toolkit.run_state(options)
+        state = None if run is None else run.peek(store)
+        return None if state is None or state.errors else state
+
+    def override(call_next, func, *args, **kwargs):
+        to = kwargs.get("transformer_options")
+        state = state_of(to) if to else None
+        if state is not None:
+            try:
+                with torch.no_grad():
+                    if arch == "unet":
+                        state.unet_override(args, kwargs, to)
+                    else:
+                        state.dit_override(args, kwargs, to)
+            except Exception as e:  # the maps may be incomplete; the image must not suffer
+                state.fail(e)
+        return call_next(*args, **kwargs)
+
+    toolkit.chain_attention_override(m, override)
+
+    if arch == "unet":
+        def attn2_in(n, context, value, extra_options):
+            state = state_of(extra_options)
+            if state is not None:
+                state.attn2_in(n, context, extra_options)
+            return n, context, value
+
+        def attn2_out(n, extra_options):
+            state = state_of(extra_options)
+            if state is not None:
+                try:
+                    with torch.no_grad():
+                        state.attn2_out()
+                except Exception as e:
+                    state.fail(e)
+            return n
+
+        m.set_model_attn2_patch(attn2_in)
+        m.set_model_attn2_output_patch(attn2_out)
+    return m, handle
+
+
+# ----------------------------------------------------------------------------------------------
+# node
+# ----------------------------------------------------------------------------------------------
+class CrossAttentionCapture(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name="Cross-Attention Capture",
+            category=CATEGORY,
+            description=(
+                "Records the text cross-attention maps (softmax(QKᵀ/√d), averaged over heads) of the chosen layers "
+                "while any sampler runs with the returned MODEL — for CrossAttentionMapViewer (paper 1, Fig. 1 and "
+                "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
+                "the sampled image is bit-identical to an uncaptured run. SD1.x, SD2.x, SDXL (cross-attention) and "
+                "SD3, Flux.1 (image queries against the text keys of the joint attention)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
+                                                "with the MODEL output."),
+                io.String.Input("layers", default="all",
+                                tooltip="Which attention layers to record: 'all', forward-order indices and ranges "
+                                        "('0-3, 8'), group names (UNet: input, middle, output; SD3: joint; Flux: "
+                                        "double, single) or labels like 'output.3.0' (block, block id, depth). The "
+                                        "maps are averaged over the chosen layers."),
+                io.Combo.Input("rows", options=list(ROW_ROLES), default="positive",
+                               tooltip="Whose attention to record: the positive prompt's rows (default) or the "
+                                       "negative prompt's. Rows are found by the conditionings' ids, so batch > 1 "
+                                       "and any guider work."),
+                io.Int.Input("buckets", default=DEFAULT_BUCKETS, min=1, max=MAX_BUCKETS,
+                             tooltip="Time slices with their own maps (10 = each tenth of the steps; fewer when "
+                                     "the run has fewer steps). Memory is fixed by this, not by the step count."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The recording model: sample with it."),
+                AttentionRecord.Output("record", display_name="record",
+                                       tooltip="Handle to the recorded runs: connect to CrossAttentionMapViewer."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, layers="all", rows="positive", buckets=DEFAULT_BUCKETS) -> io.NodeOutput:
+        m, handle = install_capture(model, layers, rows, int(buckets))
+        return io.NodeOutput(m, handle)

@@ -1,0 +1,747 @@
+"""CrossAttentionMapViewer (paper 1, Fig. 1, 3 and 12): what CrossAttentionCapture recorded, per token and
+through time.
+
+**Token labels.** Every context position of the recorded prompt is labelled by the tokenizer of the CLIP
+(``clip.tokenize``, so prompt weights, embeddings and multi-chunk prompts are what the encoder saw), or, with
+no CLIP connected, by the stock tokenizer of the recorded model family. Per chunk the positions are classed
+as in :mod:`eos_swap`: [SOS] (CLIP only), semantic, the first [EOS], padding (CLIP-L pads with [EOS] ids,
+CLIP-G / OpenCLIP-H / T5 with their pad id; T5 has no [SOS]). SD3 / Flux records add one class,
+"[image]": the weight of the image queries on the image keys of the joint attention.
+
+**Outputs.**
+
+* ``heatmaps``: the whole-run mean map of each chosen token (row 1) and its overlay on the image (row 2),
+  labelled with the token and its mean share of the attention.
+* ``overlays``: the overlays alone at image size (one image per token).
+* ``class_shares``: the share of [SOS] / semantic / [EOS] / padding (/ [image]) per step (Fig. 3).
+* ``time_slices``: each token's map in every step bucket, early to late (columns), on one colour scale
+  per token; ``animation``: the same as one frame per bucket (an IMAGE batch).
+* ``convergence``: F1_t / F1_last (Fig. 1b): the F1 score between the Canny edges (kornia, as ComfyUI's
+  Canny node) of a token's map in bucket t and those of the final image, relative to the last bucket;
+  edges count as matched within ``edge_tolerance`` pixels.
+* ``summary``: JSON with every number (token table, per-token mean weight, class shares per step and per
+  bucket, F1 values, layers seen / recomputed / missing).
+
+The node shows the heat maps, the plots and a short summary; its JS lists the prompt's tokens as chips
+that edit the ``tokens`` input (so the choice is saved with the workflow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import numbers
+import warnings
+
+import comfy.sd1_clip
+import comfy.sdxl_clip
+import comfy.text_encoders.flux
+import comfy.text_encoders.sd2_clip
+import comfy.text_encoders.sd3_clip
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+from PIL import Image, ImageDraw, ImageFont
+
+from . import eos_swap
+from .attention_capture import (
+    CATEGORY,
+    OTHER_LABEL,
+    AttentionRecord,
+    AttentionRecordHandle,
+    AttentionRun,
+    CrossAttentionCapture,
+    MapSums,
+)
+from .frequency import labelled_grid, latent_to_rgb, line_plot, pil_to_image
+
+NODE_ID = "CrossAttentionMapViewer"
+CLASSES = ("[SOS]", "semantic", "[EOS]", "padding")
+CLASS_COLORS = {"[SOS]": (120, 120, 120), "semantic": (31, 119, 180), "[EOS]": (214, 39, 40),
+                "padding": (255, 127, 14), OTHER_LABEL: (44, 160, 44)}
+SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+                 (227, 119, 194), (23, 190, 207)]
+SCALES = ("per_map", "shared")
+MAX_AUTO_ITEMS = 24
+MAX_ITEMS = 64
+CANNY_LOW, CANNY_HIGH = 0.4, 0.8  # ComfyUI Canny node defaults, on min-max stretched maps and image grey levels
+EDGE_SIZE = 128  # long side of the images the Canny edges are taken on
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux.1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# token labels
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    pos: int  # position in the recorded context
+    text: str  # shown label
+    klass: str  # [SOS], semantic, [EOS], padding
+    chunk: int
+    weight: float  # prompt weight the tokenizer gave it
+    encoder: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
+
+
+_STOCK = {  # family: (tokenizer class, [(key, label, kind, in_context, group)])
+    "sd1": (comfy.sd1_clip.SD1Tokenizer, [("l", "CLIP-L", "clip", True, 0)]),
+    "sd2": (comfy.text_encoders.sd2_clip.SD2Tokenizer, [("h", "OpenCLIP-H", "clip", True, 0)]),
+    "sdxl": (comfy.sdxl_clip.SDXLTokenizer, [("l", "CLIP-L", "clip", True, 0), ("g", "CLIP-G", "clip", True, 0)]),
+    "sd3": (comfy.text_encoders.sd3_clip.SD3Tokenizer, [("l", "CLIP-L", "clip", True, 0),
+                                                       ("g", "CLIP-G", "clip", True, 0),
+                                                       ("t5xxl", "T5-XXL", "t5", True, 1)]),
+    "flux": (comfy.text_encoders.flux.FluxTokenizer, [("t5xxl", "T5-XXL", "t5", True, 0),
+                                                      ("l", "CLIP-L", "clip", False, 0)]),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def stock_tokenizer(family: str):
+    """The tokenizer ComfyUI uses for ``family`` (no embeddings directory)."""
+    return _STOCK[family][0](embedding_directory=None, tokenizer_data={})
+
+
+def _sub(tokenizer, key: str):
+    for name in (f"clip_{key}", key):
+        sub = getattr(tokenizer, name, None)
+        if sub is not None and hasattr(sub, "end_token"):
+            return sub
+    raise ValueError(f"internal: tokenizer {type(tokenizer).__name__} has no {key!r} part")
+
+
+def stock_layout(family: str, with_t5: bool = True) -> eos_swap.Layout:
+    """An eos_swap Layout for the stock tokenizer of ``family`` (only positions matter here, not channels)."""
+    tok = stock_tokenizer(family)
+    parts = []
+    for key, label, kind, in_context, group in _STOCK[family][1]:
+        sub = _sub(tok, key)
+        encoded = with_t5 or key != "t5xxl"
+        parts.append(eos_swap.EncoderPart(
+            key=key, label=label, kind=kind, channels=(0, 1) if in_context else None, group=group, encoded=encoded,
+            start_token=sub.start_token, end_token=int(sub.end_token), pad_token=int(sub.pad_token),
+            inv_vocab=getattr(sub, "inv_vocab", {})))
+    return eos_swap.Layout(family, tuple(parts))
+
+
+def _display(part: eos_swap.EncoderPart, token, klass: str) -> str:
+    if klass != "semantic":
+        return {"[SOS]": "[SOS]", "[EOS]": "[EOS]"}.get(klass, "[pad]")
+    if not isinstance(token, numbers.Integral):
+        return "<emb>"
+    text = eos_swap.token_text(part, token)
+    text = text.replace("</w>", "").replace("\u2581", " ").strip()
+    return text or "·"
+
+
+def token_table(layout: eos_swap.Layout, tokens: dict) -> list[TokenInfo]:
+    """One TokenInfo per context position of a conditioning made from ``tokens`` by ``layout``'s encoders.
+    CLIP-L and CLIP-G share positions (SDXL, SD3); the first in-context encoder labels them."""
+    positions = eos_swap.token_positions(layout, tokens)
+    length = eos_swap.context_length(layout, positions)
+    table: list[TokenInfo | None] = [None] * length
+    for part in layout.context_parts:
+        for chunk in positions[part.key]:
+            for i in range(chunk.start, min(chunk.end, length)):
+                if table[i] is None:
+                    entry = chunk.tokens[i - chunk.start]
+                    klass = chunk.klass(i)
+                    table[i] = TokenInfo(i, _display(part, entry[0], klass), klass, chunk.index, float(entry[1]),
+                                         part.label)
+    if any(t is None for t in table):
+        raise ValueError("internal: context positions without a token")
+    return table  # type: ignore[return-value]
+
+
+def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
+    """The token table of ``text`` for the recorded run, checked against the recorded context lengths."""
+    family = run.family
+    lengths = sorted(run.sums)
+    if clip is not None:
+        layout = eos_swap.detect_layout(clip)
+        if layout.family != family:
+            raise ValueError(f"clip is the {layout.label} text encoder but the record comes from a "
+                             f"{FAMILY_NAMES.get(family, family)} model: connect the CLIP of the sampled model.")
+        candidates = [(layout, clip.tokenize(text))]
+    else:
+        tokens = stock_tokenizer(family).tokenize_with_weights(text)
+        candidates = [(stock_layout(family, True), tokens)]
+        if family == "sd3":  # SD3 without T5 puts only the CLIP tokens in the context
+            candidates.append((stock_layout(family, False), tokens))
+    tables = [token_table(layout, toks) for layout, toks in candidates]
+    for table in tables:
+        if len(table) in run.sums:
+            return table
+    got = ", ".join(str(len(t)) for t in tables)
+    raise ValueError(
+        f"text tokenizes to {got} context positions, but the record holds maps for prompts of {lengths} tokens: "
+        f"give the text of the conditioning that was recorded (the {run.rows} prompt), and the CLIP that encoded it.")
+
+
+# ----------------------------------------------------------------------------------------------
+# token selection
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Item:
+    key: str  # what the tokens input says: "5", "8-76", "sos", "eos", "pad", "sem", "img"
+    label: str
+    channels: tuple[int, ...]
+    klass: str
+
+
+def _item_for_positions(key: str, positions: list[int], table: list[TokenInfo]) -> Item:
+    if len(positions) == 1:
+        t = table[positions[0]]
+        return Item(key, f"{t.pos} {t.text}", (t.pos,), t.klass)
+    classes = {table[p].klass for p in positions}
+    klass = classes.pop() if len(classes) == 1 else "mixed"
+    return Item(key, f"{positions[0]}-{positions[-1]} ({len(positions)})", tuple(positions), klass)
+
+
+def default_items(table: list[TokenInfo], extra: bool) -> list[Item]:
+    """Every semantic token and the first [EOS] of each chunk (at most MAX_AUTO_ITEMS)."""
+    keep = [t for t in table if t.klass in ("semantic", "[EOS]")]
+    return [_item_for_positions(str(t.pos), [t.pos], table) for t in keep[:MAX_AUTO_ITEMS]]
+
+
+def parse_items(spec: str, table: list[TokenInfo], extra: bool) -> list[Item]:
+    """Items of the ``tokens`` input: comma-separated context positions ("5"), ranges summed into one map
+    ("8-76"), or the class words sos, eos, sem, pad (all positions of that class, summed) and img (SD3 / Flux:
+    the weight on the image keys). Empty or "auto": every semantic token and the first [EOS] of each chunk."""
+    text = (spec or "").strip().lower()
+    if text in ("", "auto"):
+        return default_items(table, extra)
+    n = len(table)
+    words = {"sos": "[SOS]", "eos": "[EOS]", "sem": "semantic", "pad": "padding"}
+    items: list[Item] = []
+    seen = set()
+    for raw in text.replace(";", ",").split(","):
+        key = raw.strip()
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        if key in words:
+            positions = [t.pos for t in table if t.klass == words[key]]
+            if not positions:
+                raise ValueError(f"tokens: this prompt has no {words[key]} positions (item {key!r}); remove it.")
+            items.append(Item(key, f"{words[key]} ({len(positions)})", tuple(positions), words[key]))
+            continue
+        if key in ("img", "image"):
+            if not extra:
+                raise ValueError("tokens: 'img' (weight on the image keys) exists only for SD3 / Flux records, whose "
+                                 "joint attention also attends to image tokens; remove it for this UNet model.")
+            items.append(Item(key, OTHER_LABEL, (n,), OTHER_LABEL))
+            continue
+        try:
+            a, _, b = key.partition("-")
+            lo, hi = int(a), int(b if b else a)
+        except ValueError:
+            raise ValueError(f"tokens: {key!r} is not a token. Use context positions (e.g. '1, 2, 5'), ranges summed "
+                             f"into one map ('8-76'), 'sos', 'eos', 'sem', 'pad'{', img' if extra else ''} or 'auto'.") \
+                from None
+        if lo > hi or lo < 0 or hi >= n:
+            raise ValueError(f"tokens: {key!r} is outside the prompt's {n} context positions (0-{n - 1}). See the token "
+                             f"list in the summary or pick the tokens in the node.")
+        items.append(_item_for_positions(key, list(range(lo, hi + 1)), table))
+    if not items:
+        return default_items(table, extra)
+    if len(items) > MAX_ITEMS:
+        raise ValueError(f"tokens: {len(items)} maps asked for; at most {MAX_ITEMS} fit in one grid. Sum ranges ('8-76') "
+                         f"or pick fewer.")
+    return items
+
+
+def picker_chips(table: list[TokenInfo], extra: bool, selected: list[Item]) -> list[dict]:
+    """What the JS token picker shows: one chip per non-padding position, one per chunk for its padding, and
+    [image] for SD3 / Flux. ``item`` is the text the chip adds to the tokens input; ``selected``: shown in this
+    run; ``auto``: part of the automatic choice."""
+    chosen = {it.key for it in selected}
+    auto = {it.key for it in default_items(table, extra)}
+    chips = []
+    pad_runs: dict[int, list[int]] = {}
+    for t in table:
+        if t.klass == "padding":
+            pad_runs.setdefault(t.chunk, []).append(t.pos)
+            continue
+        chips.append({"item": str(t.pos), "label": t.text, "class": t.klass, "chunk": t.chunk,
+                      "weight": round(t.weight, 3), "selected": str(t.pos) in chosen, "auto": str(t.pos) in auto})
+    for chunk, positions in pad_runs.items():
+        key = f"{positions[0]}-{positions[-1]}" if len(positions) > 1 else str(positions[0])
+        chips.append({"item": key, "label": f"[pad]×{len(positions)}", "class": "padding", "chunk": chunk,
+                      "weight": 1.0, "selected": key in chosen, "auto": False})
+    if extra:
+        chips.append({"item": "img", "label": OTHER_LABEL, "class": OTHER_LABEL, "chunk": -1, "weight": 1.0,
+                      "selected": "img" in chosen, "auto": False})
+    order = {c["item"]: i for i, c in enumerate(chips)}
+    chips.sort(key=lambda c: (int(c["item"].split("-")[0]) if c["item"][0].isdigit() else 1 << 30, order[c["item"]]))
+    return chips
+
+
+def item_maps(maps: torch.Tensor, items: list[Item]) -> torch.Tensor:
+    """(channels, h, w) -> (items, h, w): each item's channels summed."""
+    return torch.stack([maps[list(it.channels)].sum(0) for it in items])
+
+
+# ----------------------------------------------------------------------------------------------
+# numbers
+# ----------------------------------------------------------------------------------------------
+def class_of_channels(table: list[TokenInfo], extra: bool) -> list[str]:
+    return [t.klass for t in table] + ([OTHER_LABEL] if extra else [])
+
+
+def class_shares(shares: torch.Tensor, classes: list[str]) -> dict[str, torch.Tensor]:
+    """(..., channels) spatial-mean weights -> {class: (...)} summed per class."""
+    out = {}
+    for name in list(CLASSES) + [OTHER_LABEL]:
+        idx = [i for i, c in enumerate(classes) if c == name]
+        if idx:
+            out[name] = shares[..., idx].sum(-1)
+    return out
+
+
+def normalise(maps: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
+    """Min-max to [0, 1] over ``dims`` (flat maps -> 0)."""
+    lo = maps.amin(dim=dims, keepdim=True)
+    hi = maps.amax(dim=dims, keepdim=True)
+    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(maps))
+
+
+def edge_size(h: int, w: int, long_side: int = EDGE_SIZE) -> tuple[int, int]:
+    s = min(1.0, long_side / max(h, w))
+    return max(8, round(h * s)), max(8, round(w * s))
+
+
+def hysteresis(weak_or_strong: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
+    """Canny hysteresis: keep the 8-connected components of ``weak_or_strong`` (N, 1, H, W) that contain a pixel of
+    ``strong``. The same result as kornia's iterated 3x3 growth (``hysteresis=True``), in one labelling pass."""
+    import scipy.ndimage
+
+    out = torch.zeros_like(weak_or_strong, dtype=torch.float32)
+    structure = np.ones((3, 3), dtype=bool)
+    for i in range(weak_or_strong.shape[0]):
+        cand = weak_or_strong[i, 0].cpu().numpy().astype(bool)
+        labels, n = scipy.ndimage.label(cand, structure=structure)
+        if n == 0:
+            continue
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[np.unique(labels[strong[i, 0].cpu().numpy().astype(bool)])] = True
+        keep[0] = False
+        out[i, 0] = torch.from_numpy(keep[labels].astype(np.float32))
+    return out
+
+
+def canny_edges(images: torch.Tensor) -> torch.Tensor:
+    """Canny edges (kornia.filters.canny with the thresholds of ComfyUI's Canny node) of (N, C, H, W) images in
+    [0, 1] -> (N, 1, H, W) in {0, 1}. kornia gives the weak (0.5) and strong (1) edges after non-maximum
+    suppression; :func:`hysteresis` links them (kornia's own iterated hysteresis is slow on CPU)."""
+    _mag, edges = kornia.filters.canny(images.float(), low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH,
+                                       hysteresis=False)
+    return hysteresis(edges > 0.25, edges > 0.75)
+
+
+def edge_f1(pred: torch.Tensor, ref: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """F1 of edge maps (N, 1, H, W) against ``ref`` (1 or N, 1, H, W): an edge pixel counts as matched when
+    the other map has an edge within ``tolerance`` pixels (Chebyshev distance). No edges at all -> 0."""
+    k = 2 * int(tolerance) + 1
+
+    def dilate(x):
+        return F.max_pool2d(x, k, stride=1, padding=int(tolerance)) if tolerance > 0 else x
+
+    ref = ref.expand_as(pred)
+    tp_p = (pred * dilate(ref)).sum((1, 2, 3))
+    tp_r = (ref * dilate(pred)).sum((1, 2, 3))
+    n_p, n_r = pred.sum((1, 2, 3)), ref.sum((1, 2, 3))
+    precision = torch.where(n_p > 0, tp_p / n_p.clamp(min=1), torch.zeros_like(n_p))
+    recall = torch.where(n_r > 0, tp_r / n_r.clamp(min=1), torch.zeros_like(n_r))
+    denom = precision + recall
+    return torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(denom))
+
+
+def shape_convergence(bucket_maps: list[torch.Tensor | None], image: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """F1 (items, buckets) between the Canny edges of each item's map per bucket (None = empty bucket -> NaN)
+    and those of ``image`` (H, W, 3), both at the edge size of the image. Maps and the image's grey levels are
+    stretched to 0..1 first, so the thresholds do not depend on their contrast."""
+    h, w = edge_size(int(image.shape[0]), int(image.shape[1]))
+    img = F.interpolate(image.movedim(-1, 0)[None].float(), size=(h, w), mode="bilinear", align_corners=False)
+    ref = canny_edges(normalise(kornia.color.rgb_to_grayscale(img.clamp(0, 1))))  # contrast-stretched grey
+    n_items = next(m.shape[0] for m in bucket_maps if m is not None)
+    out = torch.full((n_items, len(bucket_maps)), float("nan"))
+    for j, m in enumerate(bucket_maps):
+        if m is None:
+            continue
+        up = F.interpolate(m[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+        out[:, j] = edge_f1(canny_edges(normalise(up)), ref, tolerance)
+    return out
+
+
+def relative_to_last(f1: torch.Tensor) -> torch.Tensor:
+    """F1_t / F1_last per row, the last non-NaN column being "last"; NaN where F1_last is 0."""
+    out = torch.full_like(f1, float("nan"))
+    for r in range(f1.shape[0]):
+        valid = [j for j in range(f1.shape[1]) if not math.isnan(float(f1[r, j]))]
+        if not valid:
+            continue
+        last = float(f1[r, valid[-1]])
+        if last > 0:
+            out[r] = f1[r] / last
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# drawing
+# ----------------------------------------------------------------------------------------------
+_INFERNO = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85], [227, 89, 51],
+                     [249, 140, 10], [249, 201, 50], [252, 255, 164]], dtype=np.float32) / 255.0
+
+
+def colormap(values: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) in [0, 1] -> (..., H, W, 3) with an inferno-like colour map."""
+    x = values.clamp(0, 1).float() * (len(_INFERNO) - 1)
+    lo = x.floor().long().clamp(max=len(_INFERNO) - 2)
+    frac = (x - lo.float())[..., None]
+    lut = torch.from_numpy(_INFERNO)
+    return lut[lo] * (1 - frac) + lut[lo + 1] * frac
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) -> (N, H, W) bilinear."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def overlay(image: torch.Tensor, values: torch.Tensor, strength: float = 0.75) -> torch.Tensor:
+    """Image (H, W, 3) under colour-mapped values (N, H, W) in [0, 1]: opaque where the map is high."""
+    a = (strength * values)[..., None]
+    return (image[None] * (1 - a) + colormap(values) * a).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _caption(img: torch.Tensor, text: str) -> torch.Tensor:
+    """Draw ``text`` on a dark band in the top-left corner of an image (H, W, 3)."""
+    pil = Image.fromarray((img.clamp(0, 1).numpy() * 255).astype(np.uint8))
+    d = ImageDraw.Draw(pil)
+    font = _font(max(10, min(16, pil.width // 14)))
+    box = d.textbbox((3, 2), text, font=font)
+    d.rectangle([0, 0, box[2] + 3, box[3] + 3], fill=(0, 0, 0))
+    d.text((3, 2), text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
+
+
+def stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """IMAGE tensors [1, H, W, 3] of different sizes -> one batch, padded white at the right and bottom."""
+    h = max(int(i.shape[1]) for i in images)
+    w = max(int(i.shape[2]) for i in images)
+    out = torch.ones(len(images), h, w, 3)
+    for k, img in enumerate(images):
+        out[k, :img.shape[1], :img.shape[2]] = img[0]
+    return out
+
+
+def cell_size(h: int, w: int, lo: int = 128, hi: int = 256) -> tuple[int, int]:
+    s = min(max(max(h, w), lo), hi) / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _steps_label(bucket: tuple[int, int], sep: str = " ") -> str:
+    a, b = bucket
+    return f"step{sep}{a}" if a == b else f"steps{sep}{a}-{b}"
+
+
+def _short(label: str, n: int = 18) -> str:
+    return label if len(label) <= n else label[:n - 1] + "…"
+
+
+def class_plot(steps: list[int], shares: dict[str, list[float]], n_steps: int) -> Image.Image:
+    series = [(name, steps, ys, CLASS_COLORS[name], False) for name, ys in shares.items()]
+    return line_plot(series, title="token-class share of the attention per step (Fig. 3)",
+                     xlabel=f"sampler step (0 = first of {n_steps})", ylabel="share")
+
+
+def convergence_plot(xs: list[float], rel: torch.Tensor, labels: list[str]) -> Image.Image:
+    series = []
+    with warnings.catch_warnings():  # all-NaN columns (a bucket with no edges anywhere) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(rel.numpy(), axis=0) if rel.numel() else np.array([])
+    if rel.shape[0] > 1:
+        for r in range(min(rel.shape[0], len(SERIES_COLORS))):
+            series.append((_short(labels[r], 14), xs, [float(v) for v in rel[r]], SERIES_COLORS[r], True))
+    series.insert(0, ("mean", xs, [float(v) for v in mean], (0, 0, 0), False))
+    return line_plot(series, title="shape convergence F1_t / F1_last (Canny edges: map vs final image, Fig. 1b)",
+                     xlabel="sampler step (end of the bucket)", ylabel="F1_t / F1_last",
+                     hlines=[(1.0, "", (160, 160, 160))])
+
+
+# ----------------------------------------------------------------------------------------------
+# the view
+# ----------------------------------------------------------------------------------------------
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    return v
+
+
+def _pick_image(run: AttentionRun, image: torch.Tensor | None, index: int) -> tuple[torch.Tensor, str]:
+    if image is not None:
+        if image.ndim != 4 or image.shape[-1] < 3:
+            raise ValueError(f"image must be an IMAGE batch [B, H, W, 3], got shape {tuple(image.shape)}.")
+        if image.shape[0] == run.batch:
+            return image[index, ..., :3].float().cpu().clamp(0, 1), "image"
+        if image.shape[0] == 1:
+            return image[0, ..., :3].float().cpu().clamp(0, 1), "image"
+        raise ValueError(f"image has {image.shape[0]} images but the recorded run sampled {run.batch}: connect the "
+                         f"decoded output of the sampler that used the capture MODEL.")
+    latent = run.final[index:index + 1]
+    if run.latent_format is not None:  # the record keeps the sampler's output; the colours are for model space
+        latent = run.latent_format.process_in(latent)
+    rgb = latent_to_rgb(latent, run.latent_format, min_side=128)[0]
+    return rgb.float().clamp(0, 1), "latent preview (no IMAGE connected)"
+
+
+@dataclasses.dataclass
+class View:
+    heatmaps: torch.Tensor
+    overlays: torch.Tensor
+    class_plot: torch.Tensor
+    time_slices: torch.Tensor
+    animation: torch.Tensor
+    convergence: torch.Tensor
+    summary: dict
+    text: str
+    chips: list[dict]
+    items: list[Item]
+
+
+def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: torch.Tensor | None = None,
+                tokens: str = "auto", batch_index: int = 0, scale: str = "per_map", edge_tolerance: int = 2) -> View:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}.")
+    if not 0 <= int(edge_tolerance) <= 32:
+        raise ValueError(f"edge_tolerance must be 0-32 pixels, got {edge_tolerance}.")
+    if not 0 <= batch_index < run.batch:
+        raise ValueError(f"batch_index {batch_index} is out of range: the recorded run has {run.batch} image(s) "
+                         f"(use 0..{run.batch - 1}).")
+    table = prompt_tokens(run, text, clip)
+    sums: MapSums = run.sums[len(table)]
+    extra = sums.extra
+    items = parse_items(tokens, table, extra)
+    classes = class_of_channels(table, extra)
+    img, image_source = _pick_image(run, image, batch_index)
+    H, W = int(img.shape[0]), int(img.shape[1])
+
+    mean = sums.mean()[batch_index]  # (C, h, w)
+    token_share = sums.token_share()[batch_index]  # (C,)
+    maps = item_maps(mean, items)  # (n, h, w)
+    shares = [float(token_share[list(it.channels)].sum()) for it in items]
+    labels = [_short(it.label) for it in items]
+
+    # heat maps + overlays
+    ch, cw = cell_size(H, W)
+    if scale == "shared":
+        top = float(maps.amax()) if maps.numel() else 1.0
+        shown = (maps / top if top > 0 else maps).clamp(0, 1)
+    else:
+        shown = normalise(maps)
+    cell_img = F.interpolate(img.movedim(-1, 0)[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+    cell_img = cell_img.movedim(0, -1).clamp(0, 1)
+    up = upsample(shown, (ch, cw))
+    cells = torch.cat([colormap(up), overlay(cell_img, up)])
+    heat = labelled_grid(cells, 2, len(items), ["map", "overlay"],
+                         [f"{lab}\n{s:.1%}" for lab, s in zip(labels, shares, strict=True)])
+    full = overlay(img, upsample(shown, (H, W)))
+    overlays = torch.stack([_caption(full[k], labels[k]) for k in range(len(items))])
+
+    # time slices (one colour scale per item over all buckets)
+    nb = len(run.buckets)
+    bucket_maps = []
+    for j in range(nb):
+        m = sums.bucket_mean(j)
+        bucket_maps.append(None if m is None else item_maps(m[batch_index], items))
+    filled = [m for m in bucket_maps if m is not None]
+    stacked = torch.stack(filled, 1) if filled else torch.zeros(len(items), 1, *mean.shape[-2:])  # (n, nb', h, w)
+    norm_t = normalise(stacked, dims=(-3, -2, -1))
+    sh, sw = cell_size(H, W, 64, 128)
+    valid_buckets = [j for j in range(nb) if bucket_maps[j] is not None]
+    slices = colormap(upsample(norm_t.reshape(-1, *norm_t.shape[-2:]), (sh, sw)))
+    col_labels = [_steps_label(run.buckets[j], "\n") for j in valid_buckets]
+    time_slices = labelled_grid(slices, len(items), len(valid_buckets), labels, col_labels)
+    frames = []
+    for k, j in enumerate(valid_buckets):
+        cells_j = colormap(upsample(norm_t[:, k], (ch, cw)))
+        frames.append(labelled_grid(cells_j, 1, len(items), [_steps_label(run.buckets[j])], labels))
+    animation = stack_padded(frames) if frames else heat
+
+    # class shares per step
+    step_share = sums.step_share()[:, batch_index]  # (steps, C)
+    per_step = class_shares(step_share, classes)
+    steps = list(range(run.n_steps))
+    per_step_lists = {k: [float(x) for x in v] for k, v in per_step.items()}
+    overall = {k: float(v) for k, v in class_shares(token_share, classes).items()}
+    bucket_share = {}
+    for name in per_step:
+        vals = []
+        for a, b in run.buckets:
+            seg = [v for v in per_step_lists[name][a:b + 1] if math.isfinite(v)] if a >= 0 else []
+            vals.append(sum(seg) / len(seg) if seg else float("nan"))
+        bucket_share[name] = vals
+    plot_classes = pil_to_image([class_plot(steps, per_step_lists, run.n_steps)])
+
+    # shape convergence
+    f1 = shape_convergence(bucket_maps, img, int(edge_tolerance)) if filled else torch.zeros(len(items), 0)
+    rel = relative_to_last(f1)
+    xs = [float(b) for _a, b in run.buckets]
+    conv = pil_to_image([convergence_plot(xs, rel, labels)])
+
+    chips = picker_chips(table, extra, items)
+    layer_note = []
+    if run.fallback:
+        layer_note.append(f"{len(run.fallback)} layer(s) have an attn2 replace (IPAdapter-style); their maps were "
+                          f"recomputed from the layer's to_q / to_k: {', '.join(run.fallback)}")
+    if run.missing:
+        layer_note.append(f"{len(run.missing)} chosen layer(s) were never seen during sampling and are not in the "
+                          f"maps: {', '.join(run.missing)}")
+    notes = list(layer_note)
+    if not matched:
+        notes.append("no recorded run produced exactly this LATENT; showing the newest run of the capture")
+    for why, count in run.skipped.items():
+        notes.append(f"skipped {count}× {why}")
+    for err in run.errors[:3]:
+        notes.append(f"capture error (maps incomplete): {err}")
+    if tokens.strip().lower() in ("", "auto") and sum(t.klass in ("semantic", "[EOS]") for t in table) > MAX_AUTO_ITEMS:
+        notes.append(f"auto shows the first {MAX_AUTO_ITEMS} semantic / [EOS] tokens; pick others in 'tokens'")
+
+    summary = {
+        "family": run.family, "rows": run.rows, "sampler": run.sampler, "steps": run.n_steps,
+        "batch_index": batch_index, "batch": run.batch, "matched_latent": matched, "image": image_source,
+        "grid": list(run.ref_hw), "context_tokens": len(table), "extra_image_channel": extra,
+        "layers": {"chosen": run.layers, "of": run.all_layers, "seen": run.seen, "recomputed_attn2_replace": run.fallback,
+                   "missing": run.missing},
+        "buckets": [list(b) for b in run.buckets],
+        "class_share": overall, "class_share_per_bucket": bucket_share, "class_share_per_step": per_step_lists,
+        "tokens": [{"pos": t.pos, "text": t.text, "class": t.klass, "chunk": t.chunk, "weight": t.weight,
+                    "encoder": t.encoder, "mean_weight": float(token_share[t.pos])} for t in table],
+        "shown": [{"item": it.key, "label": it.label, "class": it.klass, "mean_weight": s,
+                   "f1": [float(v) for v in f1[k]], "f1_relative": [float(v) for v in rel[k]]}
+                  for k, (it, s) in enumerate(zip(items, shares, strict=True))],
+        "peak_capture_bytes": run.peak_bytes, "notes": notes,
+    }
+    if extra:
+        summary["image_key_weight"] = float(token_share[len(table)])
+
+    share_txt = " · ".join(f"{k} {v:.1%}" for k, v in overall.items())
+    early = ", ".join(f"{_short(lab, 12)} {float(r[0]):.2f}" for lab, r in zip(labels, rel, strict=True)
+                      if rel.shape[1] and math.isfinite(float(r[0])))
+    lines = [
+        f"{FAMILY_NAMES.get(run.family, run.family)} · {run.n_steps} steps ({run.sampler}) · {run.rows} rows · image "
+        f"{batch_index + 1} of {run.batch} · {len(run.seen) + len(run.fallback)}/{len(run.layers)} chosen layers seen "
+        f"({run.all_layers} in the model) · grid {run.ref_hw[0]}x{run.ref_hw[1]}",
+        f"class share (whole run): {share_txt}",
+        "shown: " + ", ".join(f"{lab} {s:.1%}" for lab, s in zip(labels, shares, strict=True)),
+    ]
+    if early:
+        lines.append(f"F1_first / F1_last (bucket steps {run.buckets[0][0]}-{run.buckets[0][1]}): {early}")
+    lines += [f"note: {n}" for n in notes]
+    text_summary = "\n".join(lines)
+    summary["summary"] = text_summary
+    return View(heat, overlays, plot_classes, time_slices, animation, conv, _clean(summary), text_summary, chips, items)
+
+
+class CrossAttentionMapViewer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name="Cross-Attention Map Viewer",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Shows what Cross-Attention Capture recorded (paper 1, Fig. 1, 3, 12): per-token heat maps and overlays "
+                "(whole-run mean), the share of [SOS] / semantic / [EOS] / padding per step, the maps per step bucket "
+                "(early to late, also as an animation batch) and the shape convergence F1_t / F1_last between Canny "
+                "edges of the maps and of the final image. Pick tokens by clicking them in the node after a run."),
+            inputs=[
+                AttentionRecord.Input("record", tooltip="The record output of Cross-Attention Capture."),
+                io.String.Input("text", multiline=True, dynamic_prompts=False, default="",
+                                tooltip="The text of the recorded prompt (the positive one unless the capture records "
+                                        "negative rows), to label the tokens. Share one text node with the "
+                                        "CLIPTextEncode."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="The LATENT of the sampler that used the capture MODEL: runs this node after "
+                                        "sampling and picks that run."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image, for the overlays and the Canny edges. Without it the latent's "
+                                       "approximate colours are used."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP that encoded the prompt (exact tokens, embeddings, weights). Without it "
+                                      "the stock tokenizer of the model family is used."),
+                io.String.Input("tokens", default="auto",
+                                tooltip="Which maps to show: context positions ('1, 2, 5'), ranges summed into one map "
+                                        "('8-76'), class words sos / eos / sem / pad, img (SD3/Flux: weight on image "
+                                        "keys), or auto (every semantic token + the first [EOS] of each chunk). Click "
+                                        "the token chips in the node to edit it."),
+                io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the batch to show."),
+                io.Combo.Input("scale", options=list(SCALES), default="per_map",
+                               tooltip="Colour scale of the heat maps: per_map stretches each map to its own min-max "
+                                       "(shapes); shared uses one scale for all shown maps (compare strengths)."),
+                io.Int.Input("edge_tolerance", default=2, min=0, max=32,
+                             tooltip="Shape convergence: Canny edge pixels of map and image count as matched within "
+                                     "this many pixels (on images resized to 128 px on the long side)."),
+            ],
+            outputs=[
+                io.Image.Output("heatmaps", display_name="heatmaps",
+                                tooltip="Labelled grid: each chosen token's mean map (row 1) and overlay (row 2), with "
+                                        "its mean share of the attention."),
+                io.Image.Output("overlays", display_name="overlays",
+                                tooltip="One overlay per chosen token at image size."),
+                io.Image.Output("class_shares", display_name="class_shares",
+                                tooltip="Plot: share of [SOS] / semantic / [EOS] / padding (/ [image]) per step."),
+                io.Image.Output("time_slices", display_name="time_slices",
+                                tooltip="Grid: tokens x step buckets (early to late), one colour scale per token."),
+                io.Image.Output("animation", display_name="animation",
+                                tooltip="One frame per step bucket (all chosen tokens), for an animated preview."),
+                io.Image.Output("convergence", display_name="convergence",
+                                tooltip="Plot: F1_t / F1_last of the Canny edges of the maps vs the final image."),
+                io.String.Output("summary", display_name="summary_json", tooltip="All numbers as JSON."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, record, text, latent=None, image=None, clip=None, tokens="auto", batch_index=0,
+                scale="per_map", edge_tolerance=2) -> io.NodeOutput:
+        if not isinstance(record, AttentionRecordHandle):
+            raise ValueError("record must be the record output of a Cross-Attention Capture node.")
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        run, matched = record.find(samples)
+        if run is None:
+            raise ValueError("Cross-Attention Map Viewer: the capture has no finished sampling run yet. Connect the MODEL "
+                             "output of Cross-Attention Capture to the sampler whose LATENT (or decoded IMAGE) feeds "
+                             "this viewer.")
+        if not run.sums:
+            raise ValueError(f"the recorded run has no maps: no {run.rows} rows reached the chosen layers "
+                             f"({'; '.join(f'{v}× {k}' for k, v in run.skipped.items()) or 'no attention seen'}). "
+                             f"Check that the capture's MODEL is the one sampled and that the {run.rows} prompt is used.")
+        if latent is None and image is None:
+            matched = False
+        view = render_view(run, matched, text, clip=clip, image=image, tokens=tokens, batch_index=int(batch_index),
+                           scale=scale, edge_tolerance=int(edge_tolerance))
+        preview = stack_padded([view.heatmaps, view.class_plot, view.convergence])
+        ui_out = ui.PreviewImage(preview, cls=cls).as_dict()
+        ui_out["text"] = (view.text,)
+        ui_out["pa_tokens"] = view.chips
+        ui_out["pa_selected"] = [it.key for it in view.items]
+        return io.NodeOutput(view.heatmaps, view.overlays, view.class_plot, view.time_slices, view.animation,
+                             view.convergence, json.dumps(view.summary, indent=1), ui=ui_out)
+
+
+NODES = [CrossAttentionCapture, CrossAttentionMapViewer]
