@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from . import eos_swap
+from . import eos_swap, imaging
 from .attention_capture import (
     CATEGORY,
     OTHER_LABEL,
@@ -416,12 +416,7 @@ def overlay(image: torch.Tensor, values: torch.Tensor, strength: float = 0.75) -
     return (image[None] * (1 - a) + colormap(values) * a).clamp(0, 1)
 
 
-@functools.lru_cache(maxsize=4)
-def _font(size: int = 12):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
+_font = imaging.font
 
 
 def _caption(img: torch.Tensor, text: str) -> torch.Tensor:
@@ -433,16 +428,6 @@ def _caption(img: torch.Tensor, text: str) -> torch.Tensor:
     d.rectangle([0, 0, box[2] + 3, box[3] + 3], fill=(0, 0, 0))
     d.text((3, 2), text, fill=(255, 255, 255), font=font)
     return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
-
-
-def stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
-    """IMAGE tensors [1, H, W, 3] of different sizes -> one batch, padded white at the right and bottom."""
-    h = max(int(i.shape[1]) for i in images)
-    w = max(int(i.shape[2]) for i in images)
-    out = torch.ones(len(images), h, w, 3)
-    for k, img in enumerate(images):
-        out[k, :img.shape[1], :img.shape[2]] = img[0]
-    return out
 
 
 def cell_size(h: int, w: int, lo: int = 128, hi: int = 256) -> tuple[int, int]:
@@ -580,7 +565,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     for k, j in enumerate(valid_buckets):
         cells_j = colormap(upsample(norm_t[:, k], (ch, cw)))
         frames.append(labelled_grid(cells_j, 1, len(items), [_steps_label(run.buckets[j])], labels))
-    animation = stack_padded(frames) if frames else heat
+    animation = imaging.stack_padded(frames) if frames else heat
 
     # class shares per step
     step_share = sums.step_share()[:, batch_index]  # (steps, C)
@@ -735,7 +720,7 @@ class CrossAttentionMapViewer(io.ComfyNode):
             matched = False
         view = render_view(run, matched, text, clip=clip, image=image, tokens=tokens, batch_index=int(batch_index),
                            scale=scale, edge_tolerance=int(edge_tolerance))
-        preview = stack_padded([view.heatmaps, view.class_plot, view.convergence])
+        preview = imaging.stack_padded([view.heatmaps, view.class_plot, view.convergence])
         ui_out = ui.PreviewImage(preview, cls=cls).as_dict()
         ui_out["text"] = (view.text,)
         ui_out["pa_tokens"] = view.chips

@@ -54,9 +54,9 @@ import numpy as np
 import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from . import toolkit
+from . import imaging, toolkit
 
 WRAPPER_KEY = f"{toolkit.PACK}.frequency"
 STORE = f"{toolkit.PACK}.frequency"
@@ -384,12 +384,7 @@ COLORS = {"low": (31, 119, 180), "high": (214, 39, 40), "low2": (44, 160, 44), "
           "grey": (120, 120, 120)}
 
 
-@functools.lru_cache(maxsize=8)
-def _font(size: int = 13):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
+_font = imaging.font
 
 
 def _text_size(draw, text, font) -> tuple[int, int]:
@@ -962,16 +957,6 @@ def _ui(images: torch.Tensor | None, text: str | None, cls=None) -> dict:
     return out
 
 
-def _stack_same_size(images: list[torch.Tensor]) -> torch.Tensor:
-    """Pad IMAGE tensors [1, H, W, 3] of different sizes (white) into one batch for a preview."""
-    h = max(int(i.shape[1]) for i in images)
-    w = max(int(i.shape[2]) for i in images)
-    out = torch.ones(len(images), h, w, 3)
-    for k, img in enumerate(images):
-        out[k, :img.shape[1], :img.shape[2]] = img[0]
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # nodes: split / merge
 # ----------------------------------------------------------------------------------------------
@@ -1208,7 +1193,7 @@ class FrequencySplitViewer(io.ComfyNode):
         summary["summary"] = text
         grid = run_grid(run, batch_index, vae)
         plots = run_plots(summary)
-        preview = _stack_same_size([grid, plots[0:1], plots[1:2]])
+        preview = imaging.stack_padded([grid, plots[0:1], plots[1:2]])
         return io.NodeOutput(grid, plots, to_json(summary), float(summary["suggested_cutoff"]),
                              ui=_ui(preview, text, cls))
 
@@ -1380,7 +1365,7 @@ class FrequencyNoisingAnalysis(io.ComfyNode):
         curves["summary"] = text
         grid = noising_grid(x0, noise, sched, int(grid_columns), threshold, space, vae, fmt)
         plots = noising_plots(curves, sched.name)
-        preview = _stack_same_size([grid, plots[0:1], plots[1:2]])
+        preview = imaging.stack_padded([grid, plots[0:1], plots[1:2]])
         return io.NodeOutput(grid, plots, to_json(curves), ui=_ui(preview, text, cls))
 
 
