@@ -90,9 +90,11 @@ def _init_weights(module, seed: int) -> None:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        for name, b in module.named_buffers():
+        for name, b in sorted(module.named_buffers(), key=lambda kv: kv[0]):
             if name.endswith("position_ids"):
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+            elif name.endswith("pos_embed"):  # MMDiT allocates it with torch.empty (loaded from the checkpoint)
+                b.copy_(0.02 * torch.randn(b.shape, generator=g))
 
 
 def _patcher(model):
