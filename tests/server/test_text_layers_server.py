@@ -84,7 +84,8 @@ def test_text_layer_localize_workflow(base_url, comfy_server):
 
 def test_text_edit_sdxl(base_url, comfy_server):
     if SDXL_CKPT not in harness.get_json(base_url, "/models/checkpoints"):
-        pytest.skip(f"{SDXL_CKPT} missing: run scripts/make_sdxl_checkpoint.py (writes ~7 GB)")
+        pytest.skip(f"{SDXL_CKPT} missing: run scripts/make_sdxl_checkpoint.py (writes ~7 GB; loading it needs ~14 GB "
+                    f"of RAM on CPU)")
     entry = harness.queue_api_prompt(base_url, spec("text_edit_sdxl"), server=comfy_server, timeout=600)
     report = node_text(entry, "5")
     assert "layers: output.2.1 [55], output.2.2 [56] of 70 cross-attention layers." in report, report

@@ -14,38 +14,17 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from pa_support import count_rows, ksample, tiny, tiny_models
+from pa_support import count_rows, ksample, tiny
 from prompt_anatomy.nodes import text_layers as tl
 from prompt_anatomy.nodes import text_layers_localize as tll
 from prompt_anatomy.nodes import toolkit
 
 SOURCE = 'a wooden sign that says "HELLO" in a park'
 TARGET = 'a wooden sign that says "WORLD" in a park'
-_SD3: dict = {}
 
 
 def model(family, dtype=None):
-    """tiny(family), except SD3: scripts/tiny_models.py leaves the MMDiT's ``pos_embed`` buffer (torch.empty, filled
-    by a real checkpoint) uninitialised, so the shared tiny SD3 gives NaN for some memory contents. Here SD3 is a
-    private instance with the fixed sin-cos embedding a real checkpoint holds."""
-    if family != "sd3":
-        return tiny(family, dtype=dtype)
-    if dtype not in _SD3:
-        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
-
-        t = tiny_models.make("sd3", dtype=dtype)
-        dm = t.model.model.diffusion_model
-        grid = int(round(dm.pos_embed.shape[1] ** 0.5))
-        pe = torch.from_numpy(get_2d_sincos_pos_embed(dm.pos_embed.shape[-1], grid)).unsqueeze(0)
-        with torch.no_grad():
-            dm.pos_embed.copy_(pe.to(dm.pos_embed.dtype))
-        _SD3[dtype] = t
-    return _SD3[dtype]
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return model("sd3")
+    return tiny(family, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
