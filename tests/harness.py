@@ -288,6 +288,43 @@ def pack_nodes(object_info: dict) -> dict:
             if str(info.get("python_module", "")).startswith(PACK_MODULE_PREFIX)}
 
 
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def widget_default(entry) -> object:
+    """Default value of an /object_info input entry that is a widget (combo: its default or first option)."""
+    kind, opts = entry[0], (entry[1] if len(entry) > 1 else {}) or {}
+    if isinstance(kind, list):
+        return opts.get("default", kind[0])
+    if kind == "COMBO":
+        return opts.get("default", (opts.get("options") or [None])[0])
+    if "default" in opts:
+        return opts["default"]
+    return {"INT": opts.get("min", 0), "FLOAT": opts.get("min", 0.0), "STRING": "", "BOOLEAN": False}[kind]
+
+
+def model_patch_nodes(object_info: dict, exclude=()) -> dict[str, dict]:
+    """The pack's MODEL -> MODEL patch nodes (a single MODEL input plus widgets, MODEL as first output) except
+    ``exclude``, each with its default widget values and the MODEL input set to None: nodes that can be
+    chained in front of any sampler in a composition test."""
+    out = {}
+    for name, info in sorted(pack_nodes(object_info).items()):
+        if name in exclude or not info.get("output") or info["output"][0] != "MODEL":
+            continue
+        required = (info.get("input") or {}).get("required") or {}
+        inputs, ok = {}, True
+        for key, entry in required.items():
+            if entry[0] == "MODEL":
+                inputs[key] = None
+            elif isinstance(entry[0], list) or entry[0] in WIDGET_TYPES:
+                inputs[key] = widget_default(entry)
+            else:
+                ok = False
+        if ok and list(inputs.values()).count(None) == 1:
+            out[name] = inputs
+    return out
+
+
 def workflow_files() -> list[Path]:
     """workflows/*.json of the pack ($PROMPT_ANATOMY_WORKFLOWS_DIR overrides the folder, for
     trying the browser tier on workflows that are not in the checkout)."""

@@ -15,7 +15,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 SPEC = harness.ROOT / "scripts" / "workflow_specs" / "attention_maps.json"
 CAPTURE, VIEWER = "CrossAttentionCapture", "CrossAttentionMapViewer"
 SD15_ATTN2_LAYERS = 16
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def spec() -> dict:
@@ -110,37 +109,6 @@ def test_viewer_errors_are_reported(base_url, comfy_server):
         harness.queue_api_prompt(base_url, prompt, server=comfy_server, timeout=300)
 
 
-def _widget_default(entry):
-    kind, opts = entry[0], (entry[1] if len(entry) > 1 else {}) or {}
-    if isinstance(kind, list):
-        return opts.get("default", kind[0])
-    if kind == "COMBO":
-        return opts.get("default", (opts.get("options") or [None])[0])
-    if "default" in opts:
-        return opts["default"]
-    return {"INT": opts.get("min", 0), "FLOAT": opts.get("min", 0.0), "STRING": "", "BOOLEAN": False}[kind]
-
-
-def model_patch_nodes(object_info) -> dict[str, dict]:
-    """Other pack nodes that take one MODEL plus widgets and return a MODEL first, with default settings."""
-    out = {}
-    for name, info in sorted(harness.pack_nodes(object_info).items()):
-        if name == CAPTURE or not info.get("output") or info["output"][0] != "MODEL":
-            continue
-        required = (info.get("input") or {}).get("required") or {}
-        inputs, ok = {}, True
-        for key, entry in required.items():
-            if entry[0] == "MODEL":
-                inputs[key] = None
-            elif isinstance(entry[0], list) or entry[0] in WIDGET_TYPES:
-                inputs[key] = _widget_default(entry)
-            else:
-                ok = False
-        if ok and list(inputs.values()).count(None) == 1:
-            out[name] = inputs
-    return out
-
-
 def test_composes_with_lora_and_other_pack_nodes(base_url, comfy_server, object_info):
     """LoraLoader + every model-patch node of the pack, then the capture: it still sees every layer, its maps
     still sum to 1, and the image is the one the same chain gives without the capture."""
@@ -151,7 +119,7 @@ def test_composes_with_lora_and_other_pack_nodes(base_url, comfy_server, object_
                                                             "lora_name": harness.LORA_NAME,
                                                             "strength_model": 1.0, "strength_clip": 1.0}}
     model, chained = ["30", 0], []
-    for i, (name, inputs) in enumerate(model_patch_nodes(object_info).items()):
+    for i, (name, inputs) in enumerate(harness.model_patch_nodes(object_info, exclude=(CAPTURE,)).items()):
         nid = str(40 + i)
         prompt[nid] = {"class_type": name, "inputs": {k: (model if v is None else v) for k, v in inputs.items()}}
         model = [nid, 0]

@@ -12,7 +12,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 SPEC = harness.ROOT / "scripts" / "workflow_specs" / "eos_swap.json"
 NODE = "EOSConditioningSwap"
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def spec() -> dict:
@@ -61,39 +60,6 @@ def test_bad_range_is_reported_by_the_server(base_url, comfy_server):
         harness.queue_api_prompt(base_url, prompt, server=comfy_server, timeout=120)
 
 
-def _widget_default(spec_entry):
-    kind, opts = spec_entry[0], (spec_entry[1] if len(spec_entry) > 1 else {}) or {}
-    if isinstance(kind, list):
-        return opts.get("default", kind[0])
-    if kind == "COMBO":
-        return opts.get("default", (opts.get("options") or [None])[0])
-    if "default" in opts:
-        return opts["default"]
-    return {"INT": opts.get("min", 0), "FLOAT": opts.get("min", 0.0), "STRING": "", "BOOLEAN": False}[kind]
-
-
-def model_patch_nodes(object_info) -> dict[str, dict]:
-    """Pack nodes (other than this one) that take a MODEL plus widgets and return a MODEL first: patch nodes
-    that can be chained in front of any sampler, with their default settings."""
-    out = {}
-    for name, info in sorted(harness.pack_nodes(object_info).items()):
-        if name == NODE or not info.get("output") or info["output"][0] != "MODEL":
-            continue
-        required = (info.get("input") or {}).get("required") or {}
-        inputs, ok = {}, True
-        for key, entry in required.items():
-            kind = entry[0]
-            if kind == "MODEL":
-                inputs[key] = None
-            elif isinstance(kind, list) or kind in WIDGET_TYPES:
-                inputs[key] = _widget_default(entry)
-            else:
-                ok = False
-        if ok and list(inputs.values()).count(None) == 1:
-            out[name] = inputs
-    return out
-
-
 def test_composes_with_lora_and_other_pack_nodes(base_url, comfy_server, object_info):
     """LoraLoader + every model-patch node of the pack + EOSConditioningSwap value_only in one graph: the token
     table is the one the node gives alone, and the value-only patch still changes the image."""
@@ -106,7 +72,7 @@ def test_composes_with_lora_and_other_pack_nodes(base_url, comfy_server, object_
                                                             "strength_model": 1.0, "strength_clip": 1.0}}
     clip, model = ["30", 1], ["30", 0]
     chained = []
-    for i, (name, inputs) in enumerate(model_patch_nodes(object_info).items()):
+    for i, (name, inputs) in enumerate(harness.model_patch_nodes(object_info, exclude=(NODE,)).items()):
         nid = str(40 + i)
         prompt[nid] = {"class_type": name,
                        "inputs": {k: (model if v is None else v) for k, v in inputs.items()}}

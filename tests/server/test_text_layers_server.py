@@ -15,7 +15,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 SPECS = harness.ROOT / "scripts" / "workflow_specs"
 MINE = ("TextLayerPatch", "TextLayerWordSubstitute", "LoraLoaderTextLayers", "TextLayerLocalize")
 SDXL_CKPT = "prompt_anatomy_random_sdxl.safetensors"
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
 def spec(name: str) -> dict:
@@ -103,37 +102,6 @@ def test_bad_layers_are_reported_by_the_server(base_url, comfy_server):
         harness.queue_api_prompt(base_url, prompt, server=comfy_server, timeout=120)
 
 
-def _widget_default(spec_entry):
-    kind, opts = spec_entry[0], (spec_entry[1] if len(spec_entry) > 1 else {}) or {}
-    if isinstance(kind, list):
-        return opts.get("default", kind[0])
-    if kind == "COMBO":
-        return opts.get("default", (opts.get("options") or [None])[0])
-    if "default" in opts:
-        return opts["default"]
-    return {"INT": opts.get("min", 0), "FLOAT": opts.get("min", 0.0), "STRING": "", "BOOLEAN": False}[kind]
-
-
-def model_patch_nodes(object_info) -> dict[str, dict]:
-    """The pack's other MODEL -> MODEL patch nodes (only a MODEL plus widgets), with default settings."""
-    out = {}
-    for name, info in sorted(harness.pack_nodes(object_info).items()):
-        if name in MINE or not info.get("output") or info["output"][0] != "MODEL":
-            continue
-        required = (info.get("input") or {}).get("required") or {}
-        inputs, ok = {}, True
-        for key, entry in required.items():
-            if entry[0] == "MODEL":
-                inputs[key] = None
-            elif isinstance(entry[0], list) or entry[0] in WIDGET_TYPES:
-                inputs[key] = _widget_default(entry)
-            else:
-                ok = False
-        if ok and list(inputs.values()).count(None) == 1:
-            out[name] = inputs
-    return out
-
-
 def test_composes_with_lora_and_every_other_pack_node(base_url, comfy_server, object_info):
     """Core LoraLoader + every model-patch node of the pack + TextLayerPatch in one graph: the patch reports the
     same layers as alone and still changes the image; a sampler on the chain without it is unaffected."""
@@ -145,7 +113,7 @@ def test_composes_with_lora_and_every_other_pack_node(base_url, comfy_server, ob
                                                             "lora_name": harness.LORA_NAME,
                                                             "strength_model": 1.0, "strength_clip": 1.0}}
     model, chained = ["30", 0], []
-    for i, (name, inputs) in enumerate(model_patch_nodes(object_info).items()):
+    for i, (name, inputs) in enumerate(harness.model_patch_nodes(object_info, exclude=MINE).items()):
         nid = str(40 + i)
         prompt[nid] = {"class_type": name, "inputs": {k: (model if v is None else v) for k, v in inputs.items()}}
         model = [nid, 0]
