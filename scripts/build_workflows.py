@@ -57,6 +57,7 @@ TESTS_DIR = ROOT / "tests"
 # Bump when the builder's output format changes: every workflow then reads as stale.
 BUILDER_VERSION = 1
 EXTRA_KEY = "prompt_anatomy"
+DEMO_LOADER = "PromptAnatomyDemoLoader"
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/prompt-anatomy/comfyui-prompt-anatomy/workflows")
 
 # layout (graph units)
@@ -95,13 +96,47 @@ def spec_names() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.json"))
 
 
+def demo_twin(path: Path, twin: dict) -> dict:
+    """The API prompt of a demo twin: ``{"demo_twin_of": BASE, "set": {...}, "remove": [...]}`` is BASE's spec
+    with every CheckpointLoaderSimple replaced by PromptAnatomyDemoLoader (same outputs MODEL, CLIP, VAE),
+    the node ids in ``remove`` dropped, and ``set`` applied: ``{node id: {input: value, "_meta": {...}}}``
+    updates a node's inputs (links included); a full node (with ``class_type``) adds or replaces one."""
+    unknown = set(twin) - {"demo_twin_of", "set", "remove"}
+    base_name = twin.get("demo_twin_of")
+    if unknown or not isinstance(base_name, str) or base_name.startswith("demo_"):
+        raise ValueError(f"{path}: a demo twin has keys demo_twin_of (a base spec's name, not another twin), "
+                         f"set, remove; got {sorted(twin)}")
+    spec = json.loads(json.dumps(load_spec(base_name)))
+    for node in spec.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = DEMO_LOADER, {"weight_dtype": "default"}
+            node["_meta"] = {"title": "Prompt Anatomy demo model"}
+    for node_id in twin.get("remove", []):
+        if spec.pop(str(node_id), None) is None:
+            raise ValueError(f"{path}: remove lists node {node_id}, which {base_name} does not have")
+    for node_id, change in (twin.get("set") or {}).items():
+        if "class_type" in change:
+            spec[node_id] = change
+        elif node_id in spec:
+            meta = change.get("_meta")
+            spec[node_id]["inputs"].update({k: v for k, v in change.items() if k != "_meta"})
+            if meta:
+                spec[node_id]["_meta"] = meta
+        else:
+            raise ValueError(f"{path}: set changes node {node_id}, which {base_name} does not have "
+                             "(give a full node with class_type to add one)")
+    return dict(sorted(spec.items(), key=lambda kv: int(kv[0])))
+
+
 def load_spec(name: str) -> dict:
-    """The spec as a dict, checked to be a pure API prompt."""
+    """The spec as a dict, checked to be a pure API prompt (a demo twin is derived first: demo_twin)."""
     path = spec_path(name)
     try:
         spec = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the spec as JSON: {exc}") from exc
+    if isinstance(spec, dict) and "demo_twin_of" in spec:
+        spec = demo_twin(path, spec)
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{path}: a spec must be a non-empty JSON object of nodes (POST /prompt format)")
     for node_id, node in spec.items():
@@ -558,8 +593,15 @@ def build_one(page, server, name: str) -> dict:
     t_convert = time.monotonic() - t0
 
     # 2. run it; nodes that show images grow when they arrive: lay out again with the grown sizes
-    entry, t_run = _run_in_page(page, server, harness)
-    image_nodes = sorted((nid for nid, out in (entry.get("outputs") or {}).items() if out.get("images")), key=int)
+    #    (a workflow on a model this machine does not make, harness.OPTIONAL_MODELS, is built without running)
+    values = [v for node in spec.values() for v in node["inputs"].values()]
+    not_here = harness.missing_optional_models(server.base_url, values)
+    entry, t_run, image_nodes = {}, 0.0, []
+    if not_here:
+        _log(f"  {name}: built without running it, the server lacks " + "; ".join(not_here))
+    else:
+        entry, t_run = _run_in_page(page, server, harness)
+        image_nodes = sorted((nid for nid, out in (entry.get("outputs") or {}).items() if out.get("images")), key=int)
     try:
         page.wait_for_function(PREVIEWS_READY_JS, arg=image_nodes, timeout=60_000, polling=250)
     except Exception as exc:  # noqa: BLE001 - report which previews never showed

@@ -14,7 +14,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 SPECS = harness.ROOT / "scripts" / "workflow_specs"
 MINE = ("TextLayerPatch", "TextLayerWordSubstitute", "LoraLoaderTextLayers", "TextLayerLocalize")
-SDXL_CKPT = "prompt_anatomy_random_sdxl.safetensors"
 
 
 def spec(name: str) -> dict:
@@ -82,9 +81,9 @@ def test_text_layer_localize_workflow(base_url, comfy_server):
 
 
 def test_text_edit_sdxl(base_url, comfy_server):
-    if SDXL_CKPT not in harness.get_json(base_url, "/models/checkpoints"):
-        pytest.skip(f"{SDXL_CKPT} missing: run scripts/make_sdxl_checkpoint.py (writes ~7 GB; loading it needs ~14 GB "
-                    f"of RAM on CPU)")
+    not_here = harness.missing_optional_models(base_url, [harness.SDXL_CHECKPOINT_NAME])
+    if not_here:
+        pytest.skip("; ".join(not_here))
     entry = harness.queue_api_prompt(base_url, spec("text_edit_sdxl"), server=comfy_server, timeout=600)
     report = node_text(entry, "5")
     assert "layers: output.2.1 [55], output.2.2 [56] of 70 cross-attention layers." in report, report
