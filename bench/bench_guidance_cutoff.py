@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         "ideal_saving": round(ideal, 4), "measured_saving": round(measured, 4),
         "saving_vs_ideal": round(measured / ideal, 4) if ideal > 0 else None,
         "overhead_no_cut": round(t["no_cut"] / t["plain"] - 1.0, 4), "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
     }
     if args.json:
         print(json.dumps(result))

@@ -8,7 +8,8 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 # one module per technique; imported when ComfyUI asks for the node list
-NODE_MODULES = ("guidance_cutoff", "eos_swap", "frequency", "attention_maps", "text_layers", "text_layers_localize")
+NODE_MODULES = ("demo_model", "guidance_cutoff", "eos_swap", "frequency", "attention_maps", "text_layers",
+                "text_layers_localize")
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:
@@ -18,4 +19,8 @@ def all_nodes() -> list[type[io.ComfyNode]]:
 class PromptAnatomyExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.3.75 calls get_node_list once when it loads the pack (it never calls on_load)
+        from .demo_model import register_demo_loras
+
+        register_demo_loras()
         return all_nodes()

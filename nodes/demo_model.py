@@ -45,6 +45,7 @@ FORMAT = "prompt_anatomy_mini"
 FORMAT_VERSION = "1"
 COMPONENTS = {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors"}
 JUDGE_FILE = "judge.safetensors"
+LORA_DIR = MODEL_DIR / "loras"  # the demo LoRA (random, for LoraLoaderTextLayers in the demo workflows)
 TRAIN_HINT = ("Train them with `python scripts/train_mini.py` in the pack's folder (about 2 hours on 2 CPU cores; "
               "see docs/mini_model_card.md).")
 
@@ -200,6 +201,15 @@ def load_demo_model(directory: Path | str | None = None, weight_dtype: str = "de
     vae = load_vae(directory / COMPONENTS["vae"], dtype)
     toolkit.LOG.info("%s: loaded the demo model from %s (%s)", NODE_ID, directory, weight_dtype)
     return model, clip, vae
+
+
+def register_demo_loras() -> None:
+    """Add the shipped demo LoRA folder to ComfyUI's "loras" search paths (once), so LoraLoader and
+    LoraLoaderTextLayers list ``prompt_anatomy_mini_demo_lora.safetensors`` next to the user's own LoRAs."""
+    import folder_paths
+
+    if LORA_DIR.is_dir() and str(LORA_DIR) not in folder_paths.get_folder_paths("loras"):
+        folder_paths.add_model_folder_path("loras", str(LORA_DIR))
 
 
 # ----------------------------------------------------------------------------------------------

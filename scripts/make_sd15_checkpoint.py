@@ -43,6 +43,10 @@ DEFAULT_LORA = COMFY_DIR / "models" / "loras" / "prompt_anatomy_random_lora.safe
 FORMAT_VERSION = "2"
 CKPT_KIND = "prompt_anatomy_random_sd15"
 LORA_KIND = "prompt_anatomy_random_lora"
+MINI_DIR = ROOT / "models" / "prompt_anatomy_mini"
+MINI_UNET = MINI_DIR / "unet.safetensors"
+MINI_LORA = MINI_DIR / "loras" / "prompt_anatomy_mini_demo_lora.safetensors"
+MINI_LORA_KIND = "prompt_anatomy_mini_demo_lora"
 DEFAULT_SEED = 20240611
 LORA_RANK = 4
 
@@ -236,6 +240,26 @@ def lora_unet_keys():
     return out
 
 
+def write_random_lora(path: Path, shapes: dict, seed: int, kind: str, rank: int = LORA_RANK) -> Path:
+    """Write a random kohya-format LoRA: ``shapes`` maps LoRA base names to their weights' (out, in) shapes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for lora_name, (out_f, in_f) in shapes.items():
+        down = torch.empty(rank, in_f).uniform_(-1, 1, generator=gen) / math.sqrt(in_f)
+        up = torch.empty(out_f, rank).uniform_(-1, 1, generator=gen) * 0.5
+        state[lora_name + ".lora_down.weight"] = down.to(torch.float16).contiguous()
+        state[lora_name + ".lora_up.weight"] = up.to(torch.float16).contiguous()
+        state[lora_name + ".alpha"] = torch.tensor(float(rank), dtype=torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(state, path, {"prompt_anatomy_kind": kind, "seed": str(seed), "rank": str(rank),
+                        "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                        "ss_network_alpha": str(rank)})
+    LOG.info("LoRA written: %s (%d modules, rank %d)", path, len(shapes), rank)
+    return path
+
+
 def make_lora(path: Path = DEFAULT_LORA, ckpt: Path = DEFAULT_CKPT, seed: int = DEFAULT_SEED,
               force: bool = False, rank: int = LORA_RANK) -> Path:
     """Write a small random kohya-format LoRA (attn2 to_k/to_v of a few SD1.5 blocks).
@@ -245,25 +269,29 @@ def make_lora(path: Path = DEFAULT_LORA, ckpt: Path = DEFAULT_CKPT, seed: int = 
     if not force and is_valid(path, LORA_KIND, seed):
         LOG.info("LoRA up to date: %s", path)
         return path
-    import torch
     from safetensors import safe_open
 
-    keys = lora_unet_keys()
-    gen = torch.Generator().manual_seed(seed + 1)
-    state = {}
     with safe_open(str(ckpt), framework="pt") as f:
-        for lora_name, unet_key in keys.items():
-            out_f, in_f = f.get_slice(unet_key).get_shape()
-            down = torch.empty(rank, in_f).uniform_(-1, 1, generator=gen) / math.sqrt(in_f)
-            up = torch.empty(out_f, rank).uniform_(-1, 1, generator=gen) * 0.5
-            state[lora_name + ".lora_down.weight"] = down.to(torch.float16).contiguous()
-            state[lora_name + ".lora_up.weight"] = up.to(torch.float16).contiguous()
-            state[lora_name + ".alpha"] = torch.tensor(float(rank), dtype=torch.float16)
-    _save(state, path, {"prompt_anatomy_kind": LORA_KIND, "seed": str(seed), "rank": str(rank),
-                        "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                        "ss_network_alpha": str(rank)})
-    LOG.info("LoRA written: %s (%d modules, rank %d)", path, len(keys), rank)
-    return path
+        shapes = {name: tuple(f.get_slice(key).get_shape()) for name, key in lora_unet_keys().items()}
+    return write_random_lora(path, shapes, seed, LORA_KIND, rank)
+
+
+def make_mini_lora(path: Path = MINI_LORA, unet_file: Path = MINI_UNET, seed: int = DEFAULT_SEED,
+                   force: bool = False) -> Path:
+    """The demo model's random LoRA (to_k/to_v of every cross-attention layer of models/prompt_anatomy_mini's
+    UNet, whose keys are ComfyUI's own: kohya names are "lora_unet_" + key with dots as underscores), shipped
+    for the demo workflows' LoraLoaderTextLayers. It only demonstrates the mechanics: the weights are random."""
+    if not force and is_valid(path, MINI_LORA_KIND, seed):
+        LOG.info("LoRA up to date: %s", path)
+        return path
+    from safetensors import safe_open
+
+    with safe_open(str(unet_file), framework="pt") as f:
+        shapes = {"lora_unet_" + k[:-len(".weight")].replace(".", "_"): tuple(f.get_slice(k).get_shape())
+                  for k in sorted(f.keys()) if k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+    if not shapes:
+        raise SystemExit(f"{unet_file} has no cross-attention to_k/to_v weights")
+    return write_random_lora(path, shapes, seed, MINI_LORA_KIND, rank=2)
 
 
 def main(argv=None) -> int:
@@ -275,8 +303,13 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--no-lora", action="store_true", help="write only the checkpoint")
     g.add_argument("--lora-only", action="store_true", help="write only the LoRA (checkpoint must exist)")
+    g.add_argument("--mini-lora", action="store_true",
+                   help=f"write only the demo model's random LoRA ({MINI_LORA.relative_to(ROOT)}, shipped in the repo)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[make_sd15_checkpoint] %(message)s")
+    if args.mini_lora:
+        make_mini_lora(force=args.force)
+        return 0
     if not args.lora_only:
         make_checkpoint(args.output, args.seed, args.force)
     if not args.no_lora:

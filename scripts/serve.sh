@@ -4,6 +4,8 @@
 # Runs scripts/setup.sh and scripts/make_sd15_checkpoint.py (random SD1.5 checkpoint + LoRA, so
 # the example workflows run without downloading a model), then starts .comfyui/main.py --cpu in the
 # foreground and prints the URL as soon as the server answers. Ctrl-C stops it.
+# The pack's demo model (models/prompt_anatomy_mini, trained here, in the repo) needs nothing: open
+# the template browser and load demo_tour, which runs every node of the pack on it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,7 +32,10 @@ while time.monotonic() < deadline:
     try:
         with urllib.request.urlopen(url + "/object_info", timeout=10) as r:
             if r.status == 200:
-                print(f"\n==> Prompt Anatomy is running: {url}  (Ctrl-C to stop)\n", file=sys.stderr, flush=True)
+                print(f"\n==> Prompt Anatomy is running: {url}  (Ctrl-C to stop)\n"
+                      "==> Start with the demo tour: Workflow > Browse Templates > comfyui-prompt-anatomy > demo_tour\n"
+                      "    (every node of the pack on the demo model; demo_* are the other workflows on it)\n",
+                      file=sys.stderr, flush=True)
                 sys.exit(0)
     except OSError:
         pass

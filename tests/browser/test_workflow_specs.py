@@ -188,3 +188,33 @@ def test_workflow_prompt_equals_spec(name, app_page):
     prompt = app_page.evaluate(bw.GRAPH_TO_PROMPT_JS)
     errors, _ = bw.prompt_differences(bw.load_spec(name), prompt)
     assert not errors, f"{wf_file.name} queues something else than its spec:\n" + "\n".join(errors)
+
+
+def test_every_workflow_has_a_demo_twin_on_the_demo_model(base_url):
+    """Issue 8: every workflow has a twin (scripts/workflow_specs/demo_<name>.json, derived from it) that runs on
+    the pack's demo model; twins load no checkpoint file, and demo_tour uses every node of the pack."""
+    names = set(SPECS)
+    bases = sorted(n for n in names if not n.startswith("demo_"))
+    assert bases, "no workflow specs"
+    missing = [b for b in bases if f"demo_{b}" not in names]
+    assert not missing, f"workflows without a demo twin: {missing} -> add scripts/workflow_specs/demo_<name>.json"
+    for name in sorted(n for n in names if n.startswith("demo_")):
+        classes = {node["class_type"] for node in bw.load_spec(name).values()}
+        assert bw.DEMO_LOADER in classes, f"{name} does not use {bw.DEMO_LOADER}"
+        assert not classes & {"CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader"}, (name, classes)
+    pack = set(harness.pack_nodes(harness.get_json(base_url, "/object_info")))
+    tour = {node["class_type"] for node in bw.load_spec("demo_tour").values()}
+    assert bw.DEMO_LOADER in pack and not pack - tour, f"demo_tour lacks pack nodes: {sorted(pack - tour)}"
+
+
+def test_demo_twin_derivation_errors_are_clear(tmp_path):
+    base = bw.load_spec("guidance_cutoff")
+    twin = bw.demo_twin(tmp_path / "t.json", {"demo_twin_of": "guidance_cutoff", "set": {"5": {"steps": 20}}})
+    assert twin["1"]["class_type"] == bw.DEMO_LOADER and twin["5"]["inputs"]["steps"] == 20
+    assert base["5"]["inputs"]["steps"] != 20  # the base spec is not modified
+    for bad, message in [({"demo_twin_of": "guidance_cutoff", "remove": ["99"]}, "does not have"),
+                         ({"demo_twin_of": "guidance_cutoff", "set": {"99": {"steps": 1}}}, "does not have"),
+                         ({"demo_twin_of": "demo_guidance_cutoff"}, "not another twin"),
+                         ({"demo_twin_of": "guidance_cutoff", "sett": {}}, "keys")]:
+        with pytest.raises(ValueError, match=message):
+            bw.demo_twin(tmp_path / "t.json", bad)

@@ -274,3 +274,34 @@ def test_weight_file_that_does_not_match_its_config_is_rejected(weights, tmp_pat
     safetensors.torch.save_file(sd, str(broken), metadata=meta)
     with pytest.raises(ValueError, match=r"vae\.safetensors \(VAE\): .*missing \['decoder\.conv_out\.weight'\]"):
         dm.load_vae(broken)
+
+
+# ------------------------------------------------------------------ the shipped weights and demo LoRA
+def test_shipped_weights_load_fit_the_budget_and_are_registered():
+    from prompt_anatomy import nodes as pack
+
+    assert dm.PromptAnatomyDemoLoader in pack.all_nodes()
+    assert not dm.missing_files(dm.MODEL_DIR), f"shipped weights missing in {dm.MODEL_DIR}"
+    total = sum(p.stat().st_size for p in dm.MODEL_DIR.rglob("*.safetensors"))
+    assert total <= 30 * 2**20, f"shipped demo files take {total / 2**20:.1f} MiB (limit 30)"
+    for name in dm.COMPONENTS.values():
+        with safetensors.safe_open(str(dm.MODEL_DIR / name), framework="pt") as f:
+            assert json.loads(f.metadata()["training"])["steps"] > 0, f"{name} holds untrained weights"
+    model, clip, vae = dm.PromptAnatomyDemoLoader.execute().args
+    assert toolkit.model_family(model) == "sd1"
+
+
+def test_demo_lora_is_registered_once_and_keeps_only_the_selected_layers(monkeypatch):
+    import folder_paths
+    from prompt_anatomy.nodes import text_layers
+
+    lora = "prompt_anatomy_mini_demo_lora.safetensors"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        copy.deepcopy(folder_paths.folder_names_and_paths["loras"]))
+    dm.register_demo_loras()
+    dm.register_demo_loras()
+    assert folder_paths.get_folder_paths("loras").count(str(dm.LORA_DIR)) == 1
+    assert lora in folder_paths.get_filename_list("loras")
+    model = dm.PromptAnatomyDemoLoader.execute().args[0]
+    out = text_layers.LoraLoaderTextLayers.execute(model, lora, 1.0, "output.2.0, output.3.0")
+    assert "4 of 14" in out.args[1], out.args[1]
