@@ -56,9 +56,9 @@ def bench_sd15(args, tl, comfy_nodes, torch) -> dict:
 
 
 def mid_size_mmdit(depth: int, torch):
-    tiny_models = sys.modules["prompt_anatomy_tiny_models"]
     import comfy.model_base
     import comfy.supported_models
+    import tiny_models  # scripts/ is on sys.path after common.setup()
     from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
 
     hidden = 64 * depth

@@ -3,7 +3,6 @@ the full-size random SD1.5 checkpoint, and a timer. Benchmarks print ratios meas
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -12,25 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / ".comfyui" / "models" / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
 
 
-def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def setup():
     """Import ComfyUI (CPU) and the pack; returns the pack module."""
-    tiny_models = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
+    if str(ROOT / "scripts") not in sys.path:  # scripts/ only: the checkout's nodes/ would shadow ComfyUI's
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import tiny_models
+
     tiny_models.bootstrap_comfy()
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    return _load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+    return tiny_models.load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
 
 
 def load_sd15():

@@ -11,8 +11,11 @@ with small configs read from the files' metadata:
 * CLIP: ``comfy.sd.CLIP`` with ``comfy.sd1_clip.SD1Tokenizer`` (the real CLIP BPE, [SOS]/[EOS], 77 tokens
   padded with [EOS]) and ``SD1ClipModel`` (causal ``comfy.clip_model.CLIPTextModel``) with a small
   ``clip_l_model_config``.
-* VAE: ``comfy.sd.VAE`` around ``AutoencoderKL`` (``diffusionmodules.model`` Encoder/Decoder), 8x spatial
-  compression and 4 latent channels, so EmptyLatentImage sizes work unchanged.
+* VAE: ``comfy.sd.VAE`` around ComfyUI's Tiny AutoEncoder for SD (``comfy.taesd.taesd.TAESD``, the class
+  ComfyUI loads ``taesd_*`` VAE files with), 8x spatial compression and 4 latent channels, so
+  EmptyLatentImage sizes work unchanged. (The first demo model used a small ``AutoencoderKL``; at 32 channels
+  its GroupNorm(32) layers normalise every channel of every image on its own, which erased the colours of
+  this world. TAESD has no normalisation layers.)
 
 The weights are made by ``scripts/train_mini.py`` (see docs/mini_model_card.md). The builder functions are
 shared with that script, so training and loading use the same classes and configs.
@@ -65,11 +68,7 @@ CLIP_CONFIG = {  # overrides of comfy/sd1_clip_config.json (CLIP ViT-L/14's text
     "projection_dim": 64, "hidden_act": "quick_gelu", "max_position_embeddings": 77, "vocab_size": 49408,
     "eos_token_id": 49407,
 }
-VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-    "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-}
-VAE_EMBED_DIM = 4
+VAE_CONFIG = {"kind": "taesd", "latent_channels": 4}
 
 WEIGHT_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -109,14 +108,14 @@ def build_clip(clip_config: dict, dtype: torch.dtype | None = None, operations=N
     return comfy.sd.CLIP(target=clip_target(), model_options=opts)
 
 
-def vae_config(ddconfig: dict, embed_dim: int = VAE_EMBED_DIM) -> dict:
-    """The ``config`` comfy.sd.VAE builds ``AutoencoderKL(**config['params'])`` from."""
-    return {"params": {"ddconfig": dict(ddconfig), "embed_dim": int(embed_dim)}}
-
-
-def build_vae(ddconfig: dict, state_dict: dict, embed_dim: int = VAE_EMBED_DIM, device=None, dtype=None):
-    """``comfy.sd.VAE`` (AutoencoderKL with the small ddconfig) loaded from ``state_dict``."""
-    return comfy.sd.VAE(sd=state_dict, config=vae_config(ddconfig, embed_dim), device=device, dtype=dtype)
+def build_vae(state_dict: dict, config: dict | None = None, device=None, dtype=None):
+    """``comfy.sd.VAE`` around ``comfy.taesd.taesd.TAESD`` loaded from ``state_dict`` (ComfyUI recognises a
+    TAESD state dict by its ``taesd_decoder.*`` keys, as for the taesd files of core's VAELoader)."""
+    config = dict(VAE_CONFIG if config is None else config)
+    if config.get("kind") != "taesd" or int(config.get("latent_channels", 0)) != 4:
+        raise ValueError(f"{NODE_ID}: unsupported demo VAE config {config}; this pack reads a TAESD autoencoder with "
+                         f"4 latent channels. {TRAIN_HINT}")
+    return comfy.sd.VAE(sd=state_dict, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +182,10 @@ def load_clip(path: Path, dtype: torch.dtype | None = None):
 
 def load_vae(path: Path, dtype: torch.dtype | None = None):
     sd, config, _ = read_component(path)
-    vae = build_vae(config["ddconfig"], sd, config.get("embed_dim", VAE_EMBED_DIM), dtype=dtype)
+    if "taesd_decoder.1.weight" not in sd:
+        raise ValueError(f"{path.name} (VAE): not a TAESD autoencoder (no 'taesd_decoder.1.weight'); it was made by an "
+                         f"older scripts/train_mini.py. {TRAIN_HINT}")
+    vae = build_vae(sd, config, dtype=dtype)
     expected = set(vae.first_stage_model.state_dict())  # comfy.sd.VAE loads non-strictly and only logs mismatches
     _strict(f"{path.name} (VAE)", sorted(expected - set(sd)), sorted(set(sd) - expected))
     return vae
@@ -235,7 +237,8 @@ class PromptAnatomyDemoLoader(io.ComfyNode):
                 io.Model.Output(display_name="MODEL", tooltip="The demo UNet (SD1.x type: eps-prediction, SD1 schedule)."),
                 io.Clip.Output(display_name="CLIP", tooltip="The demo text encoder (CLIP BPE tokenizer, 77 tokens, [EOS] "
                                                             "padding) for CLIPTextEncode."),
-                io.Vae.Output(display_name="VAE", tooltip="The demo autoencoder (8x compression, 4 latent channels)."),
+                io.Vae.Output(display_name="VAE", tooltip="The demo autoencoder (ComfyUI's TAESD class: 8x compression, "
+                                                          "4 latent channels)."),
             ],
         )
 

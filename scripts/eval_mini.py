@@ -44,16 +44,6 @@ PARTS = ("quality", "table1", "table2", "curves")
 CUTOFFS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def _train_mini():
-    name = "prompt_anatomy_train_mini"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_mini.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _optional(name: str):
     """A node module of the pack, or None when it is not there (the part using it is skipped)."""
     try:
@@ -67,7 +57,8 @@ def _optional(name: str):
 class Evaluator:
     def __init__(self, weights: Path, steps: int, cfg: float, sampler: str, scheduler: str, n: int, seed: int,
                  out_dir: Path | None):
-        tm = _train_mini()
+        import train_mini as tm  # eval_mini.py runs from scripts/, next to it
+
         self.demo, self.world = tm.load_env()
         import comfy.utils
         import torch

@@ -55,19 +55,12 @@ _ST_DTYPES = {"float16": "F16", "float32": "F32", "int64": "I64", "int32": "I32"
 
 
 def _import_comfy():
-    if not (COMFY_DIR / "comfy").is_dir():
-        raise SystemExit(f"ComfyUI not found at {COMFY_DIR}; run scripts/setup.sh first")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    sys.argv = [sys.argv[0], "--cpu"]
-    import comfy.options
+    """make_sd15_checkpoint's import of ComfyUI (--cpu, args parsing on) plus the SDXL modules."""
+    from make_sd15_checkpoint import _import_comfy as import_comfy_cpu  # scripts/ is sys.path[0] when run
 
-    comfy.options.enable_args_parsing()
-    import comfy.ldm.models.autoencoder  # noqa: F401
-    import comfy.ldm.modules.diffusionmodules.openaimodel  # noqa: F401
-    import comfy.model_detection  # noqa: F401
-    import comfy.ops  # noqa: F401
-    import comfy.sdxl_clip  # noqa: F401
+    import_comfy_cpu()
+    import comfy.model_detection
+    import comfy.sdxl_clip
     import comfy.supported_models  # noqa: F401
 
     return comfy

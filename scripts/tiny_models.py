@@ -22,11 +22,26 @@ and writes each model's diffusion weights as safetensors (used to check the fact
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_by_path(name: str, path: Path, package_dir: Path | None = None):
+    """Import the file ``path`` as module ``name`` (a package when ``package_dir`` is given), once: how the
+    tests, benchmarks and scripts load the pack (as ComfyUI does, by file location) and the scripts, without
+    putting the checkout on sys.path."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def bootstrap_comfy() -> None:

@@ -7,10 +7,15 @@ Stages (each checkpoints as it goes and resumes where it stopped; finished stage
                combinations never appear) and ``n_judge`` single-object scenes of every combination.
 2. ``judge``   a small CNN with colour / shape / texture heads, trained on the judge scenes with blur,
                noise and contrast augmentation (the automatic judge of scripts/eval_mini.py).
-3. ``vae``     ComfyUI's ``AutoencoderKL`` (diffusionmodules.model Encoder/Decoder, 8x compression,
-               4 latent channels): L1 + image-gradient L1 + SD's tiny KL term, on random 32/48/64 px crops.
-               Afterwards the latents are standardised exactly (folded into quant_conv / post_quant_conv) to
-               per-channel mean 0, std 1 / 0.18215, so SD1.x's latent scale factor gives unit variance.
+3. ``vae``     ComfyUI's Tiny AutoEncoder for SD (``comfy.taesd.taesd.TAESD``: 8x compression, 4 latent
+               channels, no normalisation layers), initialised so its 40-conv ReLU stack trains from scratch
+               (``new_vae``), on whole 64 px images: squared error in YCbCr with the chroma weighted 4x +
+               image-gradient L1 + a small pull of every latent channel towards mean 0 / std 1. Afterwards
+               TAESD's ``vae_scale`` / ``vae_shift`` are set so the latents have mean 0 and std 1 / 0.18215
+               (exact: the decoder sees the same raw latents), and the judge is run on reconstructions of the
+               validation images (``vae_metrics``: the ceiling of what the UNet can reach through it). v0's
+               ``AutoencoderKL`` at 32 channels lost the colours: its GroupNorm(32) normalises every channel
+               of every image on its own.
 4. ``text``    the causal CLIP text tower (``comfy.sd1_clip.SD1ClipModel``, small config, the real CLIP BPE,
                77 tokens padded with [EOS]) trained CLIP-style, contrastively against a small image tower, and
                then frozen for the UNet stage -- as CLIP is for SD. The contrastive target is the [EOS] state
@@ -46,7 +51,6 @@ import argparse
 import copy
 import dataclasses
 import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -80,10 +84,11 @@ class Plan:
     judge_steps: int = 1000
     judge_batch: int = 64
     judge_lr: float = 2e-3
-    vae_steps: int = 2000
-    vae_batch: int = 32  # at 32 px crops; 48 / 64 px crops use the same number of pixels
-    vae_lr: float = 1e-3
-    vae_kl: float = 1e-6  # SD's KL weight (relative to the summed reconstruction loss)
+    vae_steps: int = 1400
+    vae_batch: int = 8  # whole 64 px images
+    vae_lr: float = 2e-3
+    vae_chroma: float = 4.0  # weight of the Cb / Cr squared error relative to luma (Y)
+    vae_latent_reg: float = 0.01  # keeps every latent channel near mean 0, std 1 before standardising
     text_steps: int = 800
     text_batch: int = 64
     text_lr: float = 1e-3
@@ -106,27 +111,20 @@ SMOKE_PLAN = Plan(n_train=512, n_judge=512, n_val=64, judge_steps=12, vae_steps=
 # ----------------------------------------------------------------------------------------------
 # environment: ComfyUI, the pack, the world
 # ----------------------------------------------------------------------------------------------
-def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_env():
     """(demo_model module, mini_world module): ComfyUI bootstrapped on the CPU, the pack loaded as package
     ``prompt_anatomy`` by file location (as ComfyUI and the unit tests load it)."""
-    tiny = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
+    if str(ROOT / "scripts") not in sys.path:  # scripts/ only: the checkout's nodes/ would shadow ComfyUI's
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import tiny_models as tiny
+
     tiny.bootstrap_comfy()
     import comfy.model_management  # noqa: F401
 
-    _load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+    tiny.load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
     demo = importlib.import_module("prompt_anatomy.nodes.demo_model")
-    world = _load_by_path("prompt_anatomy_mini_world", ROOT / "scripts" / "mini_world.py")
+    import mini_world as world
+
     return demo, world
 
 
@@ -307,16 +305,29 @@ def save_component(path: Path, state_dict: dict, config: dict, record: dict | No
 
 
 def vae_component_config(demo) -> dict:
-    return {"ddconfig": dict(demo.VAE_DDCONFIG), "embed_dim": demo.VAE_EMBED_DIM}
+    return dict(demo.VAE_CONFIG)
 
 
 def new_vae(demo, seed: int):
+    """ComfyUI's TAESD, initialised to train from scratch without normalisation layers: He-normal convs with
+    zero biases, the last conv of every residual Block zeroed (each block starts as the identity, so the
+    40-conv ReLU stack neither explodes nor dies), linear-gain init of the two output convs."""
     import torch
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.taesd.taesd import TAESD, Block
 
     torch.manual_seed(seed)
-    ae = AutoencoderKL(ddconfig=dict(demo.VAE_DDCONFIG), embed_dim=demo.VAE_EMBED_DIM)
-    reinit_(ae)
+    ae = TAESD(latent_channels=int(demo.VAE_CONFIG["latent_channels"]))
+    with torch.no_grad():
+        for m in ae.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.zero_()
+        for m in ae.modules():
+            if isinstance(m, Block):
+                m.conv[-1].weight.zero_()
+        for seq in (ae.taesd_encoder, ae.taesd_decoder):
+            torch.nn.init.kaiming_normal_(seq[-1].weight, nonlinearity="linear")
     return ae
 
 
@@ -633,37 +644,35 @@ class Trainer:
         if self.done("vae") and path.exists():
             return path
         train, _, _, _, val, _ = self.data()
+        judge = load_judge(self.stage_judge())
         ae = new_vae(demo, p.seed + 21)
-        crops = ((32, p.vae_batch), (48, max(1, round(p.vae_batch * (32 / 48) ** 2))), (64, max(1, p.vae_batch // 4)))
+        params = list(ae.taesd_encoder.parameters()) + list(ae.taesd_decoder.parameters())
+        ycbcr = torch.tensor([[0.299, 0.587, 0.114], [-0.1687, -0.3313, 0.5], [0.5, -0.4187, -0.0813]])
 
         def make_opt(mods):
-            return torch.optim.AdamW(mods[0].parameters(), lr=p.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+            return torch.optim.AdamW(params, lr=p.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
 
         def step_fn(mods, opt, g, s):
             net = mods[0]
-            r = float(torch.rand((), generator=g))
-            size, batch = crops[0] if r < 0.6 else crops[1] if r < 0.85 else crops[2]
-            idx = torch.randint(0, len(train), (batch,), generator=g)
+            idx = torch.randint(0, len(train), (p.vae_batch,), generator=g)
             x = self.to_float(train, idx) * 2.0 - 1.0
-            cells = (64 - size) // 8
-            oy, ox = (int(torch.randint(0, cells + 1, (), generator=g)) * 8 for _ in range(2))
-            x = x[:, :, oy:oy + size, ox:ox + size]
-            flip = torch.rand(batch, generator=g) < 0.5
+            flip = torch.rand(p.vae_batch, generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            moments = net.quant_conv(net.encoder(x))
-            mean, logvar = moments.chunk(2, dim=1)
-            logvar = logvar.clamp(-30.0, 20.0)
-            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
-            rec = net.decoder(net.post_quant_conv(z))
-            l1 = (rec - x).abs().mean()
+            z = net.encode(x)
+            rec = net.decode(z)
+            # squared error in YCbCr with the chroma weighted up: with an L1 loss on RGB the objects' colours (a
+            # small share of the pixels and of the error) were the last thing learnt and the first thing lost
+            err = torch.einsum("ij,bjhw->bihw", ycbcr, rec - x).pow(2)
+            mse = err[:, 0].mean() + p.vae_chroma * err[:, 1:].mean()
             grad = ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
-            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean() / x[0].numel()
-            loss = l1 + grad + p.vae_kl * kl
+            m, sd = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+            reg = m.pow(2).mean() + sd.clamp(min=1e-6).log().pow(2).mean()
+            loss = 4.0 * mse + 0.5 * grad + p.vae_latent_reg * reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            return {"loss": float(loss.detach()), "l1": float(l1.detach())}
+            return {"loss": float(loss.detach()), "l1": float((rec - x).abs().mean().detach())}
 
         steps = self.plan_steps("vae", lambda: self.probe([ae], make_opt, step_fn))
         opt = make_opt([ae])
@@ -671,15 +680,17 @@ class Trainer:
         ae.eval()
         stats = standardise_latents_(ae, self.to_float(train[: min(len(train), 2048)]) * 2 - 1)
         fp16_round_(ae)
+        rec["metrics"] = {**vae_metrics(ae, self.to_float(val) * 2 - 1, judge),
+                          "latent_std_before_standardising": stats["std"],
+                          "latent_mean_before_standardising": stats["mean"]}
         with torch.no_grad():
-            x = self.to_float(val) * 2 - 1
-            out = ae.decode(ae.encode(x)).clamp(-1, 1)
-            mse = float(((out - x) / 2).pow(2).mean())
             z = ae.encode(self.to_float(train[:512]) * 2 - 1) * LATENT_SCALE
-        rec["metrics"] = {"val_l1": float(((out - x) / 2).abs().mean()), "val_psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12)),
-                          "latent_std_before_standardising": stats["std"], "latent_mean_before_standardising": stats["mean"],
-                          "scaled_latent_std": float(z.std()), "scaled_latent_mean": float(z.mean())}
+        rec["metrics"].update({"scaled_latent_std": float(z.std()), "scaled_latent_mean": float(z.mean())})
         LOG.info("vae: %s", json.dumps(rec["metrics"]))
+        if rec["metrics"]["judge_colour_acc_on_reconstructions"] < 0.8:
+            LOG.warning("vae: the judge recognises the colour of only %.0f %% of the reconstructed validation images: "
+                        "the UNet cannot do better than its autoencoder (more vae steps help)",
+                        100 * rec["metrics"]["judge_colour_acc_on_reconstructions"])
         save_component(path, ae.state_dict(), vae_component_config(demo), {"steps": steps, **rec["metrics"]})
         self.finish_stage("vae", rec)
         return path
@@ -947,28 +958,39 @@ def degrade(x, g, strength: float = 1.0):
 
 
 def standardise_latents_(ae, x) -> dict:
-    """Fold a per-channel affine map into quant_conv / post_quant_conv so that the encoder's latents (mode)
-    of ``x`` have mean 0 and std 1 / LATENT_SCALE per channel; decode(encode(x)) is unchanged."""
+    """Set TAESD's ``vae_scale`` / ``vae_shift`` so that the latents ``ae.encode`` gives for ``x`` (what
+    VAEEncode returns) have mean 0 and std 1 / LATENT_SCALE, the SD1.x convention, so the UNet sees unit
+    variance after the SD15 latent format's scaling; decode(encode(x)) is unchanged (the decoder gets the
+    same raw latents back). Returns the raw latents' mean and std."""
     import torch
 
     with torch.no_grad():
-        z = torch.cat([ae.encode(x[i:i + 256]) for i in range(0, len(x), 256)])
-        m = z.mean(dim=(0, 2, 3)).double()
-        s = z.std(dim=(0, 2, 3)).double().clamp(min=1e-6)
-        k = (1.0 / LATENT_SCALE) / s
-        c = len(m)
-        qw, qb = ae.quant_conv.weight.double(), ae.quant_conv.bias.double()
-        qw[:c] *= k[:, None, None, None]
-        qb[:c] = (qb[:c] - m) * k
-        qb[c:] += 2.0 * torch.log(k)  # logvar of the scaled posterior
-        pw, pb = ae.post_quant_conv.weight.double(), ae.post_quant_conv.bias.double()
-        pb_new = pb + (pw[:, :, 0, 0] @ m)
-        pw = pw / k[None, :, None, None]
-        ae.quant_conv.weight.copy_(qw.float())
-        ae.quant_conv.bias.copy_(qb.float())
-        ae.post_quant_conv.weight.copy_(pw.float())
-        ae.post_quant_conv.bias.copy_(pb_new.float())
-    return {"mean": m.tolist(), "std": s.tolist()}
+        ae.vae_scale.fill_(1.0)
+        ae.vae_shift.fill_(0.0)
+        z = torch.cat([ae.encode(x[i:i + 256]) for i in range(0, len(x), 256)]).double()
+        m, s = float(z.mean()), float(z.std().clamp(min=1e-6))
+        scale = s * LATENT_SCALE
+        ae.vae_scale.fill_(scale)
+        ae.vae_shift.fill_(-m / scale)
+    return {"mean": m, "std": s}
+
+
+def vae_metrics(ae, x, judge) -> dict:
+    """PSNR of decode(encode(x)) and how often the judge sees in the reconstruction what it sees in the
+    original (colour / shape / texture): the ceiling of what the UNet can reach through this autoencoder."""
+    import torch
+
+    judge_net, config = judge
+    with torch.no_grad():
+        out = torch.cat([ae.decode(ae.encode(x[i:i + 128])) for i in range(0, len(x), 128)]).clamp(-1, 1)
+    mse = float(((out - x) / 2).pow(2).mean())
+    seen = judge_predict(judge_net, config, ((out + 1) / 2).permute(0, 2, 3, 1))
+    truth = judge_predict(judge_net, config, ((x + 1) / 2).permute(0, 2, 3, 1))
+    metrics = {"val_l1": float(((out - x) / 2).abs().mean()), "val_psnr_db": 10 * math.log10(1.0 / max(mse, 1e-12))}
+    for head in ("colour", "shape", "texture"):
+        same = [a == b for a, b in zip(seen[head], truth[head], strict=True)]
+        metrics[f"judge_{head}_acc_on_reconstructions"] = sum(same) / len(x)
+    return metrics
 
 
 def check_text_forward(clip, texts) -> None:

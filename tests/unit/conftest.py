@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,18 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ only: the checkout's nodes/ would shadow ComfyUI's
+import tiny_models  # noqa: E402
 
-
-tiny_models = _load_by_path("prompt_anatomy_tiny_models", ROOT / "scripts" / "tiny_models.py")
 tiny_models.bootstrap_comfy()
 
 import comfy.model_management  # noqa: E402,F401
@@ -32,10 +22,10 @@ import torch  # noqa: E402
 
 comfy.utils.PROGRESS_BAR_ENABLED = False
 
-_load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
+tiny_models.load_by_path("prompt_anatomy", ROOT / "__init__.py", ROOT)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-support = _load_by_path("pa_support", Path(__file__).with_name("support.py"))
+support = tiny_models.load_by_path("pa_support", Path(__file__).with_name("support.py"))
 tiny = support.tiny
 
 

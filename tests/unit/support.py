@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
+import tiny_models  # noqa: E402  (scripts/ is on sys.path: conftest.py)
 import torch
 from comfy.patcher_extension import WrappersMP
 
 import nodes as comfy_nodes
 
-tiny_models = sys.modules["prompt_anatomy_tiny_models"]
 _CACHE: dict = {}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import comfy.sd
@@ -24,15 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train_mini():
-    import importlib.util
+    import train_mini  # scripts/ is on sys.path (conftest.py)
 
-    name = "prompt_anatomy_train_mini"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_mini.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return train_mini
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +101,10 @@ def test_loaded_weights_equal_the_files(weights, loaded):
     key = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
     assert torch.equal(clip.cond_stage_model.state_dict()[key].float(), te_sd[key].float())
     vae_sd = safetensors.torch.load_file(str(paths["vae"]))
-    assert torch.equal(vae.first_stage_model.state_dict()["decoder.conv_out.weight"].float(),
-                       vae_sd["decoder.conv_out.weight"].float())
+    assert type(vae.first_stage_model).__name__ == "TAESD"
+    assert set(vae_sd) == set(vae.first_stage_model.state_dict())
+    for key in ("taesd_decoder.19.weight", "taesd_encoder.0.weight", "vae_scale", "vae_shift"):
+        assert torch.equal(vae.first_stage_model.state_dict()[key].float(), vae_sd[key].float())
 
 
 def _generate(model, clip, vae, text="a red star", steps=2, size=64, batch=1):
@@ -182,13 +177,37 @@ def test_latent_standardisation_is_exact_and_gives_sd1_scale():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
     with torch.no_grad():
+        ae.taesd_encoder[-1].bias.add_(torch.tensor([0.3, -0.2, 0.1, 0.5]))  # latents with a non-zero mean
         before = ae.decode(ae.encode(x))
-        tm.standardise_latents_(ae, x)
+        stats = tm.standardise_latents_(ae, x)
         z = ae.encode(x)
         after = ae.decode(z)
-    assert torch.allclose(after, before, atol=1e-4)
-    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-3)
-    assert torch.allclose((z * tm.LATENT_SCALE).std(dim=(0, 2, 3)), torch.ones(4), atol=1e-3)
+    assert abs(stats["mean"]) > 0.05
+    assert torch.allclose(after, before, atol=1e-5)
+    assert abs(float(z.mean())) < 1e-4
+    assert abs(float((z * tm.LATENT_SCALE).std()) - 1.0) < 1e-4
+
+
+def test_new_autoencoder_blocks_start_as_identity_and_train():
+    tm = _train_mini()
+    from comfy.taesd.taesd import Block
+
+    ae = tm.new_vae(dm, seed=5)
+    blocks = [m for m in ae.modules() if isinstance(m, Block)]
+    assert len(blocks) == 20 and all(float(b.conv[-1].weight.abs().sum()) == 0 for b in blocks)
+    x = torch.rand(2, 64, 8, 8)
+    assert torch.equal(blocks[0](x), x)  # ReLU(0 + x) of a post-ReLU input
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = (ae.decode(ae.encode(img)) - img).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_contrastive_match_matrix():
@@ -269,10 +288,10 @@ def test_weight_file_that_does_not_match_its_config_is_rejected(weights, tmp_pat
     src = weights[1]["vae"]
     with safetensors.safe_open(str(src), framework="pt") as f:
         meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys() if k != "decoder.conv_out.weight"}
+        sd = {k: f.get_tensor(k) for k in f.keys() if k != "taesd_decoder.19.weight"}
     broken = tmp_path / "vae.safetensors"
     safetensors.torch.save_file(sd, str(broken), metadata=meta)
-    with pytest.raises(ValueError, match=r"vae\.safetensors \(VAE\): .*missing \['decoder\.conv_out\.weight'\]"):
+    with pytest.raises(ValueError, match=r"vae\.safetensors \(VAE\): .*missing \['taesd_decoder\.19\.weight'\]"):
         dm.load_vae(broken)
 
 

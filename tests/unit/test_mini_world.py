@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _world():
-    name = "prompt_anatomy_mini_world"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "mini_world.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-w = _world()
+import mini_world as w  # noqa: E402  (scripts/ is on sys.path: conftest.py)
 
 
 def test_vocabulary_sizes():
