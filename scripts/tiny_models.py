@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_by_path(name: str, path: Path, package_dir: Path | None = None):
     """Import the file ``path`` as module ``name`` (a package when ``package_dir`` is given), once: how the
-    tests, benchmarks and scripts load the pack (as ComfyUI does, by file location) and the scripts, without
-    putting the checkout on sys.path."""
+    tests, benchmarks and scripts load the pack (by file location, as ComfyUI does) without putting the
+    checkout on sys.path (its nodes/ would shadow ComfyUI's top-level nodes module)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(
