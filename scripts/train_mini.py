@@ -154,19 +154,6 @@ def init_operations():
     return InitOps
 
 
-def reinit_(module) -> None:
-    """PyTorch default init of every conv / linear / norm of ``module`` (for modules built with ComfyUI's
-    module-level disable_weight_init ops, e.g. the autoencoder)."""
-    import torch
-
-    for m in module.modules():
-        for torch_cls in (torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.Linear, torch.nn.GroupNorm,
-                          torch.nn.LayerNorm, torch.nn.Embedding):
-            if isinstance(m, torch_cls):
-                torch_cls.reset_parameters(m)
-                break
-
-
 def attention_override():
     """transformer_options for training: SDPA instead of the CPU default (sub-quadratic attention), same math."""
     import comfy.ldm.modules.attention as attn
