@@ -42,8 +42,9 @@ def main(argv=None) -> int:
     setup()
     import comfy.model_management as mm
     import torch
-    from prompt_anatomy.nodes import attention_capture as cap
-    from prompt_anatomy.nodes import attention_maps as am
+    from prompt_anatomy.nodes.attention import capture as cap
+    from prompt_anatomy.nodes.attention import probs
+    from prompt_anatomy.nodes.attention import viewer as am
 
     import nodes as comfy_nodes
 
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         "overhead": round(t_cap / plain - 1, 4), "direct_overhead": round(hook_s / plain, 4),
         "plain_drift": round(t_plain2 / t_plain1 - 1, 4) if args.plain_runs == 2 else None,
         "bit_identical": bool(torch.equal(out_plain, out_cap)),
-        "record_mb": round(cap.tensor_bytes(run.sums) / 2 ** 20, 2), "peak_extra_mb": round(run.peak_bytes / 2 ** 20, 2),
+        "record_mb": round(probs.tensor_bytes(run.sums) / 2 ** 20, 2), "peak_extra_mb": round(run.peak_bytes / 2 ** 20, 2),
         "rss_growth_mb": round(max(0, rss_after - rss_before) / 1024, 1),
         "cuda_peak_extra_mb": round((cuda_cap - cuda_plain) / 2 ** 20, 2) if cuda else None,
         "viewer_s": round(t_view, 2),

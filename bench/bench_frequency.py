@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import comfy.utils
     import torch
     from comfy.patcher_extension import WrappersMP
-    from prompt_anatomy.nodes import frequency as fq
+    from prompt_anatomy.nodes.frequency import recorder as fq
 
     import nodes as comfy_nodes
 

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     import torch
     from comfy.patcher_extension import WrappersMP
     from prompt_anatomy.nodes import guidance_cutoff as gc
+    from prompt_anatomy.nodes.core import runs as core_runs
 
     import nodes as comfy_nodes
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     med = statistics.median
     t = {k: med(v) for k, v in runs.items()}
     m = {k: med(v) for k, v in model_s.items()}
-    single = args.steps - gc.toolkit.resolve_cutoff_step(args.cutoff, "fraction", torch.zeros(args.steps + 1))
+    single = args.steps - core_runs.resolve_cutoff_step(args.cutoff, "fraction", torch.zeros(args.steps + 1))
 
     def saving_ratio(times):
         t2, t1 = times["plain"] / args.steps, times["cfg1"] / args.steps

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     sys.argv = sys.argv[:1]
     setup()
     import torch
-    from prompt_anatomy.nodes import text_layers as tl
+    from prompt_anatomy.nodes.text_layers import patch as tl
 
     import nodes as comfy_nodes
 

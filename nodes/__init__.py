@@ -1,4 +1,6 @@
-"""Node modules of the pack. Each technique lives in its own module and exposes a ``NODES`` list."""
+"""The pack's nodes. ``core/`` and ``shared/`` hold the mechanics every technique uses; each technique is one
+package (``guidance_cutoff``, ``eos_swap``, ``frequency``, ``attention``, ``text_layers``) exposing a ``NODES`` list,
+plus the demo model's loader (``demo_model``)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ import importlib
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-# one module per technique; imported when ComfyUI asks for the node list
-NODE_MODULES = ("demo_model", "guidance_cutoff", "eos_swap", "frequency", "attention_maps", "text_layers",
-                "text_layers_localize")
+# every node module, in the order the node library lists them; imported when ComfyUI asks for the node list
+NODE_MODULES = ("demo_model", "guidance_cutoff", "eos_swap", "frequency", "attention", "text_layers")
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

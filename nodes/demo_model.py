@@ -7,7 +7,7 @@ with small configs read from the files' metadata:
 
 * MODEL: ``comfy.model_base.BaseModel`` (UNet ``openaimodel.UNetModel``) with the ``SD15`` model config, so
   eps-prediction, SD1.x's linear beta schedule (0.00085 .. 0.012, 1000 steps), the SD15 latent format
-  (scale 0.18215) and ``toolkit.model_family`` == "sd1"; wrapped in a ``ModelPatcher``.
+  (scale 0.18215) and the family registry sees SD1.x (config SD15); wrapped in a ``ModelPatcher``.
 * CLIP: ``comfy.sd.CLIP`` with ``comfy.sd1_clip.SD1Tokenizer`` (the real CLIP BPE, [SOS]/[EOS], 77 tokens
   padded with [EOS]) and ``SD1ClipModel`` (causal ``comfy.clip_model.CLIPTextModel``) with a small
   ``clip_l_model_config``.
@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 from comfy_api.latest import io
 
-from . import toolkit
+from .core import LOG
 
 NODE_ID = "PromptAnatomyDemoLoader"
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def load_demo_model(directory: Path | str | None = None, weight_dtype: str = "de
     model = load_unet(directory / COMPONENTS["unet"], dtype)
     clip = load_clip(directory / COMPONENTS["text_encoder"], dtype)
     vae = load_vae(directory / COMPONENTS["vae"], dtype)
-    toolkit.LOG.info("%s: loaded the demo model from %s (%s)", NODE_ID, directory, weight_dtype)
+    LOG.info("%s: loaded the demo model from %s (%s)", NODE_ID, directory, weight_dtype)
     return model, clip, vae
 
 

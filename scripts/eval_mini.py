@@ -19,7 +19,7 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
                changing machine load hits all alike; best of --repeats).
 4. curves      Fig. 2 analogue with nodes/frequency.py (noising curves of world latents; relative change of
                the low / high parts of the x0 prediction to the final, per step) and Fig. 1b analogue with
-               nodes/attention_capture.py (how fast the shape token's cross-attention map converges to its
+               nodes/attention/capture.py (how fast the shape token's cross-attention map converges to its
                final layout). Each part is skipped with a message if its module is not in the pack.
 
     .venv/bin/python scripts/eval_mini.py                     # all four, default sizes
@@ -280,30 +280,31 @@ class Evaluator:
     # ---- 4. curves
     def curves(self) -> dict:
         out = {}
-        fq = _optional("frequency")
+        fq = _optional("frequency.recorder")
+        fqs = _optional("frequency.schedules")
         if fq is None:
-            print("\n== 4a. Frequency curves: skipped (nodes/frequency.py is not in the pack) ==")
-            out["frequency"] = {"skipped": "nodes/frequency.py not present"}
+            print("\n== 4a. Frequency curves: skipped (nodes/frequency/ is not in the pack) ==")
+            out["frequency"] = {"skipped": "nodes/frequency/ not present"}
         else:
-            out["frequency"] = self._frequency(fq)
-        ac = _optional("attention_capture")
+            out["frequency"] = self._frequency(fq, fqs)
+        ac = _optional("attention.capture")
         if ac is None:
-            print("\n== 4b. Attention convergence: skipped (nodes/attention_capture.py is not in the pack) ==")
-            out["attention"] = {"skipped": "nodes/attention_capture.py not present"}
+            print("\n== 4b. Attention convergence: skipped (nodes/attention/capture.py is not in the pack) ==")
+            out["attention"] = {"skipped": "nodes/attention/capture.py not present"}
         else:
             out["attention"] = self._attention(ac)
         return out
 
-    def _frequency(self, fq) -> dict:
+    def _frequency(self, fq, fqs) -> dict:
         torch, w = self.torch, self.world
         imgs, _ = w.make_dataset(64, "all", w.WORLD_SEED, start=900_000, two_object_rate=0.0)
         with torch.no_grad():
             lat = self.vae.encode(torch.from_numpy(imgs).float() / 255.0).float()
         x0 = self.model.model.latent_format.process_in(lat)
         ms = self.model.get_model_object("model_sampling")
-        sched = fq.model_schedule(ms, points=10)
+        sched = fqs.model_schedule(ms, points=10)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.seed))
-        nc = fq.noising_curves(x0, noise, sched)
+        nc = fqs.noising_curves(x0, noise, sched)
         print("\n== 4a. Frequency (Fig. 2 analogue; low = lowest 20 % of the spectrum) ==")
         print(f"world latents: low-frequency energy fraction {nc['x0_low_energy_fraction']:.3f}; noise outweighs the "
               f"signal from timestep {nc['noise_exceeds_signal_high_at']} (high) and {nc['noise_exceeds_signal_low_at']} (low)")
@@ -323,7 +324,7 @@ class Evaluator:
                 for key in per_step:
                     per_step[key].append(s["rel_change"][key][:-1])
         mean = {k: [statistics.fmean(v[i] for v in vals) for i in range(len(vals[0]))] for k, vals in per_step.items()}
-        settle = {k: fq.settle_step(v, 0.05) for k, v in mean.items()}
+        settle = {k: fqs.settle_step(v, 0.05) for k, v in mean.items()}
         print("denoising: relative change ||x0_pred part - final part|| / ||final part|| per step (mean of "
               f"{len(per_step['x0_low'])} images)")
         print("step " + " ".join(f"{i:>5}" for i in range(len(mean["x0_low"]))))

@@ -13,8 +13,13 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.patcher_extension import WrappersMP
 from pa_support import ksample, tiny, tiny_models
-from prompt_anatomy.nodes import attention_capture as cap
-from prompt_anatomy.nodes import attention_maps as am
+from prompt_anatomy.nodes.attention import capture as cap
+from prompt_anatomy.nodes.attention import nodes as att_nodes
+from prompt_anatomy.nodes.attention import probs as cap_probs
+from prompt_anatomy.nodes.attention import viewer as am
+from prompt_anatomy.nodes.core import families
+from prompt_anatomy.nodes.core import layers as cl
+from prompt_anatomy.nodes.shared import tokens as pa_tokens
 
 PROMPT = "a red square on a blue background"
 
@@ -63,65 +68,66 @@ def test_attention_probs_matches_softmax_and_chunking():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
     want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1).mean(1)
-    full = cap.attention_probs(q, k)
+    full = cap_probs.attention_probs(q, k)
     assert torch.allclose(full, want, atol=1e-6)
     for budget in (1, 7, 40, 300):  # one head and few queries at a time ... all at once
-        assert torch.allclose(cap.attention_probs(q, k, budget=budget), want, atol=1e-6)
+        assert torch.allclose(cap_probs.attention_probs(q, k, budget=budget), want, atol=1e-6)
     # text columns of a joint attention keep the full-row normaliser; "other" holds the rest
-    part = cap.attention_probs(q, k, queries=(4, 10), columns=(1, 3), other=True)
+    part = cap_probs.attention_probs(q, k, queries=(4, 10), columns=(1, 3), other=True)
     assert torch.allclose(part[..., :2], want[:, 4:, 1:3], atol=1e-6)
     assert torch.allclose(part.sum(-1), torch.ones(2, 6), atol=1e-6)
     # a boolean mask removes keys; a float mask is added
     mask = torch.ones(10, 7, dtype=torch.bool)
     mask[:, 5:] = False
-    masked = cap.attention_probs(q, k, mask=cap._mask_rows(mask, slice(0, 2)))
+    masked = cap_probs.attention_probs(q, k, mask=cap_probs.mask_rows(mask, slice(0, 2)))
     want5 = torch.softmax(q @ k[:, :, :5].transpose(-1, -2) / math.sqrt(8), -1).mean(1)
     assert torch.allclose(masked, torch.nn.functional.pad(want5, (0, 2)), atol=1e-6)
     fmask = torch.zeros(10, 7)
     fmask[:, 5:] = float("-inf")
-    assert torch.allclose(cap.attention_probs(q, k, mask=cap._mask_rows(fmask, slice(0, 2))), masked, atol=1e-6)
+    assert torch.allclose(cap_probs.attention_probs(q, k, mask=cap_probs.mask_rows(fmask, slice(0, 2))), masked, atol=1e-6)
 
 
 def test_fold_repeats_equals_attention_on_the_original_context():
     # ComfyUI repeats a 77-token context to the LCM with a longer one; the folded maps are the original ones
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
-    folded = cap.fold_repeats(cap.attention_probs(q, k.repeat(1, 1, 3, 1)), 5)
-    assert torch.allclose(folded, cap.attention_probs(q, k), atol=1e-6)
+    folded = cap_probs.fold_repeats(cap_probs.attention_probs(q, k.repeat(1, 1, 3, 1)), 5)
+    assert torch.allclose(folded, cap_probs.attention_probs(q, k), atol=1e-6)
     with pytest.raises(ValueError, match="not a repeat"):
-        cap.fold_repeats(torch.zeros(1, 2, 7), 5)
+        cap_probs.fold_repeats(torch.zeros(1, 2, 7), 5)
 
 
 def test_resize_keeps_maps_summing_to_one():
     p = torch.softmax(torch.randn(2, 5, 3, 4), 1)
     for size in ((6, 8), (9, 7), (2, 2), (3, 4)):
-        assert torch.allclose(cap.resize_maps(p, size).sum(1), torch.ones(2, *size), atol=1e-5)
+        assert torch.allclose(cap_probs.resize_maps(p, size).sum(1), torch.ones(2, *size), atol=1e-5)
 
 
 def test_bucket_arithmetic():
-    assert [cap.bucket_of(s, 10, 10) for s in range(10)] == list(range(10))
-    assert [cap.bucket_of(s, 25, 10) for s in range(25)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7,
+    assert [cap_probs.bucket_of(s, 10, 10) for s in range(10)] == list(range(10))
+    assert [cap_probs.bucket_of(s, 25, 10) for s in range(25)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7,
                                                              8, 8, 8, 9, 9]
-    assert cap.bucket_ranges(25, 10)[:3] == [(0, 2), (3, 4), (5, 7)]
-    assert cap.bucket_ranges(4, 2) == [(0, 1), (2, 3)]
+    assert cap_probs.bucket_ranges(25, 10)[:3] == [(0, 2), (3, 4), (5, 7)]
+    assert cap_probs.bucket_ranges(4, 2) == [(0, 1), (2, 3)]
 
 
 def test_layer_spec(sd1, sdxl, flux):
-    _, layers = cap.model_layers(sd1.model)
+    ml = cl.model_layers(sd1.model, "CrossAttentionCapture")
+    layers = ml.layers
     assert [x.label for x in layers] == ["input.1.0", "input.3.0", "middle.0.0", "output.0.0", "output.1.0",
                                          "output.2.0", "output.3.0"]
     assert [x.level for x in layers] == [0, 1, 1, 1, 1, 0, 0]
-    assert [x.index for x in cap.parse_layers("0-1, output.3.0", layers)] == [0, 1, 6]
-    assert [x.label for x in cap.parse_layers("middle", layers)] == ["middle.0.0"]
-    assert cap.parse_layers("all", layers) == layers
+    assert [x.index for x in cl.parse_layers("0-1, output.3.0", ml)] == [0, 1, 6]
+    assert [x.label for x in cl.parse_layers("middle", ml)] == ["middle.0.0"]
+    assert cl.parse_layers("all", ml) == layers
     with pytest.raises(ValueError, match="outside 0-6"):
-        cap.parse_layers("3-9", layers)
+        cl.parse_layers("3-9", ml)
     with pytest.raises(ValueError, match="'up' is not a layer"):
-        cap.parse_layers("up", layers)
-    _, xl = cap.model_layers(sdxl.model)
-    assert [x.label for x in cap.parse_layers("input", xl)] == ["input.1.0", "input.3.0", "input.3.1"]
-    _, fl = cap.model_layers(flux.model)
-    assert [x.label for x in cap.parse_layers("single", fl)] == ["single.0"]
+        cl.parse_layers("up", ml)
+    xl = cl.model_layers(sdxl.model, "CrossAttentionCapture")
+    assert [x.label for x in cl.parse_layers("input", xl)] == ["input.1.0", "input.3.0", "input.3.1"]
+    fl = cl.model_layers(flux.model, "CrossAttentionCapture")
+    assert [x.label for x in cl.parse_layers("single", fl)] == ["single.0"]
 
 
 def test_bad_inputs_raise_clear_errors(sd1):
@@ -129,7 +135,8 @@ def test_bad_inputs_raise_clear_errors(sd1):
         cap.install_capture(sd1.model, rows="both")
     with pytest.raises(ValueError, match="buckets must be a whole number from 1 to 100"):
         cap.install_capture(sd1.model, buckets=0)
-    with mock.patch.object(cap.toolkit, "model_family", return_value="WAN21"):
+    with mock.patch.object(families, "config_name", return_value="WAN21"), \
+            mock.patch.object(families, "lookup", return_value=None):
         with pytest.raises(ValueError, match=r"does not support this model \(WAN21\)"):
             cap.install_capture(sd1.model)
 
@@ -146,7 +153,8 @@ def test_capture_is_bit_identical_and_sums_to_one(family, sd3_ok):
     assert torch.isfinite(ref).all()
     out, run, _, _ = captured(t.model, pos, neg, **kw)
     assert torch.equal(bits(out), bits(ref))  # bit for bit
-    arch, layers = cap.model_layers(t.model)
+    ml = cl.model_layers(t.model, "CrossAttentionCapture")
+    arch, layers = ml.kind, ml.layers
     # every chosen layer was seen through the override once per step (euler: one evaluation per step)
     assert run.seen == {x.label: 3 for x in layers} and not run.fallback and not run.missing
     assert not run.errors and not run.skipped
@@ -187,7 +195,7 @@ def test_memory_does_not_grow_with_steps(sd1):
         _, run, _, _ = captured(sd1.model, pos, neg, steps=steps, size=32, cfg=1.0)
         assert sum(run.seen.values()) == 7 * steps
         peaks[steps] = run.peak_bytes
-        persistent[steps] = cap.tensor_bytes(run.sums)
+        persistent[steps] = cap_probs.tensor_bytes(run.sums)
     # accumulators: fixed-size running sums; only one number per token and step grows (tokens x steps floats)
     assert persistent[40] - persistent[10] == 30 * 77 * 4 + 30 * 8  # step_sum rows + step counts
     assert peaks[40] <= 1.10 * peaks[10]
@@ -335,7 +343,7 @@ def test_token_labels_match_the_tokenizer_with_weights_and_chunks(sd1):
     words = ", ".join(["a small (red:1.3) square"] * 16) + ", on a blue background"  # > 75 tokens: two chunks
     tokens = sd1.clip.tokenize(words)["l"]
     assert len(tokens) == 2
-    layout = am.eos_swap.detect_layout(sd1.clip)
+    layout = pa_tokens.detect_layout(sd1.clip)
     table = am.token_table(layout, sd1.clip.tokenize(words))
     assert len(table) == 154
     inv = sd1.clip.tokenizer.clip_l.inv_vocab
@@ -443,7 +451,7 @@ def test_shape_convergence_ratio():
 
 # =========================================================================== the viewer node
 def _view(handle, latent=None, **kw):
-    return am.CrossAttentionMapViewer.execute(handle, kw.pop("text", PROMPT), latent=latent, **kw)
+    return att_nodes.CrossAttentionMapViewer.execute(handle, kw.pop("text", PROMPT), latent=latent, **kw)
 
 
 def test_viewer_node_end_to_end(sd1):
@@ -496,7 +504,7 @@ def test_viewer_errors(sd1):
     with pytest.raises(ValueError, match="batch_index 3 is out of range"):
         _view(handle, batch_index=3)
     with pytest.raises(ValueError, match="record must be the record output"):
-        am.CrossAttentionMapViewer.execute(object(), PROMPT)
+        att_nodes.CrossAttentionMapViewer.execute(object(), PROMPT)
     long_text = ", ".join(["a very detailed red square"] * 20)
     with pytest.raises(ValueError, match="text tokenizes to 154 context positions"):
         _view(handle, text=long_text)

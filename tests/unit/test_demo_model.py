@@ -15,7 +15,9 @@ import safetensors
 import safetensors.torch
 import torch
 from prompt_anatomy.nodes import demo_model as dm
-from prompt_anatomy.nodes import eos_swap, toolkit
+from prompt_anatomy.nodes.core import families
+from prompt_anatomy.nodes.shared import tokens as pa_tokens
+from prompt_anatomy.nodes.text_layers import nodes as tl_nodes
 
 import nodes as comfy_nodes
 
@@ -59,7 +61,7 @@ def test_files_carry_format_and_config_and_fit_the_size_budget(weights):
 
 def test_loader_builds_comfy_classes_of_the_sd1_family(loaded):
     model, clip, vae = loaded
-    assert toolkit.model_family(model) == "sd1"
+    assert families.lookup(model).name == "sd1"
     assert type(model.model.model_config).__name__ == "SD15"
     assert isinstance(clip, comfy.sd.CLIP) and isinstance(clip.cond_stage_model, comfy.sd1_clip.SD1ClipModel)
     assert isinstance(clip.tokenizer, comfy.sd1_clip.SD1Tokenizer)
@@ -78,7 +80,7 @@ def test_loader_builds_comfy_classes_of_the_sd1_family(loaded):
             h.remove()
     assert seen == {64, 16, 4}
     # the EOS swap sees the SD1.x layout: CLIP-L pads with [EOS]
-    assert eos_swap.detect_layout(clip).family == "sd1"
+    assert pa_tokens.detect_layout(clip).family.name == "sd1"
 
 
 def test_tokenizer_is_clip_bpe_with_77_tokens_padded_with_eos(loaded):
@@ -135,7 +137,7 @@ def test_node_loads_from_its_model_dir_and_validates_dtype(weights, monkeypatch)
     monkeypatch.setattr(dm, "MODEL_DIR", weights[0])
     out = dm.PromptAnatomyDemoLoader.execute("fp32")
     model, clip, vae = out.args
-    assert toolkit.model_family(model) == "sd1"
+    assert families.lookup(model).name == "sd1"
     with pytest.raises(ValueError, match="weight_dtype must be one of default, fp32, fp16, bf16"):
         dm.PromptAnatomyDemoLoader.execute("int8")
     schema = dm.PromptAnatomyDemoLoader.define_schema()
@@ -307,12 +309,11 @@ def test_shipped_weights_load_fit_the_budget_and_are_registered():
         with safetensors.safe_open(str(dm.MODEL_DIR / name), framework="pt") as f:
             assert json.loads(f.metadata()["training"])["steps"] > 0, f"{name} holds untrained weights"
     model, clip, vae = dm.PromptAnatomyDemoLoader.execute().args
-    assert toolkit.model_family(model) == "sd1"
+    assert families.lookup(model).name == "sd1"
 
 
 def test_demo_lora_is_registered_once_and_keeps_only_the_selected_layers(monkeypatch):
     import folder_paths
-    from prompt_anatomy.nodes import text_layers
 
     lora = "prompt_anatomy_mini_demo_lora.safetensors"
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
@@ -322,5 +323,5 @@ def test_demo_lora_is_registered_once_and_keeps_only_the_selected_layers(monkeyp
     assert folder_paths.get_folder_paths("loras").count(str(dm.LORA_DIR)) == 1
     assert lora in folder_paths.get_filename_list("loras")
     model = dm.PromptAnatomyDemoLoader.execute().args[0]
-    out = text_layers.LoraLoaderTextLayers.execute(model, lora, 1.0, "output.2.0, output.3.0")
+    out = tl_nodes.LoraLoaderTextLayers.execute(model, lora, 1.0, "output.2.0, output.3.0")
     assert "4 of 14" in out.args[1], out.args[1]

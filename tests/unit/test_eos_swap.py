@@ -10,8 +10,10 @@ import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
 from pa_support import count_rows, ksample, tiny, tiny_models
-from prompt_anatomy.nodes import eos_swap as es
-from prompt_anatomy.nodes import toolkit
+from prompt_anatomy.nodes.core import hooks, runs
+from prompt_anatomy.nodes.eos_swap import construct as es_construct
+from prompt_anatomy.nodes.eos_swap import nodes as es_nodes
+from prompt_anatomy.nodes.shared import tokens as pa_tokens
 
 EOS, SOS = 49407, 49406
 A_TEXT, B_TEXT = "a red cube", "a blue glossy sphere on a table"  # A: 3 CLIP tokens, B: 7
@@ -23,12 +25,12 @@ def encode(t, text):
 
 
 def swap(t, a=A_TEXT, b=B_TEXT, **kw):
-    return es.swap_conditioning(t.clip, a, b, **kw)
+    return es_nodes.swap_conditioning(t.clip, a, b, **kw)
 
 
 def layout_positions(t, text):
-    layout = es.detect_layout(t.clip)
-    return layout, es.token_positions(layout, t.clip.tokenize(text))
+    layout = pa_tokens.detect_layout(t.clip)
+    return layout, pa_tokens.token_positions(layout, t.clip.tokenize(text))
 
 
 def summary(chunks):
@@ -38,7 +40,7 @@ def summary(chunks):
 # --------------------------------------------------------------------------- layouts and exact positions
 def test_positions_sd1_clip_l_pads_with_eos(sd1):
     layout, pos = layout_positions(sd1, A_TEXT)
-    assert layout.family == "sd1" and [(p.key, p.channels) for p in layout.parts] == [("l", (0, 64))]
+    assert layout.family.name == "sd1" and [(p.key, p.channels) for p in layout.parts] == [("l", (0, 64))]
     (c,) = pos["l"]
     assert summary(pos["l"]) == [(0, 0, 4, 77)] and list(c.sem) == [1, 2, 3] and list(c.padding) == list(range(5, 77))
     assert [t for t, _ in c.tokens[4:]] == [EOS] * 73  # CLIP-L pads with [EOS]: only position tells them apart
@@ -47,7 +49,7 @@ def test_positions_sd1_clip_l_pads_with_eos(sd1):
 
 def test_positions_sd2_open_clip_h_pads_with_zero(sd2):
     layout, pos = layout_positions(sd2, A_TEXT)
-    assert layout.family == "sd2" and [(p.key, p.label, p.pad_token) for p in layout.parts] == [("h", "OpenCLIP-H", 0)]
+    assert layout.family.name == "sd2" and [(p.key, p.label, p.pad_token) for p in layout.parts] == [("h", "OpenCLIP-H", 0)]
     (c,) = pos["h"]
     assert summary(pos["h"]) == [(0, 0, 4, 77)]
     assert [t for t, _ in c.tokens[4:]] == [EOS] + [0] * 72
@@ -98,12 +100,12 @@ def test_positions_multi_chunk_eos_per_chunk(sd1):
 
 
 def test_positions_embedding_vectors_take_one_position_each(sd1):
-    layout = es.detect_layout(sd1.clip)
+    layout = pa_tokens.detect_layout(sd1.clip)
     tokens = sd1.clip.tokenize(A_TEXT)
     vec = torch.randn(64)
     chunk = list(tokens["l"][0])
     chunk[2] = (vec, 1.0)  # an embedding vector in place of "red"
-    (c,) = es.chunk_positions(layout.part("l"), [chunk])
+    (c,) = pa_tokens.chunk_positions(layout.part("l"), [chunk])
     assert (c.sos, c.eos, list(c.sem)) == (0, 4, [1, 2, 3]) and c.tokens[2][0] is vec
 
 
@@ -111,11 +113,11 @@ def test_positions_embedding_vectors_take_one_position_each(sd1):
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "flux"])
 def test_source_sem_target_eos_kept_positions_bit_identical(family):
     t = tiny(family)
-    layout = es.detect_layout(t.clip)
+    layout = pa_tokens.detect_layout(t.clip)
     (ca, _), = encode(t, A_TEXT)
     (cb, _), = encode(t, B_TEXT)
-    pa = es.token_positions(layout, t.clip.tokenize(A_TEXT))
-    pb = es.token_positions(layout, t.clip.tokenize(B_TEXT))
+    pa = pa_tokens.token_positions(layout, t.clip.tokenize(A_TEXT))
+    pb = pa_tokens.token_positions(layout, t.clip.tokenize(B_TEXT))
     cond, _, _ = swap(t)
     (out, _), = cond
     assert out.shape == ca.shape and out.dtype == ca.dtype
@@ -221,8 +223,8 @@ def test_eos_only_on_t5_and_sos_only_refused(flux):
 
 
 def test_repeat_sem_matches_encoding_of_repeated_text(sd1):
-    layout = es.detect_layout(sd1.clip)
-    tokens = es.repeat_semantic_tokens(layout, sd1.clip.tokenize(A_TEXT), 3)
+    layout = pa_tokens.detect_layout(sd1.clip)
+    tokens = es_construct.repeat_semantic_tokens(layout, sd1.clip.tokenize(A_TEXT), 3)
     assert tokens == sd1.clip.tokenize(" ".join([A_TEXT] * 3))
     (cr, _), = encode(sd1, " ".join([A_TEXT] * 3))
     (cb, _), = encode(sd1, B_TEXT)
@@ -237,9 +239,9 @@ def test_repeat_sem_matches_encoding_of_repeated_text(sd1):
 
 
 def test_repeat_sem_t5_grows_past_min_length(flux):
-    layout = es.detect_layout(flux.clip)
-    tokens = es.repeat_semantic_tokens(layout, flux.clip.tokenize(A_TEXT), 60)
-    (t5,) = es.token_positions(layout, tokens)["t5xxl"]
+    layout = pa_tokens.detect_layout(flux.clip)
+    tokens = es_construct.repeat_semantic_tokens(layout, flux.clip.tokenize(A_TEXT), 60)
+    (t5,) = pa_tokens.token_positions(layout, tokens)["t5xxl"]
     assert (t5.eos, t5.end) == (300, 301)  # 5 × 60 semantic tokens, the end token, no padding left
 
 
@@ -305,15 +307,15 @@ def test_mismatched_clip_and_model_raise(sd1, sd2, sdxl):
     with pytest.raises(ValueError, match="model is SDXL but clip is the SD1.x"):
         swap(sd1, model=sdxl.model, kv="key_only")
     # conditionings encoded by different CLIPs cannot be spliced
-    layout = es.detect_layout(sd1.clip)
-    pa = es.token_positions(layout, sd1.clip.tokenize(A_TEXT))
+    layout = pa_tokens.detect_layout(sd1.clip)
+    pa = pa_tokens.token_positions(layout, sd1.clip.tokenize(A_TEXT))
     (ca, _), = encode(sd1, A_TEXT)
     (cx, _), = encode(sdxl, B_TEXT)
     with pytest.raises(ValueError, match="different text encoders"):
-        es.build_construction(layout, "source_sem+target_eos", "first_eos", ca, pa, cx, pa)
+        es_construct.build_construction(layout, "source_sem+target_eos", "first_eos", ca, pa, cx, pa)
     (c_long, _), = encode(sd1, LONG)
     with pytest.raises(ValueError, match="not encoded by this CLIP"):
-        es.build_construction(layout, "sem+zero", "first_eos", c_long, pa)
+        es_construct.build_construction(layout, "sem+zero", "first_eos", c_long, pa)
 
 
 def test_unsupported_text_encoder_raises():
@@ -326,7 +328,7 @@ def test_unsupported_text_encoder_raises():
 
     clip = tm._clip(comfy.sdxl_clip.SDXLTokenizer, TinyRefinerClip, 3, None)
     with pytest.raises(ValueError, match="not one EOSConditioningSwap knows.*Supported: SD1.x"):
-        es.swap_conditioning(clip, A_TEXT, B_TEXT)
+        es_nodes.swap_conditioning(clip, A_TEXT, B_TEXT)
 
 
 @pytest.mark.parametrize("family,name", [("sd3", "SD3's MMDiT"), ("flux", "Flux's double/single blocks")])
@@ -345,12 +347,12 @@ def test_key_only_needs_model(sd1):
 # --------------------------------------------------------------------------- step range
 def record_contexts(model):
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     calls = []
 
     def rec(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        mask = toolkit.row_mask(transformer_options, x.shape[0])
-        calls.append({"step": toolkit.current_step(transformer_options), "rows": x.shape[0],
+        mask = runs.row_mask(transformer_options, x.shape[0])
+        calls.append({"step": runs.current_step(transformer_options), "rows": x.shape[0],
                       "pos": [c_crossattn[r] for r in range(x.shape[0]) if mask[r]]})
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
@@ -368,7 +370,8 @@ def test_step_range_sd1_exact_conditioning_per_step_no_extra_rows(sd1):
     start, end, steps = 0.34, 0.67, 6
     cond, _, _ = swap(sd1, start_percent=start, end_percent=end)
     assert [(d["start_percent"], d["end_percent"]) for _, d in cond] == [
-        (0.0, start - es.RANGE_NUDGE), (start - es.RANGE_NUDGE, end + es.RANGE_NUDGE), (end + es.RANGE_NUDGE, 1.0)]
+        (0.0, start - es_construct.RANGE_NUDGE), (start - es_construct.RANGE_NUDGE, end + es_construct.RANGE_NUDGE),
+        (end + es_construct.RANGE_NUDGE, 1.0)]
     (plain, _), = encode(sd1, A_TEXT)
     (full, _), = swap(sd1)[0]
     neg = encode(sd1, "")
@@ -430,11 +433,11 @@ def capture_attention(model, ctx_len):
     def capture(call_next, func, q, k, v, *args, **kwargs):
         if k.shape[1] == ctx_len:  # cross-attention (self-attention has one key per latent pixel)
             to = kwargs["transformer_options"]
-            seen.append({"k": k.clone(), "v": v.clone(), "mask": toolkit.row_mask(to, k.shape[0]),
-                         "step": toolkit.current_step(to)})
+            seen.append({"k": k.clone(), "v": v.clone(), "mask": runs.row_mask(to, k.shape[0]),
+                         "step": runs.current_step(to)})
         return call_next(q, k, v, *args, **kwargs)
 
-    toolkit.chain_attention_override(m, capture)
+    hooks.chain_attention_override(m, capture)
     return m, seen
 
 
@@ -445,7 +448,7 @@ def check_kv_inside_attention(t, kv, start=0.0, end=1.0, steps=2, want_in_range=
     (constructed, _), = swap(t)[0]
     (neg_ctx, _), = neg = encode(t, "")
     m, seen = capture_attention(patched, 77)
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     ksample(m, cond, neg, steps=steps, channels=t.latent_channels)
     mods = attn2_modules(t.model)
     assert len(seen) == len(mods) * steps
@@ -514,11 +517,11 @@ def test_bfloat16_end_to_end():
 
 # --------------------------------------------------------------------------- node
 def test_node_schema_and_output(sd1):
-    schema = es.EOSConditioningSwap.define_schema()
+    schema = es_nodes.EOSConditioningSwap.define_schema()
     assert schema.node_id == "EOSConditioningSwap" and schema.category.startswith("prompt_anatomy/")
     assert all(i.tooltip for i in schema.inputs) and schema.description
     assert [i.id for i in schema.inputs if i.optional] == ["model"]
-    res = es.EOSConditioningSwap.execute(sd1.clip, A_TEXT, B_TEXT)
+    res = es_nodes.EOSConditioningSwap.execute(sd1.clip, A_TEXT, B_TEXT)
     cond, model, table = res.args
     assert model is None and cond[0][0].shape == (1, 77, 64)
     assert res.ui.as_dict() == {"text": (table,)}
@@ -526,4 +529,4 @@ def test_node_schema_and_output(sd1):
     assert re.search(r"^\s+5–72\s+<\|endoftext\|>\s+padding\s+B 9–76$", table, re.M)
     assert re.search(r"^\s+73–76\s+<\|endoftext\|>\s+padding\s+B 76 \(×4\)$", table, re.M)
     assert "repeat its last slot" in table
-    assert es.EOSConditioningSwap in __import__("prompt_anatomy.nodes", fromlist=["all_nodes"]).all_nodes()
+    assert es_nodes.EOSConditioningSwap in __import__("prompt_anatomy.nodes", fromlist=["all_nodes"]).all_nodes()

@@ -15,8 +15,11 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_extras import nodes_custom_sampler
 from pa_support import empty_latent, ksample, tiny
-from prompt_anatomy.nodes import frequency as fq
-from prompt_anatomy.nodes import guidance_cutoff as gc
+from prompt_anatomy.nodes.frequency import nodes as fq_nodes
+from prompt_anatomy.nodes.frequency import recorder as fq_recorder
+from prompt_anatomy.nodes.frequency import schedules as fq_schedules
+from prompt_anatomy.nodes.guidance_cutoff import nodes as gc_nodes
+from prompt_anatomy.nodes.shared import drawing, spectral
 
 
 @pytest.fixture(autouse=True)
@@ -50,22 +53,22 @@ def tiny_vae(channels: int = 4, seed: int = 0):
                                    (1, 16, 3, 6, 8)])
 def test_low_plus_high_reproduces_latent(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
-    low, high = fq.split_frequencies(x, 0.2)
+    low, high = spectral.split_frequencies(x, 0.2)
     assert low.shape == x.shape and high.shape == x.shape and low.dtype == x.dtype
     assert (low + high - x).abs().max() <= 1e-5
     # orthogonal parts: the energies add up (Parseval)
     assert torch.allclose(low.pow(2).sum() + high.pow(2).sum(), x.pow(2).sum(), rtol=1e-5)
     # a projection: the low part of the low part is itself, its high part vanishes
-    low2, high2 = fq.split_frequencies(low, 0.2)
+    low2, high2 = spectral.split_frequencies(low, 0.2)
     assert (low2 - low).abs().max() <= 1e-5 and high2.abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("hw", [(33, 20), (32, 32)])
 def test_image_split_and_merge_nodes_are_exact(hw):
     img = torch.rand(2, *hw, 3, generator=torch.Generator().manual_seed(2))
-    low, high = fq.FrequencySplitImage.execute(img, 0.2).args
+    low, high = fq_nodes.FrequencySplitImage.execute(img, 0.2).args
     assert low.shape == img.shape and (low + high - img).abs().max() <= 1e-5
-    (merged,) = fq.FrequencyMergeImage.execute(low, high, 0.2).args
+    (merged,) = fq_nodes.FrequencyMergeImage.execute(low, high, 0.2).args
     assert (merged - img).abs().max() <= 1e-5
 
 
@@ -74,23 +77,23 @@ def test_latent_split_node_keeps_latent_keys_and_merge_swaps_bands():
     a = {"samples": torch.randn(2, 4, 16, 16, generator=gen), "noise_mask": torch.ones(2, 1, 16, 16),
          "batch_index": [4, 5]}
     b = {"samples": torch.randn(2, 4, 16, 16, generator=gen)}
-    lo, hi = fq.FrequencySplit.execute(a, 0.3).args
+    lo, hi = fq_nodes.FrequencySplit.execute(a, 0.3).args
     assert lo["batch_index"] == [4, 5] and lo["noise_mask"] is a["noise_mask"] and "samples" in hi
     assert (lo["samples"] + hi["samples"] - a["samples"]).abs().max() <= 1e-5
-    (back,) = fq.FrequencyMerge.execute(lo, hi, 0.3).args
+    (back,) = fq_nodes.FrequencyMerge.execute(lo, hi, 0.3).args
     assert (back["samples"] - a["samples"]).abs().max() <= 1e-5
-    (mixed,) = fq.FrequencyMerge.execute(a, b, 0.3).args
-    a_low, _ = fq.split_frequencies(a["samples"], 0.3)
-    _, b_high = fq.split_frequencies(b["samples"], 0.3)
+    (mixed,) = fq_nodes.FrequencyMerge.execute(a, b, 0.3).args
+    a_low, _ = spectral.split_frequencies(a["samples"], 0.3)
+    _, b_high = spectral.split_frequencies(b["samples"], 0.3)
     assert torch.allclose(mixed["samples"], a_low + b_high, atol=1e-6)
     assert mixed["batch_index"] == [4, 5]
-    m_low, m_high = fq.split_frequencies(mixed["samples"], 0.3)
+    m_low, m_high = spectral.split_frequencies(mixed["samples"], 0.3)
     assert torch.allclose(m_low, a_low, atol=1e-5) and torch.allclose(m_high, b_high, atol=1e-5)
 
 
 def test_split_keeps_dtype_and_works_in_bfloat16():
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    low, high = fq.split_frequencies(x)
+    low, high = spectral.split_frequencies(x)
     assert low.dtype == torch.bfloat16 and high.dtype == torch.bfloat16
     # computed in fp32, rounded once per part: the sum is within two bf16 roundings of the input
     assert ((low.float() + high.float()) - x.float()).abs().max() <= 2 * 2 ** -8 * x.float().abs().max()
@@ -98,22 +101,22 @@ def test_split_keeps_dtype_and_works_in_bfloat16():
 
 # =========================================================================== the low band
 def test_low_band_is_the_threshold_fraction_of_the_spectrum():
-    assert fq.low_radius(0.2) == pytest.approx(math.sqrt(0.2 / math.pi))
+    assert spectral.low_radius(0.2) == pytest.approx(math.sqrt(0.2 / math.pi))
     for t in (0.05, 0.2, 0.5, 0.9, 0.99):
-        r = fq.low_radius(t)
-        assert fq.disc_area_in_spectrum(r) == pytest.approx(t, abs=1e-9)
+        r = spectral.low_radius(t)
+        assert spectral.disc_area_in_spectrum(r) == pytest.approx(t, abs=1e-9)
         # on a 128 x 128 grid the fraction of Fourier bins in the band differs from t only by discretisation
-        assert fq.low_frequency_mask(128, 128, t, full=True).float().mean().item() == pytest.approx(t, abs=0.005)
+        assert spectral.low_frequency_mask(128, 128, t, full=True).float().mean().item() == pytest.approx(t, abs=0.005)
     # radial in normalised frequency: a non-square grid has the same band fraction
-    assert fq.low_frequency_mask(96, 160, 0.2, full=True).float().mean().item() == pytest.approx(0.2, abs=0.005)
+    assert spectral.low_frequency_mask(96, 160, 0.2, full=True).float().mean().item() == pytest.approx(0.2, abs=0.005)
     # the rfft half-mask is the full mask's left half (DC at [0, 0])
-    full, half = fq.low_frequency_mask(10, 9, 0.3, full=True), fq.low_frequency_mask(10, 9, 0.3)
+    full, half = spectral.low_frequency_mask(10, 9, 0.3, full=True), spectral.low_frequency_mask(10, 9, 0.3)
     assert torch.equal(full[:, :5], half)
 
 
 def test_larger_threshold_moves_energy_to_low():
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
-    fractions = [fq.split_frequencies(x, t)[0].pow(2).sum().item() / x.pow(2).sum().item()
+    fractions = [spectral.split_frequencies(x, t)[0].pow(2).sum().item() / x.pow(2).sum().item()
                  for t in (0.1, 0.3, 0.6, 0.9)]
     assert fractions == sorted(fractions)
 
@@ -124,7 +127,7 @@ K, M = 256, 64  # noise samples, grid size
 
 def test_prop1_gaussian_noise_has_flat_spectrum():
     eps = torch.randn(K, 1, M, M, generator=torch.Generator().manual_seed(6))
-    energy = fq.fourier_energy(eps).mean(dim=(0, 1))  # [M, M], averaged over K samples
+    energy = spectral.fourier_energy(eps).mean(dim=(0, 1))  # [M, M], averaged over K samples
     # Prop. 1: E|F(u, v)|^2 = 1 / MN at every frequency (F normalised by 1/MN as in the paper's eq. 6)
     assert energy.mean().item() * M * M == pytest.approx(1.0, rel=0.01)
     # Flatness: |F|^2 of one sample is exponential (chi^2_2 / 2, coefficient of variation 1) at every complex
@@ -134,15 +137,15 @@ def test_prop1_gaussian_noise_has_flat_spectrum():
     assert cv < 2 / math.sqrt(K)
     # the control: the same statistic on smoothed (correlated) noise is far from flat
     smooth = torch.nn.functional.avg_pool2d(eps, 5, stride=1, padding=2, count_include_pad=False)
-    e2 = fq.fourier_energy(smooth).mean(dim=(0, 1))
+    e2 = spectral.fourier_energy(smooth).mean(dim=(0, 1))
     assert (e2.std() / e2.mean()).item() > 1.0
 
 
 def test_prop1_high_part_holds_80_percent_of_noise_energy():
     eps = torch.randn(16, 4, M, M, generator=torch.Generator().manual_seed(7))
-    low, high = fq.split_frequencies(eps, 0.2)
+    low, high = spectral.split_frequencies(eps, 0.2)
     frac_high = high.pow(2).sum().item() / eps.pow(2).sum().item()
-    expected = 1.0 - fq.low_frequency_mask(M, M, 0.2, full=True).float().mean().item()  # 1 - bins in the band
+    expected = 1.0 - spectral.low_frequency_mask(M, M, 0.2, full=True).float().mean().item()  # 1 - bins in the band
     assert expected == pytest.approx(0.8, abs=0.005)
     # 16 * 4 samples of 64 x 64: the std of the fraction is ~0.001, so 0.01 is > 5 sigma
     assert frac_high == pytest.approx(expected, abs=0.01)
@@ -151,12 +154,12 @@ def test_prop1_high_part_holds_80_percent_of_noise_energy():
 def test_smooth_image_energy_is_low_and_fine_texture_is_high():
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, M), torch.linspace(-1, 1, M), indexing="ij")
     smooth = (torch.exp(-(xx ** 2 + yy ** 2) / 0.3) + 0.5 * xx)[None, None]  # blob + gradient
-    low, high = fq.split_frequencies(smooth, 0.2)
+    low, high = spectral.split_frequencies(smooth, 0.2)
     # > 0.95, not ~1: the FFT sees the image periodically extended, so the gradient's wrap-around edge puts
     # ~1 % of the energy into high frequencies (measured 0.988)
     assert low.pow(2).sum() / smooth.pow(2).sum() > 0.95
     checker = ((torch.arange(M)[:, None] + torch.arange(M)[None, :]) % 2).float()[None, None] - 0.5
-    low, high = fq.split_frequencies(checker, 0.2)
+    low, high = spectral.split_frequencies(checker, 0.2)
     assert high.pow(2).sum() / checker.pow(2).sum() > 0.99
 
 
@@ -164,27 +167,27 @@ def test_smooth_image_energy_is_low_and_fine_texture_is_high():
 @pytest.mark.parametrize("threshold", [0.0, 1.0, -0.1, 1.5, float("nan"), "abc"])
 def test_bad_threshold_raises(threshold):
     with pytest.raises(ValueError, match="threshold"):
-        fq.split_frequencies(torch.zeros(1, 4, 8, 8), threshold)
+        spectral.split_frequencies(torch.zeros(1, 4, 8, 8), threshold)
 
 
 def test_empty_batch_and_mismatched_merge_raise():
     with pytest.raises(ValueError, match="empty"):
-        fq.split_frequencies(torch.zeros(0, 4, 8, 8))
+        spectral.split_frequencies(torch.zeros(0, 4, 8, 8))
     with pytest.raises(ValueError, match="empty"):
-        fq.FrequencySplitImage.execute(torch.zeros(0, 8, 8, 3), 0.2)
+        fq_nodes.FrequencySplitImage.execute(torch.zeros(0, 8, 8, 3), 0.2)
     with pytest.raises(ValueError, match="same shape"):
-        fq.FrequencyMerge.execute({"samples": torch.zeros(1, 4, 8, 8)}, {"samples": torch.zeros(1, 4, 8, 10)}, 0.2)
+        fq_nodes.FrequencyMerge.execute({"samples": torch.zeros(1, 4, 8, 8)}, {"samples": torch.zeros(1, 4, 8, 10)}, 0.2)
     with pytest.raises(ValueError, match="same shape"):
-        fq.FrequencyMergeImage.execute(torch.zeros(2, 8, 8, 3), torch.zeros(1, 8, 8, 3), 0.2)
+        fq_nodes.FrequencyMergeImage.execute(torch.zeros(2, 8, 8, 3), torch.zeros(1, 8, 8, 3), 0.2)
     with pytest.raises(ValueError, match="grid_steps"):
-        fq.FrequencySplitPreview.execute(tiny("sd1").model, 0.2, 6, "0, x")
+        fq_nodes.FrequencySplitPreview.execute(tiny("sd1").model, 0.2, 6, "0, x")
     with pytest.raises(ValueError, match="threshold"):
-        fq.FrequencySplitPreview.execute(tiny("sd1").model, 1.0)
+        fq_nodes.FrequencySplitPreview.execute(tiny("sd1").model, 1.0)
 
 
 # =========================================================================== the recorder
 def record(model, **kw):
-    m, handle = fq.FrequencySplitPreview.execute(model, **kw).args
+    m, handle = fq_nodes.FrequencySplitPreview.execute(model, **kw).args
     return m, handle
 
 
@@ -197,7 +200,7 @@ def test_recorder_leaves_latent_bit_identical(sd1, conds, sampler):
     assert len(handle.runs) == 1 and handle.runs[0].reported_steps == 3
     # no trace on later runs: an unpatched run after the patched one equals a fresh unpatched run
     assert torch.equal(ksample(sd1.model, *conds, steps=3, sampler=sampler, seed=3), ref)
-    assert not sd1.model.get_wrappers(WrappersMP.SAMPLER_SAMPLE, fq.WRAPPER_KEY)
+    assert not sd1.model.get_wrappers(WrappersMP.SAMPLER_SAMPLE, fq_recorder.WRAPPER_KEY)
 
 
 def test_recorder_publishes_one_run_per_sampling_with_exact_statistics(sd1, conds):
@@ -207,22 +210,22 @@ def test_recorder_publishes_one_run_per_sampling_with_exact_statistics(sd1, cond
     (run,) = handle.runs
     assert run.n_steps == n and run.batch == 2 and run.kind == "eps" and run.sampler == "sample_euler"
     assert torch.equal(run.final_out, out)  # the published output is exactly the KSampler's LATENT
-    for k in fq.STAT_NAMES:
+    for k in fq_recorder.STAT_NAMES:
         assert run.stats[f"{k}_rms"].shape == (n + 1, 2) and run.stats[f"{k}_change"].shape == (n + 1, 2)
         assert torch.isfinite(run.stats[f"{k}_rms"]).all()
         assert (run.stats[f"{k}_change"][n] == 0).all()
-    final_low, final_high = fq.split_frequencies(run.final, 0.2)
+    final_low, final_high = spectral.split_frequencies(run.final, 0.2)
     for s in range(n):
         x_vp, x0 = run.grid_latents[s]
         # EPS model: x_t is stored in variance-preserving form x / sqrt(1 + sigma^2)
         assert run.signal_coef[s] == pytest.approx(1 / math.sqrt(1 + run.sigmas[s] ** 2))
         assert run.noise_coef[s] == pytest.approx(run.sigmas[s] / math.sqrt(1 + run.sigmas[s] ** 2))
         for name, lat in (("xt", x_vp), ("x0", x0)):
-            lo, hi = fq.split_frequencies(lat, 0.2)
-            assert torch.allclose(run.stats[f"{name}_low_rms"][s], fq.rms_per_item(lo), rtol=1e-5)
-            assert torch.allclose(run.stats[f"{name}_high_rms"][s], fq.rms_per_item(hi), rtol=1e-5)
+            lo, hi = spectral.split_frequencies(lat, 0.2)
+            assert torch.allclose(run.stats[f"{name}_low_rms"][s], spectral.rms_per_item(lo), rtol=1e-5)
+            assert torch.allclose(run.stats[f"{name}_high_rms"][s], spectral.rms_per_item(hi), rtol=1e-5)
             for part, mine, fin in (("low", lo, final_low), ("high", hi, final_high)):
-                assert torch.allclose(run.stats[f"{name}_{part}_change"][s], fq.relative_change(mine, fin),
+                assert torch.allclose(run.stats[f"{name}_{part}_change"][s], spectral.relative_change(mine, fin),
                                       rtol=1e-4, atol=1e-5)
     # step 0 of a full-denoise run from an empty latent: ComfyUI starts at x = sqrt(1 + sigma_max^2) * noise, so
     # the VP form is exactly the initial noise
@@ -249,7 +252,7 @@ def test_recorder_keeps_only_the_chosen_steps(sd1, conds):
 def test_recorder_does_not_stack_and_chains_the_callback(sd1, conds):
     m, h1 = record(sd1.model)
     m2, h2 = record(m)
-    assert len(m2.get_wrappers(WrappersMP.SAMPLER_SAMPLE, fq.WRAPPER_KEY)) == 1  # keyed: replaced, not stacked
+    assert len(m2.get_wrappers(WrappersMP.SAMPLER_SAMPLE, fq_recorder.WRAPPER_KEY)) == 1  # keyed: replaced, not stacked
     seen = []
     latent = empty_latent()
     noise = comfy.sample.prepare_noise(latent["samples"], 0)
@@ -284,9 +287,9 @@ def test_live_preview_shows_low_and_high_side_by_side(sd1, conds, monkeypatch):
 
 def test_recorder_works_with_guidance_cutoff_and_custom_sampler(sd1, conds):
     m, handle = record(sd1.model)
-    out = gc.GuidanceCutoffKSampler.execute(m, 0, 4, 5.0, "euler", "normal", *conds, empty_latent(), 1.0,
+    out = gc_nodes.GuidanceCutoffKSampler.execute(m, 0, 4, 5.0, "euler", "normal", *conds, empty_latent(), 1.0,
                                             cutoff=0.5).args[0]["samples"]
-    ref = gc.GuidanceCutoffKSampler.execute(sd1.model, 0, 4, 5.0, "euler", "normal", *conds, empty_latent(), 1.0,
+    ref = gc_nodes.GuidanceCutoffKSampler.execute(sd1.model, 0, 4, 5.0, "euler", "normal", *conds, empty_latent(), 1.0,
                                             cutoff=0.5).args[0]["samples"]
     assert torch.equal(out, ref) and len(handle.runs) == 1
     assert torch.equal(handle.runs[0].final_out, out)
@@ -329,7 +332,7 @@ def test_recorder_in_bfloat16(conds):
 
 # =========================================================================== the viewer
 def view(handle, latent, **kw):
-    return fq.FrequencySplitViewer.execute(handle, latent, **kw)
+    return fq_nodes.FrequencySplitViewer.execute(handle, latent, **kw)
 
 
 def test_viewer_outputs_grid_plots_json_and_cutoff(sd1, conds):
@@ -350,7 +353,7 @@ def test_viewer_outputs_grid_plots_json_and_cutoff(sd1, conds):
     run = handle.runs[-1]
     low_x0 = run.stats["x0_low_change"][:6, 1].tolist()
     assert data["rel_change"]["x0_low"][:6] == pytest.approx(low_x0)
-    expect, step = fq.suggested_cutoff(low_x0, 0.5, "x0")
+    expect, step = fq_schedules.suggested_cutoff(low_x0, 0.5, "x0")
     assert cutoff == pytest.approx(expect) and data["suggested_cutoff_step"] == step
     assert out.ui["text"][0].startswith("6 steps (sample_euler), image 1 of 2")
     # the grid cells are the VAE decodes: the final column's x_t cell is the decoded final latent
@@ -386,26 +389,26 @@ def test_viewer_errors(sd1, conds):
 
 def test_suggested_cutoff_rules():
     ch = [3.0, 1.0, 0.2, 0.05, 0.3, 0.04, 0.01, 0.0]  # 8 steps
-    assert fq.settle_step(ch, 0.1) == 5  # step 4 goes back above the threshold
-    assert fq.suggested_cutoff(ch, 0.1, "x_t") == (5 / 8, 5)
-    assert fq.suggested_cutoff(ch, 0.1, "x0") == (6 / 8, 6)  # the x0 of step 5 already used step 5's guidance
-    assert fq.suggested_cutoff([5.0, 4.0, 3.0], 0.1, "x0") == (1.0, 3)  # never settles: guidance on every step
-    assert fq.suggested_cutoff([0.01, 0.0], 0.1, "x_t") == (0.0, 0)
-    assert fq.settle_step([0.01, math.nan, 0.0], 0.1) == 2  # an unreported step is not settled
+    assert fq_schedules.settle_step(ch, 0.1) == 5  # step 4 goes back above the threshold
+    assert fq_schedules.suggested_cutoff(ch, 0.1, "x_t") == (5 / 8, 5)
+    assert fq_schedules.suggested_cutoff(ch, 0.1, "x0") == (6 / 8, 6)  # the x0 of step 5 already used step 5's guidance
+    assert fq_schedules.suggested_cutoff([5.0, 4.0, 3.0], 0.1, "x0") == (1.0, 3)  # never settles: guidance on every step
+    assert fq_schedules.suggested_cutoff([0.01, 0.0], 0.1, "x_t") == (0.0, 0)
+    assert fq_schedules.settle_step([0.01, math.nan, 0.0], 0.1) == 2  # an unreported step is not settled
     with pytest.raises(ValueError, match="cutoff_signal"):
-        fq.suggested_cutoff([1.0], 0.1, "eps")
+        fq_schedules.suggested_cutoff([1.0], 0.1, "eps")
 
 
 def test_latent_to_rgb_shapes():
     import comfy.latent_formats
 
-    assert fq.latent_to_rgb(torch.zeros(2, 16, 4, 6), comfy.latent_formats.Flux()).shape == (2, 64, 96, 3)
-    assert fq.latent_to_rgb(torch.zeros(1, 16, 3, 4, 4), comfy.latent_formats.Flux()).shape == (1, 64, 64, 3)
-    assert fq.latent_to_rgb(torch.zeros(1, 2, 8, 8)).shape == (1, 64, 64, 3)  # no format: channel 0 as grey
+    assert drawing.latent_to_rgb(torch.zeros(2, 16, 4, 6), comfy.latent_formats.Flux()).shape == (2, 64, 96, 3)
+    assert drawing.latent_to_rgb(torch.zeros(1, 16, 3, 4, 4), comfy.latent_formats.Flux()).shape == (1, 64, 64, 3)
+    assert drawing.latent_to_rgb(torch.zeros(1, 2, 8, 8)).shape == (1, 64, 64, 3)  # no format: channel 0 as grey
 
 
 def test_line_plot_draws_series():
-    img = fq.line_plot([("a", [0, 1, 2], [1.0, 0.1, 0.01], (255, 0, 0), False),
+    img = drawing.line_plot([("a", [0, 1, 2], [1.0, 0.1, 0.01], (255, 0, 0), False),
                         ("b", [0, 1, 2], [0.5, math.nan, 0.0], (0, 0, 255), True)],
                        title="t", xlabel="x", ylabel="y", log_y=True, size=(320, 200), hlines=[(0.1, "thr", (0, 0, 0))])
     assert img.size == (320, 200)
@@ -415,20 +418,20 @@ def test_line_plot_draws_series():
 
 # =========================================================================== noising analysis
 def test_named_sd1_schedule_equals_the_models_schedule(sd1):
-    named = fq.named_schedule("sd1_scaled_linear", 50)
-    model = fq.model_schedule(sd1.model.get_model_object("model_sampling"), 50)
+    named = fq_schedules.named_schedule("sd1_scaled_linear", 50)
+    model = fq_schedules.model_schedule(sd1.model.get_model_object("model_sampling"), 50)
     assert named.timesteps == model.timesteps == [20 * k - 1 for k in range(1, 51)]
     assert named.signal == pytest.approx(model.signal, rel=1e-5)
     assert named.noise == pytest.approx(model.noise, rel=1e-5)
     # sqrt(abar) of the last timestep of SD's scaled-linear schedule (abar_999 = 0.00466)
     assert named.signal[-1] == pytest.approx(math.sqrt(0.0046600), rel=1e-3)
-    flow = fq.named_schedule("rectified_flow", 10)
+    flow = fq_schedules.named_schedule("rectified_flow", 10)
     t = 0.3  # timestep index 299 -> sigma 0.3 -> a = 0.7, b = 0.3 before VP normalisation
     i = flow.timesteps.index(299)
     assert flow.signal[i] == pytest.approx(0.7 / math.hypot(0.7, t))
     assert flow.noise[i] == pytest.approx(t / math.hypot(0.7, t))
-    for name in fq.NAMED_SCHEDULES:
-        s = fq.named_schedule(name, 20)
+    for name in fq_schedules.NAMED_SCHEDULES:
+        s = fq_schedules.named_schedule(name, 20)
         assert all(abs(a * a + b * b - 1) < 1e-9 for a, b in zip(s.signal, s.noise, strict=True))
         assert s.signal == sorted(s.signal, reverse=True)  # more noise at later timesteps
 
@@ -439,17 +442,17 @@ def test_noising_curves_are_exact_and_show_high_frequencies_drown_first():
     x0 = torch.stack([torch.exp(-(xx ** 2 + yy ** 2) / 0.2), xx, yy * xx])[None]
     x0 = x0 + 0.05 * torch.randn(1, 3, 64, 64, generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
-    sched = fq.named_schedule("sd1_scaled_linear", 10)
-    c = fq.noising_curves(x0, eps, sched, 0.2)
-    x0l, x0h = fq.split_frequencies(x0)
-    el, eh = fq.split_frequencies(eps)
+    sched = fq_schedules.named_schedule("sd1_scaled_linear", 10)
+    c = fq_schedules.noising_curves(x0, eps, sched, 0.2)
+    x0l, x0h = spectral.split_frequencies(x0)
+    el, eh = spectral.split_frequencies(eps)
     for i, (a, b) in enumerate(zip(sched.signal, sched.noise, strict=True)):  # brute force: build x_t
         xt = a * x0 + b * eps
-        lo, hi = fq.split_frequencies(xt)
-        assert c["rel_change_low"][i] == pytest.approx(float(fq.relative_change(lo, x0l)), rel=1e-4)
-        assert c["rel_change_high"][i] == pytest.approx(float(fq.relative_change(hi, x0h)), rel=1e-4)
-        assert c["signal_low"][i] == pytest.approx(a * float(fq.rms_per_item(x0l)), rel=1e-5)
-        assert c["noise_high"][i] == pytest.approx(b * float(fq.rms_per_item(eh)), rel=1e-5)
+        lo, hi = spectral.split_frequencies(xt)
+        assert c["rel_change_low"][i] == pytest.approx(float(spectral.relative_change(lo, x0l)), rel=1e-4)
+        assert c["rel_change_high"][i] == pytest.approx(float(spectral.relative_change(hi, x0h)), rel=1e-4)
+        assert c["signal_low"][i] == pytest.approx(a * float(spectral.rms_per_item(x0l)), rel=1e-5)
+        assert c["noise_high"][i] == pytest.approx(b * float(spectral.rms_per_item(eh)), rel=1e-5)
         assert c["rel_change_high"][i] > c["rel_change_low"][i]  # the paper's Fig. 2c, noising side
     assert c["x0_low_energy_fraction"] > 0.9
     hi_at, lo_at = c["noise_exceeds_signal_high_at"], c["noise_exceeds_signal_low_at"]
@@ -459,24 +462,24 @@ def test_noising_curves_are_exact_and_show_high_frequencies_drown_first():
 def test_noising_analysis_node_on_image_and_latent(sd1):
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 40), indexing="ij")
     img = torch.stack([xx, yy, 0.5 * (xx + yy)], dim=-1)[None]
-    grid, plots, stats = fq.FrequencyNoisingAnalysis.execute(image=img, points=20, grid_columns=4).args
+    grid, plots, stats = fq_nodes.FrequencyNoisingAnalysis.execute(image=img, points=20, grid_columns=4).args
     data = json.loads(stats)
     assert data["space"] == "pixel" and data["shape"] == [1, 3, 48, 40] and len(data["timesteps"]) == 20
     assert plots.shape == (2, 420, 640, 3) and grid.shape[0] == 1
     assert grid.shape[1] > 3 * 48 and grid.shape[2] > 4 * 40
     # large pictures: grid cells are downscaled to 256 px on the long side
     big = torch.rand(1, 300, 600, 3, generator=torch.Generator().manual_seed(2))
-    grid = fq.FrequencyNoisingAnalysis.execute(image=big, points=4, grid_columns=2).args[0]
+    grid = fq_nodes.FrequencyNoisingAnalysis.execute(image=big, points=4, grid_columns=2).args[0]
     assert 3 * 128 < grid.shape[1] < 3 * 300 and 2 * 256 < grid.shape[2] < 2 * 600
     # the same image in a latent space, schedule and scaling from the model, decoded by a VAE
     vae = tiny_vae()
-    grid, plots, stats = fq.FrequencyNoisingAnalysis.execute(image=img[:, :40], vae=vae, model=sd1.model,
+    grid, plots, stats = fq_nodes.FrequencyNoisingAnalysis.execute(image=img[:, :40], vae=vae, model=sd1.model,
                                                              schedule="from_model", points=10).args
     data = json.loads(stats)
     assert data["space"] == "latent" and data["shape"] == [1, 4, 5, 5]
     lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
-    d_sd1 = json.loads(fq.FrequencyNoisingAnalysis.execute(latent=lat, latent_format="sd1", points=10).args[2])
-    d_raw = json.loads(fq.FrequencyNoisingAnalysis.execute(latent=lat, latent_format="as_is", points=10).args[2])
+    d_sd1 = json.loads(fq_nodes.FrequencyNoisingAnalysis.execute(latent=lat, latent_format="sd1", points=10).args[2])
+    d_raw = json.loads(fq_nodes.FrequencyNoisingAnalysis.execute(latent=lat, latent_format="as_is", points=10).args[2])
     assert d_sd1["x0_low_rms"] == pytest.approx(0.18215 * d_raw["x0_low_rms"], rel=1e-5)  # SD1 latent scaling
     assert d_sd1["eps_low_rms"] == pytest.approx(d_raw["eps_low_rms"])  # same seed, same noise
 
@@ -484,21 +487,21 @@ def test_noising_analysis_node_on_image_and_latent(sd1):
 def test_noising_analysis_errors(sd1):
     img = torch.rand(1, 16, 16, 3)
     with pytest.raises(ValueError, match="exactly one of image or latent"):
-        fq.FrequencyNoisingAnalysis.execute()
+        fq_nodes.FrequencyNoisingAnalysis.execute()
     with pytest.raises(ValueError, match="exactly one of image or latent"):
-        fq.FrequencyNoisingAnalysis.execute(image=img, latent={"samples": torch.zeros(1, 4, 2, 2)})
+        fq_nodes.FrequencyNoisingAnalysis.execute(image=img, latent={"samples": torch.zeros(1, 4, 2, 2)})
     with pytest.raises(ValueError, match="schedule 'from_model' needs the model"):
-        fq.FrequencyNoisingAnalysis.execute(image=img, schedule="from_model")
+        fq_nodes.FrequencyNoisingAnalysis.execute(image=img, schedule="from_model")
     with pytest.raises(ValueError, match="latent_format 'from_model' needs the model"):
-        fq.FrequencyNoisingAnalysis.execute(latent={"samples": torch.zeros(1, 4, 2, 2)})
+        fq_nodes.FrequencyNoisingAnalysis.execute(latent={"samples": torch.zeros(1, 4, 2, 2)})
     with pytest.raises(ValueError, match="empty"):
-        fq.FrequencyNoisingAnalysis.execute(image=torch.zeros(0, 16, 16, 3))
+        fq_nodes.FrequencyNoisingAnalysis.execute(image=torch.zeros(0, 16, 16, 3))
     with pytest.raises(ValueError, match="threshold"):
-        fq.FrequencyNoisingAnalysis.execute(image=img, threshold=0.0)
+        fq_nodes.FrequencyNoisingAnalysis.execute(image=img, threshold=0.0)
 
 
 def test_nodes_have_tooltips_and_descriptions():
-    for node in fq.NODES:
+    for node in fq_nodes.NODES:
         node.GET_SCHEMA()  # ComfyUI's own validation (unique ids, ...) as at load time
         schema = node.define_schema()
         assert schema.description and schema.category == "prompt_anatomy/frequency"

@@ -9,10 +9,11 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_extras import nodes_custom_sampler
 from pa_support import count_rows, empty_latent, ksample, tiny
-from prompt_anatomy.nodes import guidance_cutoff as gc
-from prompt_anatomy.nodes import toolkit
+from prompt_anatomy.nodes.core import runs
+from prompt_anatomy.nodes.guidance_cutoff import logic as gc_logic
+from prompt_anatomy.nodes.guidance_cutoff import nodes as gc_nodes
 
-Node = gc.GuidanceCutoffKSampler
+Node = gc_nodes.GuidanceCutoffKSampler
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,11 @@ def run_node(model, pos, neg, *, steps=10, cfg=5.0, sampler="euler", scheduler="
 def record_steps(model):
     """Clone recording (step, rows) of every diffusion-model call."""
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     calls = []
 
     def rec(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
-        calls.append((toolkit.current_step(transformer_options), x.shape[0]))
+        calls.append((runs.current_step(transformer_options), x.shape[0]))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test.steps", rec)
@@ -78,7 +79,7 @@ def test_patched_run_leaves_no_trace(sd1, conds):
     ref = ksample(sd1.model, *conds, steps=4)
     run_node(sd1.model, *conds, steps=4, cutoff=0.25)
     assert torch.equal(ksample(sd1.model, *conds, steps=4), ref)
-    assert not sd1.model.get_wrappers(WrappersMP.CALC_COND_BATCH, gc.WRAPPER_KEY)
+    assert not sd1.model.get_wrappers(WrappersMP.CALC_COND_BATCH, gc_logic.WRAPPER_KEY)
 
 
 # ------------------------------------------------------------------ every sampler
@@ -90,7 +91,7 @@ def expected_rows(calls, cutoff_step, batch=1):
 def test_every_sampler_follows_the_step_rule(sd1, conds, sampler):
     steps = 4
     m, calls = record_steps(sd1.model)
-    patched = gc.apply_cutoff(m, gc.CutoffSettings(cutoff=2, cutoff_unit="step"))
+    patched = gc_logic.apply_cutoff(m, gc_logic.CutoffSettings(cutoff=2, cutoff_unit="step"))
     ksample(patched, *conds, steps=steps, sampler=sampler)
     assert calls, sampler
     if sampler in ("dpm_fast", "dpm_adaptive"):
@@ -103,14 +104,14 @@ def test_every_sampler_follows_the_step_rule(sd1, conds, sampler):
         return  # hundreds of evaluations on a random model; the bit-identity below is covered by the others
     # with the cutoff beyond the last step the sampler's output is untouched
     ref = ksample(sd1.model, *conds, steps=steps, sampler=sampler, seed=1)
-    same = ksample(gc.apply_cutoff(sd1.model, gc.CutoffSettings(cutoff=1.0)), *conds, steps=steps, sampler=sampler,
+    same = ksample(gc_logic.apply_cutoff(sd1.model, gc_logic.CutoffSettings(cutoff=1.0)), *conds, steps=steps, sampler=sampler,
                    seed=1)
     assert torch.equal(same, ref), sampler
 
 
 def test_second_order_sampler_both_calls_follow_step_rule(sd1, conds):
     m, calls = record_steps(sd1.model)
-    ksample(gc.apply_cutoff(m, gc.CutoffSettings(cutoff=0.5)), *conds, steps=4, sampler="heun")
+    ksample(gc_logic.apply_cutoff(m, gc_logic.CutoffSettings(cutoff=0.5)), *conds, steps=4, sampler="heun")
     # heun: 2 calls per step except the last; cutoff at step 2
     assert calls == [(0, 2), (0, 2), (1, 2), (1, 2), (2, 1), (2, 1), (3, 1)]
 
@@ -183,7 +184,7 @@ def test_bfloat16_tiny_model(conds):
 # ------------------------------------------------------------------ guider and patch share the implementation
 def test_guider_with_sampler_custom_advanced(sd1, conds):
     m, counter = count_rows(sd1.model)
-    guider = gc.GuidanceCutoffGuider.execute(m, *conds, 5.0, cutoff=0.5).args[0]
+    guider = gc_nodes.GuidanceCutoffGuider.execute(m, *conds, 5.0, cutoff=0.5).args[0]
     sampler = comfy.samplers.sampler_object("euler")
     sigmas = comfy.samplers.calculate_sigmas(sd1.model.get_model_object("model_sampling"), "normal", 10)
     noise = nodes_custom_sampler.Noise_RandomNoise(0)
@@ -194,7 +195,7 @@ def test_guider_with_sampler_custom_advanced(sd1, conds):
 
 
 def test_patch_with_stock_ksampler_equals_node(sd1, conds):
-    patched = gc.GuidanceCutoffPatch.execute(sd1.model, cutoff=0.4, keep="positive").args[0]
+    patched = gc_nodes.GuidanceCutoffPatch.execute(sd1.model, cutoff=0.4, keep="positive").args[0]
     m, counter = count_rows(patched)
     out = ksample(m, *conds, steps=10)
     assert counter["rows"] == 4 * 2 + 6
@@ -203,8 +204,9 @@ def test_patch_with_stock_ksampler_equals_node(sd1, conds):
 
 
 def test_patch_composes_with_other_wrappers_and_is_idempotent(sd1, conds):
-    patched = gc.apply_cutoff(gc.apply_cutoff(sd1.model, gc.CutoffSettings(cutoff=0.2)), gc.CutoffSettings(cutoff=0.5))
-    assert len(patched.get_wrappers(WrappersMP.CALC_COND_BATCH, gc.WRAPPER_KEY)) == 1
+    patched = gc_logic.apply_cutoff(gc_logic.apply_cutoff(sd1.model, gc_logic.CutoffSettings(cutoff=0.2)),
+                                    gc_logic.CutoffSettings(cutoff=0.5))
+    assert len(patched.get_wrappers(WrappersMP.CALC_COND_BATCH, gc_logic.WRAPPER_KEY)) == 1
     seen = []
 
     def foreign(executor, model, conds_, x, t, mo):

@@ -17,11 +17,11 @@ import comfy.ops
 import pytest
 import torch
 from pa_support import count_rows, empty_latent, ksample, tiny_models
-from prompt_anatomy.nodes import guidance_cutoff as gc
+from prompt_anatomy.nodes.guidance_cutoff import nodes as gc_nodes
 
 import nodes as comfy_nodes
 
-Node = gc.GuidanceCutoffKSampler
+Node = gc_nodes.GuidanceCutoffKSampler
 
 
 @pytest.fixture(scope="module")

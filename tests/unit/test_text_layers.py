@@ -15,9 +15,13 @@ import folder_paths
 import pytest
 import torch
 from pa_support import count_rows, ksample, tiny
-from prompt_anatomy.nodes import text_layers as tl
-from prompt_anatomy.nodes import text_layers_localize as tll
-from prompt_anatomy.nodes import toolkit
+from prompt_anatomy.nodes.core import families, hooks, runs
+from prompt_anatomy.nodes.core import layers as cl
+from prompt_anatomy.nodes.text_layers import localize as tll
+from prompt_anatomy.nodes.text_layers import lora as tl_lora
+from prompt_anatomy.nodes.text_layers import nodes as tl_nodes
+from prompt_anatomy.nodes.text_layers import patch as tl
+from prompt_anatomy.nodes.text_layers import words as tl_words
 
 SOURCE = 'a wooden sign that says "HELLO" in a park'
 TARGET = 'a wooden sign that says "WORLD" in a park'
@@ -70,36 +74,38 @@ def real_sdxl_patcher():
 
 def test_sdxl_paper_preset_is_cross_attention_55_56_of_70_on_full_size_sdxl():
     p = real_sdxl_patcher()
-    ml = tl.model_layers(p)
-    assert ml.family == "sdxl" and len(ml.layers) == 70
+    ml = cl.model_layers(p, "test")
+    assert ml.family.name == "sdxl" and len(ml.layers) == 70
     want = (("output", 2, 1), ("output", 2, 2))
     for spec in ("sdxl_paper", "auto", "55,56", "55-56", "output.2.1, output.2.2", "output.2.1-2", " 56 ; 55 "):
-        assert tl.parse_layers(spec, ml) == want, spec
+        assert cl.parse_layers(spec, ml) == want, spec
     assert ml.index(want[0]) == 55 and ml.index(want[1]) == 56
     assert "output.2.0-9 [54-63]" in ml.describe() and ml.describe().startswith("input.4.0-1 [0-1]")
-    assert len(tl.parse_layers("output.2", ml)) == 10
-    assert tl.layer_heads(p, ml, want[0]) == 20  # 1280 channels / 64 per head
-    assert tl.layer_weight_prefixes(p, ml, want[0]) == ("diffusion_model.output_blocks.2.1.transformer_blocks.1.attn2.",)
+    assert len(cl.parse_layers("output.2", ml)) == 10
+    assert cl.layer_heads(p, ml, want[0]) == 20  # 1280 channels / 64 per head
+    assert cl.weight_prefixes(ml, want[0]) == ("diffusion_model.output_blocks.2.1.transformer_blocks.1.attn2.",)
 
 
 def test_sd3_paper_preset_is_joint_block_10():
-    ml = tl.ModelLayers("sd3", "dit", tuple(("joint", i) for i in range(24)))  # SD3-medium: 24 joint blocks
-    assert tl.parse_layers("auto", ml) == tl.parse_layers("sd3_paper", ml) == tl.parse_layers("joint.10", ml) == \
-        tl.parse_layers("10", ml) == (("joint", 10),)
-    assert tl.parse_layers("joint.9-11", ml) == (("joint", 9), ("joint", 10), ("joint", 11))
+    layers = tuple(cl.Layer(("joint", i), i, 0, f"joint_blocks.{i}") for i in range(24))  # SD3-medium: 24 joint blocks
+    ml = cl.ModelLayers(families.by_name("sd3"), "dit", layers)
+    assert cl.parse_layers("auto", ml) == cl.parse_layers("sd3_paper", ml) == cl.parse_layers("joint.10", ml) == \
+        cl.parse_layers("10", ml) == (("joint", 10),)
+    assert cl.parse_layers("joint.9-11", ml) == (("joint", 9), ("joint", 10), ("joint", 11))
 
 
 def test_layer_strings_on_tiny_models(sd1, sdxl, flux):
-    ml = tl.model_layers(sd1.model)
-    assert ml.layers == tuple(toolkit.unet_attn2_layers(sd1.model))
-    assert tl.parse_layers("", ml) == () and tl.parse_layers("  ", ml) == ()
-    assert tl.parse_layers("output.2, 0, input.1.0", ml) == (("input", 1, 0), ("output", 2, 0))
-    assert tl.parse_layers("3-4", ml) == (("output", 0, 0), ("output", 1, 0))
-    mlx = tl.model_layers(sdxl.model)
-    assert tl.parse_layers("input.3", mlx) == (("input", 3, 0), ("input", 3, 1))
-    mlf = tl.model_layers(flux.model)
+    ml = cl.model_layers(sd1.model, "test")
+    assert [x.label for x in ml.layers] == ["input.1.0", "input.3.0", "middle.0.0", "output.0.0", "output.1.0", "output.2.0",
+                                           "output.3.0"]
+    assert cl.parse_layers("", ml) == () and cl.parse_layers("  ", ml) == ()
+    assert cl.parse_layers("output.2, 0, input.1.0", ml) == (("input", 1, 0), ("output", 2, 0))
+    assert cl.parse_layers("3-4", ml) == (("output", 0, 0), ("output", 1, 0))
+    mlx = cl.model_layers(sdxl.model, "test")
+    assert cl.parse_layers("input.3", mlx) == (("input", 3, 0), ("input", 3, 1))
+    mlf = cl.model_layers(flux.model, "test")
     assert mlf.layers == (("double", 0), ("single", 0))
-    assert tl.parse_layers("single.0", mlf) == tl.parse_layers("1", mlf) == (("single", 0),)
+    assert cl.parse_layers("single.0", mlf) == cl.parse_layers("1", mlf) == (("single", 0),)
 
 
 @pytest.mark.parametrize("family,spec,msg", [
@@ -121,9 +127,9 @@ def test_layer_strings_on_tiny_models(sd1, sdxl, flux):
     ("sd1", "5-3", r"range 5-3 runs backwards"),
 ])
 def test_bad_layer_strings_raise_listing_valid_layers(family, spec, msg):
-    ml = tl.model_layers(tiny(family).model)
+    ml = cl.model_layers(tiny(family).model, "test")
     with pytest.raises(ValueError, match=msg):
-        tl.parse_layers(spec, ml)
+        cl.parse_layers(spec, ml)
 
 
 def test_heads_strings():
@@ -140,15 +146,15 @@ def test_unsupported_family_raises():
     p.model = _Fake()
     p.model.model_config = object()
     with pytest.raises(ValueError, match="TextLayerPatch does not support this model \\(object\\)"):
-        tl.model_layers(p)
+        cl.model_layers(p, "TextLayerPatch")
 
 
 # ============================================================================== capture helpers
 def _layer_of(to):
-    layer = toolkit.current_attn2_layer(to)
+    layer = cl.current_attn2_layer(to)
     if layer is not None:
         return layer
-    value = to.get(toolkit.LAYER_KEY)
+    value = to.get(cl.LAYER_KEY)
     return value if isinstance(value, tuple) else None
 
 
@@ -160,8 +166,8 @@ def spy_override(records):
         layer = _layer_of(to)
         if layer is not None:
             records.append({
-                "step": toolkit.current_step(to), "layer": layer, "k": args[1].clone(), "v": args[2].clone(),
-                "roles": toolkit.chunk_roles(to), "txt": to.get(toolkit.TXT_LEN_KEY),
+                "step": runs.current_step(to), "layer": layer, "k": args[1].clone(), "v": args[2].clone(),
+                "roles": runs.chunk_roles(to), "txt": to.get(cl.TXT_LEN_KEY),
                 "rows": args[1].shape[0],
             })
         return call_next(*args, **kwargs)
@@ -172,10 +178,10 @@ def spy_override(records):
 def recording(model):
     """Clone with a K/V recorder that ends up *inside* any patch applied to the clone afterwards."""
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
-    toolkit.ensure_layer_tracking(m)
+    runs.ensure_run_tracking(m)
+    cl.ensure_layer_tracking(m, cl.model_layers(m, "test"))
     records = []
-    toolkit.chain_attention_override(m, spy_override(records))
+    hooks.chain_attention_override(m, spy_override(records))
     return m, records
 
 
@@ -206,7 +212,7 @@ def _three_runs(t, conds, batch=1, steps=3, **patch):
 @pytest.mark.parametrize("family,batch", [("sd1", 3), ("sdxl", 1), ("sd2", 2)])
 def test_unet_selected_layers_see_the_target_every_other_layer_bit_identical(family, batch, conds):
     t = model(family)
-    layers = tl.model_layers(t.model).layers
+    layers = cl.model_layers(t.model, "test").layers
     chosen = (layers[1], layers[-2])
     a, b, p = _three_runs(t, conds, batch=batch, steps=4, layers=chosen, start_percent=0.5, end_percent=0.75)
     patched_calls = 0
@@ -224,7 +230,7 @@ def test_unet_selected_layers_see_the_target_every_other_layer_bit_identical(fam
 
 
 def test_unet_rows_positive_and_negative_patches_both(sd1, conds):
-    layer = tl.model_layers(sd1.model).layers[3]
+    layer = cl.model_layers(sd1.model, "test").layers[3]
     a, b, p = _three_runs(sd1, conds, steps=2, layers=(layer,), rows="positive_and_negative")
     for rb, rp in zip(b, p, strict=True):
         for key in ("k", "v"):
@@ -251,7 +257,7 @@ def test_unet_target_of_other_length_is_repeated_to_the_lcm(sd1):
 
     def rec(n, context, value, extra):
         if (extra["block"][0], extra["block"][1], extra["block_index"]) == layer:
-            seen.append((context.clone(), toolkit.row_mask(extra, context.shape[0])))
+            seen.append((context.clone(), runs.row_mask(extra, context.shape[0])))
         return n, context, value
 
     m.set_model_attn2_patch(rec)  # after ours: sees what the attention gets
@@ -267,7 +273,7 @@ def test_unet_heads_subset_mixes_projected_heads(sd1, conds):
     layer = ("output", 0, 0)
     heads = (1,)
     a, b, p = _three_runs(t, conds, layers=(layer,), heads="1")
-    n_heads = tl.layer_heads(t.model, tl.model_layers(t.model), layer)
+    n_heads = cl.layer_heads(t.model, cl.model_layers(t.model, "test"), layer)
     assert n_heads == 2
     hit = 0
     for ra, rb, rp in zip(a, b, p, strict=True):
@@ -336,7 +342,7 @@ def test_reapplying_replaces_the_earlier_patch(sd1, conds):
     twice, _ = tl.apply_text_layer_patch(tl.apply_text_layer_patch(sd1.model, tgt, "5")[0], tgt, "2")
     assert torch.equal(ksample(once, pos, neg, steps=2), ksample(twice, pos, neg, steps=2))
     assert len([p for p in twice.model_options["transformer_options"]["patches"]["attn2_patch"]
-                if getattr(p, "prompt_anatomy_text_layers", False)]) == 1
+                if getattr(p, hooks.KEY_ATTR, None) == tl.HOOK_KEY]) == 1
     off, _ = tl.apply_text_layer_patch(once, tgt, "")  # an empty patch on top switches the earlier one off
     assert torch.equal(ksample(off, pos, neg, steps=2), ksample(sd1.model, pos, neg, steps=2))
 
@@ -399,7 +405,7 @@ def _ipadapter_like_replace(seen):
     from comfy.ldm.modules.attention import optimized_attention
 
     def replace(q, k, v, extra_options):
-        seen.append((k.clone(), toolkit.row_mask(extra_options, k.shape[0])))
+        seen.append((k.clone(), runs.row_mask(extra_options, k.shape[0])))
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
     return replace
@@ -439,7 +445,7 @@ def dit_runs(t, conds, batch=1, cfg=None, steps=4, unpatched=True, **patch):
     m, _ = tl.apply_text_layer_patch(base, tgt, **patch)
     m = m.clone()
     outer = []
-    toolkit.chain_attention_override(m, spy_override(outer))
+    hooks.chain_attention_override(m, spy_override(outer))
     counted, counter = count_rows(m)
     ksample(counted, pos, neg, steps=steps, batch=batch, **kw)
     return a, list(rec_a), outer, counter
@@ -448,7 +454,7 @@ def dit_runs(t, conds, batch=1, cfg=None, steps=4, unpatched=True, **patch):
 @pytest.mark.parametrize("family,batch", [("sd3", 1), ("sd3", 3), ("flux", 1), ("flux", 3)])
 def test_dit_text_kv_of_selected_blocks_come_from_the_target_rows(family, batch, conds):
     t = model(family)
-    blocks = tl.model_layers(t.model).layers
+    blocks = cl.model_layers(t.model, "test").layers
     chosen = blocks[1]
     a, inner, outer, counter = dit_runs(t, conds, batch=batch, layers=(chosen,), start_percent=0.5)
     assert [(r["step"], r["layer"]) for r in inner] == [(r["step"], r["layer"]) for r in outer]
@@ -493,7 +499,7 @@ def test_dit_target_rows_are_the_target_prompts_own_pass(sd3, conds):
     m, _ = tl.apply_text_layer_patch(base, tgt, "joint.1", end_percent=0.5)
     m = m.clone()
     outer = []
-    toolkit.chain_attention_override(m, spy_override(outer))
+    hooks.chain_attention_override(m, spy_override(outer))
     ksample(m, pos, neg, steps=2, channels=16, cfg=5.0)
     p = [r for r in outer if r["step"] == 0]
     assert len(p) == len(b) == 2
@@ -517,9 +523,9 @@ def test_dit_rows_positive_and_negative_share_the_target_rows(sd3, conds):
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_dit_heads_subset_and_strength(family, conds):
     t = model(family)
-    block = tl.model_layers(t.model).layers[0]
+    block = cl.model_layers(t.model, "test").layers[0]
     a, inner, outer, _ = dit_runs(t, conds, steps=2, unpatched=False, layers=(block,), heads="1", strength=0.5)
-    n_heads = tl.layer_heads(t.model, tl.model_layers(t.model), block)
+    n_heads = cl.layer_heads(t.model, cl.model_layers(t.model, "test"), block)
     seen = 0
     for ri, ro in zip(inner, outer, strict=True):
         if ro["layer"] != block:
@@ -614,7 +620,7 @@ def test_bad_settings_raise(sd1, sdxl, conds):
 
 def test_node_outputs_model_and_report(sd3, conds):
     pos, neg, tgt = conds(sd3)
-    out = tl.TextLayerPatch.execute(sd3.model, tgt, "joint.1", 0.0, 1.0)
+    out = tl_nodes.TextLayerPatch.execute(sd3.model, tgt, "joint.1", 0.0, 1.0)
     m, report = out.args
     assert "SD3 · MMDiT/Flux patching" in report and "layers: joint.1 [1] of 2 attention blocks" in report
     assert "steps: from 0.000 to 1.000" in report and out.ui.as_dict()["text"] == (report,)
@@ -623,12 +629,12 @@ def test_node_outputs_model_and_report(sd3, conds):
 
 # ============================================================================== word substitution
 def test_word_substitution_rules():
-    rules = tl.parse_replacements("hello => world\n\n# comment\nbad word=>nice word\nBye => ")
+    rules = tl_words.parse_replacements("hello => world\n\n# comment\nbad word=>nice word\nBye => ")
     assert rules == [("hello", "world"), ("bad word", "nice word"), ("Bye", "")]
-    text, counts = tl.substitute_words('"HELLO" Hello hello, othello, bad  word; goodbye bye!', rules)
+    text, counts = tl_words.substitute_words('"HELLO" Hello hello, othello, bad  word; goodbye bye!', rules)
     assert text == '"WORLD" World world, othello, nice word; goodbye !'
     assert counts == [3, 1, 1]
-    swapped, counts = tl.substitute_words("cat dog cats", tl.parse_replacements("cat => dog\ndog => cat"))
+    swapped, counts = tl_words.substitute_words("cat dog cats", tl_words.parse_replacements("cat => dog\ndog => cat"))
     assert swapped == "dog cat cats" and counts == [1, 1]
 
 
@@ -640,16 +646,16 @@ def test_word_substitution_rules():
 ])
 def test_bad_replacement_lines_raise_naming_the_line(text, msg):
     with pytest.raises(ValueError, match=msg):
-        tl.parse_replacements(text)
+        tl_words.parse_replacements(text)
 
 
 def test_word_substitution_node_encodes_both(sd1):
-    out = tl.TextLayerWordSubstitute.execute(sd1.clip, SOURCE, "hello => world\nmoon => sun")
+    out = tl_nodes.TextLayerWordSubstitute.execute(sd1.clip, SOURCE, "hello => world\nmoon => sun")
     source, target, text, report = out.args
     assert text == TARGET
     assert torch.equal(source[0][0], sd1.encode(SOURCE)[0][0]) and torch.equal(target[0][0], sd1.encode(TARGET)[0][0])
     assert "'hello' => 'world': replaced 1×" in report and "'moon' => 'sun': not in the prompt" in report
-    same = tl.TextLayerWordSubstitute.execute(sd1.clip, SOURCE, "moon => sun").args
+    same = tl_nodes.TextLayerWordSubstitute.execute(sd1.clip, SOURCE, "moon => sun").args
     assert same[1] is same[0] and "None of the words occurs" in same[3]
 
 
@@ -663,7 +669,7 @@ def test_lora_keeps_only_the_selected_layers_attention(sd1, conds, tmp_path):
     pos, neg, _ = conds(sd1)
     te = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2)}
     lora_sd = write_lora(tmp_path / "full.safetensors", sd1.model, SD1_TARGETS, extra=te)
-    m, report = tl.load_text_layer_lora(sd1.model, lora_sd, "output.1.0, input.1", 0.8, name="full")
+    m, report = tl_lora.load_text_layer_lora(sd1.model, lora_sd, "output.1.0, input.1", 0.8, name="full")
     kept = {k for k in m.patches if k not in sd1.model.patches}
     assert kept == {"diffusion_model.output_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
                     "diffusion_model.output_blocks.1.1.transformer_blocks.0.attn2.to_v.weight",
@@ -682,31 +688,31 @@ def test_lora_node_loads_from_the_loras_folder(sd1, tmp_path, monkeypatch):
     write_lora(tmp_path / "pa_test_lora.safetensors", sd1.model, SD1_TARGETS[:2])
     paths, exts = folder_paths.folder_names_and_paths["loras"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)] + list(paths), exts))
-    out = tl.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "4")
+    out = tl_nodes.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "4")
     assert "kept 2 of 2" in out.args[1] and out.ui.as_dict()["text"] == (out.args[1],)
     with pytest.raises(ValueError, match=r"none of the 2 weights pa_test_lora.safetensors patches lies in the "
                                          r"selected layers \(middle.0.0\); it patches output_blocks.1"):
-        tl.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "middle.0")
-    assert tl.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 0.0, "4").args[0] is sd1.model
-    empty = tl.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "")  # the node's default
+        tl_nodes.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "middle.0")
+    assert tl_nodes.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 0.0, "4").args[0] is sd1.model
+    empty = tl_nodes.LoraLoaderTextLayers.execute(sd1.model, "pa_test_lora.safetensors", 1.0, "")  # the node's default
     assert empty.args[0] is sd1.model and "layers: none selected, so nothing of the LoRA is applied" in empty.args[1]
 
 
 def test_lora_for_another_model_and_dit_blocks(sd1, flux, tmp_path):
     lora_sd = write_lora(tmp_path / "l.safetensors", sd1.model, SD1_TARGETS[:1])
     with pytest.raises(ValueError, match="no weight of LoRA matches this Flux.1 model"):
-        tl.load_text_layer_lora(flux.model, lora_sd, "double.0")
+        tl_lora.load_text_layer_lora(flux.model, lora_sd, "double.0")
     dit = {}
     for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj", "double_blocks.0.img_mlp.0",
                    "single_blocks.0.linear1"):
         w = flux.model.model.state_dict()[f"diffusion_model.{module}.weight"]
         dit[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(w.shape[0], 2) * 0.1
         dit[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(2, w.shape[1]) * 0.1
-    m, report = tl.load_text_layer_lora(flux.model, dit, "double.0")
+    m, report = tl_lora.load_text_layer_lora(flux.model, dit, "double.0")
     assert "kept 2 of 4" in report
     assert {k for k in m.patches if k not in flux.model.patches} == {
         "diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.double_blocks.0.txt_attn.proj.weight"}
-    assert "MLP part is kept too" in tl.load_text_layer_lora(flux.model, dit, "single.0")[1]
+    assert "MLP part is kept too" in tl_lora.load_text_layer_lora(flux.model, dit, "single.0")[1]
 
 
 # ============================================================================== localization
@@ -727,7 +733,7 @@ def test_score_edit_definition():
 
 
 def test_candidate_strings(sd1):
-    ml = tl.model_layers(sd1.model)
+    ml = cl.model_layers(sd1.model, "test")
     assert len(tll.parse_candidates("", ml)) == 7
     assert tll.parse_candidates("each 5-6; 0,1\n0,1; middle.0", ml) == [
         (("output", 2, 0),), (("output", 3, 0),), (("input", 1, 0), ("input", 3, 0)), (("middle", 0, 0),)]
@@ -742,7 +748,7 @@ def test_localize_runs_algorithm_1(sd1, conds):
     old = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
     try:
-        out = tll.TextLayerLocalize.execute(sd1.model, pos, tgt, neg, latent, seed=3, steps=2, cfg=5.0,
+        out = tl_nodes.TextLayerLocalize.execute(sd1.model, pos, tgt, neg, latent, seed=3, steps=2, cfg=5.0,
                                             candidates="each 5-6; 0-6", top_k=2)
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
@@ -753,7 +759,7 @@ def test_localize_runs_algorithm_1(sd1, conds):
     assert samples.shape == (5, 4, 4, 4)
     src, tgt_l = samples[0:1], samples[1:2]
     assert torch.equal(src, ksample(sd1.model, pos, neg, steps=2, seed=3))
-    ml = tl.model_layers(sd1.model)
+    ml = cl.model_layers(sd1.model, "test")
     cands = [(ml.layers[5],), (ml.layers[6],), ml.layers]
     m, _ = tl.apply_text_layer_patch(sd1.model, tgt, cands[0])  # a candidate = TextLayerPatch with only it
     assert torch.equal(samples[2:3], ksample(m, pos, neg, steps=2, seed=3))
@@ -762,7 +768,7 @@ def test_localize_runs_algorithm_1(sd1, conds):
     assert scores[2][0] == pytest.approx(1.0, abs=1e-6)  # ... so it reproduces all of the change
     ranked = sorted(range(3), key=lambda i: -(scores[i][0] - scores[i][1]))
     want = set(cands[ranked[0]]) | set(cands[ranked[1]])
-    assert best == ", ".join(tl.layer_label(layer) for layer in ml.layers if layer in want)
+    assert best == ", ".join(cl.layer_label(layer) for layer in ml.layers if layer in want)
     rows = [line for line in table.splitlines() if line[:4].strip().isdigit()]
     assert [r.split()[0] for r in rows] == ["1", "2", "3"] and rows[0].endswith(" *") and rows[1].endswith(" *")
     assert f"{scores[ranked[0]][0]:.3f}" in rows[0] and not rows[2].endswith("*")
@@ -792,7 +798,7 @@ def test_localize_on_dit(flux, conds):
 def test_node_schemas_are_registered_with_tooltips():
     import prompt_anatomy.nodes as pack
 
-    mine = [tl.TextLayerPatch, tl.TextLayerWordSubstitute, tl.LoraLoaderTextLayers, tll.TextLayerLocalize]
+    mine = [tl_nodes.TextLayerPatch, tl_nodes.TextLayerWordSubstitute, tl_nodes.LoraLoaderTextLayers, tl_nodes.TextLayerLocalize]
     assert all(node in pack.all_nodes() for node in mine)
     for node in mine:
         schema = node.define_schema()

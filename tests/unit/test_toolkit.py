@@ -7,25 +7,27 @@ import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
 from pa_support import ksample, tiny
-from prompt_anatomy.nodes import toolkit
+from prompt_anatomy.nodes.core import families, hooks, runs
+from prompt_anatomy.nodes.core import layers as cl
+from prompt_anatomy.nodes.core.errors import InternalError
 
 
 def record_calls(model):
     """Clone with run tracking and an APPLY_MODEL wrapper recording every model call."""
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     calls = []
 
     def rec(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
         to = transformer_options
         calls.append({
-            "step": toolkit.current_step(to),
+            "step": runs.current_step(to),
             "sigma": float(t.reshape(-1)[0]),
-            "roles": toolkit.chunk_roles(to),
+            "roles": runs.chunk_roles(to),
             "rows": x.shape[0],
-            "mask": toolkit.row_mask(to, x.shape[0]),
+            "mask": runs.row_mask(to, x.shape[0]),
             "ctx": None if c_crossattn is None else c_crossattn.clone(),
-            "run": toolkit.run_state(to),
+            "run": runs.run_state(to),
         })
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
@@ -69,27 +71,27 @@ def test_step_index_with_denoise_below_one(sd1, conds):
     steps = [c["step"] for c in calls]
     assert steps == list(range(8))  # relative to the truncated schedule actually sampled
     run = calls[0]["run"]
-    assert len(run.sample_sigmas) == 9 and toolkit.total_steps({"sample_sigmas": run.sample_sigmas}) == 8
+    assert len(run.sample_sigmas) == 9 and runs.total_steps({"sample_sigmas": run.sample_sigmas}) == 8
 
 
 def test_sigma_step_index_without_tracking():
     ss = torch.tensor([14.6, 8.0, 3.0, 1.0, 0.0])
-    assert [toolkit.sigma_step_index(ss, s) for s in (14.6, 8.0, 5.0, 3.0, 1.0, 0.5)] == [0, 1, 1, 2, 3, 3]
-    assert toolkit.current_step({"sample_sigmas": ss, "sigmas": torch.tensor([3.0])}) == 2
-    assert toolkit.current_step({"sigmas": torch.tensor([3.0])}) is None
+    assert [runs.sigma_step_index(ss, s) for s in (14.6, 8.0, 5.0, 3.0, 1.0, 0.5)] == [0, 1, 1, 2, 3, 3]
+    assert runs.current_step({"sample_sigmas": ss, "sigmas": torch.tensor([3.0])}) == 2
+    assert runs.current_step({"sigmas": torch.tensor([3.0])}) is None
 
 
 # --------------------------------------------------------------------------- cutoff resolution
 def test_resolve_cutoff_units():
     ss = torch.linspace(10, 0, 11)  # 10 steps, sigma_i = 10 - i
-    assert toolkit.resolve_cutoff_step(0.5, "fraction", ss) == 5
-    assert toolkit.resolve_cutoff_step(0.55, "fraction", ss) == 6
-    assert toolkit.resolve_cutoff_step(1.0, "fraction", ss) == 10
-    assert toolkit.resolve_cutoff_step(2.0, "fraction", ss) == 10
-    assert toolkit.resolve_cutoff_step(0.0, "fraction", ss) == 0
-    assert toolkit.resolve_cutoff_step(7, "step", ss) == 7
-    assert toolkit.resolve_cutoff_step(4.0, "sigma", ss) == 6
-    assert toolkit.resolve_cutoff_step(0.5, "sigma", ss) == 10
+    assert runs.resolve_cutoff_step(0.5, "fraction", ss) == 5
+    assert runs.resolve_cutoff_step(0.55, "fraction", ss) == 6
+    assert runs.resolve_cutoff_step(1.0, "fraction", ss) == 10
+    assert runs.resolve_cutoff_step(2.0, "fraction", ss) == 10
+    assert runs.resolve_cutoff_step(0.0, "fraction", ss) == 0
+    assert runs.resolve_cutoff_step(7, "step", ss) == 7
+    assert runs.resolve_cutoff_step(4.0, "sigma", ss) == 6
+    assert runs.resolve_cutoff_step(0.5, "sigma", ss) == 10
 
 
 @pytest.mark.parametrize("cutoff,unit,msg", [
@@ -99,7 +101,7 @@ def test_resolve_cutoff_units():
 ])
 def test_bad_cutoff_raises_clear_error(cutoff, unit, msg):
     with pytest.raises(ValueError, match=msg):
-        toolkit.resolve_cutoff_step(cutoff, unit, torch.linspace(10, 0, 11))
+        runs.resolve_cutoff_step(cutoff, unit, torch.linspace(10, 0, 11))
 
 
 # --------------------------------------------------------------------------- rows by uuid
@@ -134,20 +136,20 @@ def test_rows_when_uncond_and_cond_run_separately(sd3):
 
 def test_row_mask_multiple_of_batch():
     to = {"uuids": ["n", "p"], "cond_or_uncond": [1, 0]}
-    assert toolkit.row_mask(to, 4).tolist() == [False, False, True, True]
-    assert toolkit.row_mask(to, 8, roles=("negative",)).tolist() == [True] * 4 + [False] * 4
-    with pytest.raises(ValueError):
-        toolkit.row_mask(to, 3)
+    assert runs.row_mask(to, 4).tolist() == [False, False, True, True]
+    assert runs.row_mask(to, 8, roles=("negative",)).tolist() == [True] * 4 + [False] * 4
+    with pytest.raises(InternalError, match="internal error: 3 rows cannot be split into 2"):  # a bug, not user input
+        runs.row_mask(to, 3)
 
 
 # --------------------------------------------------------------------------- per-run stores
 def test_run_store_is_fresh_each_run_and_finishers_run(sd1, conds):
     m = sd1.model.clone()
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     seen, finished = [], []
 
     def count(executor, x, t, *args, **kwargs):
-        run = toolkit.run_state(kwargs.get("transformer_options") or args[-1])
+        run = runs.run_state(kwargs.get("transformer_options") or args[-1])
         store = run.store("test.count", lambda: {"n": 0})
         if store["n"] == 0:
             run.on_finish(lambda r: finished.append(r.peek("test.count")["n"]))
@@ -161,17 +163,17 @@ def test_run_store_is_fresh_each_run_and_finishers_run(sd1, conds):
     assert finished == [3, 4]
     assert len({id(r) for r in seen}) == 2  # two runs, two RunStates
     # the run key never stays behind in the patcher's options, and a clone without our wrappers is clean
-    assert toolkit.RUN_KEY not in m.model_options.get("transformer_options", {})
+    assert runs.RUN_KEY not in m.model_options.get("transformer_options", {})
     plain = sd1.model.clone()
-    assert not plain.get_wrappers(WrappersMP.OUTER_SAMPLE, toolkit.RUN_WRAPPER_KEY)
+    assert not plain.get_wrappers(WrappersMP.OUTER_SAMPLE, runs.RUN_WRAPPER_KEY)
 
 
 def test_ensure_run_tracking_is_idempotent(sd1):
     m = sd1.model.clone()
-    toolkit.ensure_run_tracking(m)
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     for wt in (WrappersMP.OUTER_SAMPLE, WrappersMP.SAMPLER_SAMPLE, WrappersMP.PREDICT_NOISE):
-        assert len(m.get_wrappers(wt, toolkit.RUN_WRAPPER_KEY)) == 1
+        assert len(m.get_wrappers(wt, runs.RUN_WRAPPER_KEY)) == 1
 
 
 def test_tracking_leaves_latent_bit_identical(sd1, conds):
@@ -198,7 +200,7 @@ def test_attention_override_chains_previous(sd1, conds):
         assert "transformer_options" in kwargs
         return call_next(*args, **kwargs)
 
-    toolkit.chain_attention_override(m, ours)
+    hooks.chain_attention_override(m, ours)
     out = ksample(m, *conds, steps=2)
     assert torch.equal(out, ref)
     n_attn = order.count("ours")
@@ -217,9 +219,9 @@ def test_model_function_wrapper_and_cfg_function_chain(sd1, conds):
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     m.set_model_unet_function_wrapper(first)
-    toolkit.chain_model_function_wrapper(m, lambda apply, args: (log.append("second"),
+    hooks.chain_model_function_wrapper(m, lambda apply, args: (log.append("second"),
                                                                  apply(args["input"], args["timestep"], **args["c"]))[1])
-    toolkit.chain_sampler_cfg_function(m, lambda args, previous: (log.append("cfg"), previous(args))[1])
+    hooks.chain_sampler_cfg_function(m, lambda args, previous: (log.append("cfg"), previous(args))[1])
     out = ksample(m, *conds, steps=2)
     assert log == ["second", "first", "cfg"] * 2
     assert torch.allclose(out, ref, atol=1e-5)
@@ -227,7 +229,7 @@ def test_model_function_wrapper_and_cfg_function_chain(sd1, conds):
 
 def test_like_follows_reference_device_and_dtype():
     ref = torch.zeros(2, dtype=torch.bfloat16)
-    assert toolkit.like(torch.ones(2), ref).dtype == torch.bfloat16
+    assert hooks.like(torch.ones(2), ref).dtype == torch.bfloat16
 
 
 def test_all_samplers_listed_in_comfy_are_known():
@@ -245,31 +247,32 @@ def test_tiny_families_sample(sd2, sdxl, flux):
 
 # --------------------------------------------------------------------------- families and layers
 def test_model_family_of_every_tiny_model(sd1, sd2, sdxl, sd3, flux):
-    assert [toolkit.model_family(t.model) for t in (sd1, sd2, sdxl, sd3, flux)] == list(toolkit.FAMILIES)
+    assert [families.lookup(t.model).name for t in (sd1, sd2, sdxl, sd3, flux)] == [f.name for f in families.FAMILIES]
 
 
 def test_unet_attn2_layers_in_forward_order(sd1, sdxl):
-    assert toolkit.unet_attn2_layers(sd1.model) == [
+    assert list(cl.model_layers(sd1.model, "test").layers) == [
         ("input", 1, 0), ("input", 3, 0), ("middle", 0, 0),
         ("output", 0, 0), ("output", 1, 0), ("output", 2, 0), ("output", 3, 0)]
-    layers = toolkit.unet_attn2_layers(sdxl.model)
+    layers = cl.model_layers(sdxl.model, "test").layers
     assert ("input", 3, 1) in layers and len(layers) == len(set(layers)) == 10  # depth 2 at the 2nd level
-    assert toolkit.unet_attn2_layers(tiny("sd3").model) == []
+    assert cl.model_layers(tiny("sd3").model, "test").kind == "dit"
 
 
 def _record_layers(model, conds, **kw):
     m = model.clone()
-    toolkit.ensure_layer_tracking(m)
-    toolkit.ensure_layer_tracking(m)  # idempotent
+    ml = cl.model_layers(m, "test")
+    cl.ensure_layer_tracking(m, ml)
+    cl.ensure_layer_tracking(m, ml)  # idempotent
     seen = []
 
     def spy(call_next, func, *args, **kwargs):
         to = kwargs["transformer_options"]
-        seen.append((toolkit.current_attn2_layer(to), to.get(toolkit.LAYER_KEY) if not isinstance(
-            to.get(toolkit.LAYER_KEY), toolkit._LayerFlag) else None, to.get(toolkit.TXT_LEN_KEY), args[1].shape[1]))
+        seen.append((cl.current_attn2_layer(to), to.get(cl.LAYER_KEY) if not isinstance(
+            to.get(cl.LAYER_KEY), cl.Marker) else None, to.get(cl.TXT_LEN_KEY), args[1].shape[1]))
         return call_next(*args, **kwargs)
 
-    toolkit.chain_attention_override(m, spy)
+    hooks.chain_attention_override(m, spy)
     out = ksample(m, *conds, **kw)
     return m, seen, out
 
@@ -280,13 +283,13 @@ def test_unet_cross_attention_is_flagged_inside_the_override(sd1, conds):
     assert torch.equal(out, ref)
     cross = [layer for layer, _, _, k_len in seen if layer is not None]
     self_attn = [k_len for layer, _, _, k_len in seen if layer is None]
-    assert cross == toolkit.unet_attn2_layers(sd1.model) * 2  # every attn2, both steps, in order
+    assert cross == list(cl.model_layers(sd1.model, "test").layers) * 2  # every attn2, both steps, in order
     assert len(self_attn) == len(cross) and all(k != 77 for k in self_attn)
     assert all(k_len == 77 for layer, _, _, k_len in seen if layer is not None)
     assert len(m.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1
     # a clone gets its own flag object
-    assert m.clone().model_options["transformer_options"][toolkit.LAYER_KEY] is not \
-        m.model_options["transformer_options"][toolkit.LAYER_KEY]
+    assert m.clone().model_options["transformer_options"][cl.LAYER_KEY] is not \
+        m.model_options["transformer_options"][cl.LAYER_KEY]
 
 
 @pytest.mark.parametrize("family,txt_len", [("sd3", 77), ("flux", 256)])
@@ -297,7 +300,7 @@ def test_dit_blocks_are_stamped(family, txt_len):
     m, seen, out = _record_layers(t.model, conds_, steps=2, channels=16, cfg=1.0)
     assert torch.equal(out, ref)
     blocks = [b for _, b, _, _ in seen]
-    assert blocks == toolkit.dit_blocks(t.model) * 2
+    assert blocks == list(cl.model_layers(t.model, "test").layers) * 2
     assert {n for _, _, n, _ in seen} == {txt_len}
 
 
@@ -306,10 +309,53 @@ def test_dit_stamp_chains_a_previous_block_replace(sd3):
     calls = []
 
     def previous(args, extra):
-        calls.append(args["transformer_options"].get(toolkit.LAYER_KEY))
+        calls.append(args["transformer_options"].get(cl.LAYER_KEY))
         return extra["original_block"](args)
 
     m.set_model_patch_replace(previous, "dit", "double_block", 1)
-    toolkit.ensure_layer_tracking(m)
+    cl.ensure_layer_tracking(m, cl.model_layers(m, "test"))
     ksample(m, sd3.encode("a"), sd3.encode("a"), steps=1, channels=16, cfg=1.0)
     assert calls == [("joint", 1)]
+
+
+def _callback_truth(events: list) -> list[int]:
+    """Ground truth of each evaluation's step from the order of evaluations and callbacks: k-diffusion samplers call
+    the callback of step i right after its first evaluation, so an evaluation directly followed by callback i is
+    step i's first, and any other evaluation belongs to the step whose callback fired last (its correctors)."""
+    truth, last = [], 0
+    for k, (kind, value) in enumerate(events):
+        if kind == "cb":
+            last = value
+        elif kind == "eval":
+            nxt = events[k + 1] if k + 1 < len(events) else None
+            truth.append(nxt[1] if nxt is not None and nxt[0] == "cb" else last)
+    return truth
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
+def test_every_model_call_of_a_step_belongs_to_that_step(sd1, conds, sampler):
+    """Midpoint evaluations (dpm_2_ancestral, dpmpp_2s_ancestral, ...) can run below the next step's sigma; they
+    still belong to the step in progress, for every sampler ComfyUI offers."""
+    events = []
+    m = sd1.model.clone()
+    runs.ensure_run_tracking(m)
+
+    def rec(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        events.append(("eval", runs.current_step(transformer_options)))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    def callbacks(executor, guider, sigmas, extra_args, callback, *args, **kwargs):
+        def spy(step, x0, x, total_steps):
+            events.append(("cb", int(step)))
+            if callback is not None:
+                return callback(step, x0, x, total_steps)
+
+        return executor(guider, sigmas, extra_args, spy, *args, **kwargs)
+
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test.rec", rec)
+    m.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, "test.callbacks", callbacks)
+    ksample(m, *conds, steps=5, sampler=sampler, scheduler="karras")
+    steps = [v for kind, v in events if kind == "eval"]
+    if [v for kind, v in events if kind == "cb"] != list(range(5)):
+        pytest.skip(f"{sampler} does not call back once per schedule step")
+    assert steps == _callback_truth(events), events

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
-import comfy.samplers
 import torch
 from comfy.patcher_extension import WrappersMP
-from comfy_api.latest import io, ui
 
-import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (our own package is imported relatively)
+from ..core import LOG, PACK, hooks, runs
+from ..shared.spectral import split_frequencies
 
-from . import toolkit
-
-WRAPPER_KEY = f"{toolkit.PACK}.guidance_cutoff"
-STORE = f"{toolkit.PACK}.guidance_cutoff"
+WRAPPER_KEY = f"{PACK}.guidance_cutoff"
+STORE = f"{PACK}.guidance_cutoff"
 
 KEEP_MODES = ("negative", "positive")
 ADAPTIVE_MODES = ("off", "cosine", "low_frequency")
@@ -45,7 +41,7 @@ class CutoffSettings:
     lowfreq_threshold: float = 0.02
 
     def validate(self, steps: int | None = None) -> None:
-        toolkit.validate_cutoff(self.cutoff, self.cutoff_unit, steps)
+        runs.validate_cutoff(self.cutoff, self.cutoff_unit, steps)
         if self.keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}, got {self.keep!r}.")
         if self.adaptive not in ADAPTIVE_MODES:
@@ -91,10 +87,6 @@ def lowfreq_relative_change(low: torch.Tensor, prev_low: torch.Tensor) -> float:
     return float(((low - prev).norm(dim=1) / prev.norm(dim=1).clamp_min(1e-12)).max())
 
 
-def plain_cfg_rows(steps_evals: int, batch: int) -> int:
-    return 2 * steps_evals * batch
-
-
 # ----------------------------------------------------------------------------------------------
 # the one implementation: a CALC_COND_BATCH wrapper
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +118,6 @@ def _adaptive_update(settings: CutoffSettings, rec: CutoffRun, run, step: int, o
             rec.switched_at = step + 1
             rec.reason = f"adaptive: cosine(positive, negative) = {cos:.4f} ≥ {settings.cosine_threshold} at step {step}"
         return
-    from .frequency import split_frequencies  # the pack's one frequency split
 
     cfg = run.cfg if run is not None and run.cfg is not None else 1.0
     denoised = out[i_neg] + (out[i_pos] - out[i_neg]) * cfg
@@ -147,7 +138,7 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
 
     def finish(run):
         rec = run.peek(STORE)
-        toolkit.LOG.info("guidance cutoff: %s", format_report(rec, settings).replace("\n", " "))
+        LOG.info("guidance cutoff: %s", format_report(rec, settings).replace("\n", " "))
         if on_report is not None:
             on_report(rec)
 
@@ -159,14 +150,14 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
         return rec
 
     def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
-        run = toolkit.run_state(model_options)
-        step = toolkit.current_step(model_options, timestep)
+        run = runs.run_state(model_options)
+        step = runs.current_step(model_options, timestep)
         if run is None or step is None:
             return executor(model, conds, x_in, timestep, model_options)
         rec = record(run)
         if rec.cutoff_step is None and run.sample_sigmas is not None:
             rec.steps = len(run.sample_sigmas) - 1
-            rec.cutoff_step = toolkit.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas)
+            rec.cutoff_step = runs.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas)
             rec.batch = x_in.shape[0]
         present = [c is not None for c in conds]
         roles = _branch_roles(conds, run)
@@ -191,7 +182,7 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
 
     def count_rows_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                            **kwargs):
-        run = toolkit.run_state(transformer_options)
+        run = runs.run_state(transformer_options)
         if run is not None:
             record(run).rows += x.shape[0]
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -203,10 +194,10 @@ def apply_cutoff(model, settings: CutoffSettings, on_report=None):
     """Clone ``model`` and install the cutoff. ``on_report(CutoffRun)`` is called after every run."""
     settings.validate()
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
+    runs.ensure_run_tracking(m)
     cutoff_wrapper, count_wrapper = make_cutoff_wrappers(settings, on_report)
-    toolkit.add_keyed_wrapper(m, WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cutoff_wrapper)
-    toolkit.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, count_wrapper)
+    hooks.add_keyed_wrapper(m, WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cutoff_wrapper)
+    hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, count_wrapper)
     return m
 
 
@@ -238,140 +229,3 @@ def format_report(rec: CutoffRun, settings: CutoffSettings, seconds: float | Non
 # ----------------------------------------------------------------------------------------------
 # nodes
 # ----------------------------------------------------------------------------------------------
-_KEEP_TOOLTIP = ("Which prediction to keep after the cutoff. 'negative' is paper 1's eq. 9: only the unconditional "
-                 "(negative-prompt) prediction — identical to the paper when the negative prompt is empty. 'positive' "
-                 "keeps the positive prediction (cfg 1), what A1111/Forge and most tools do. Both save the same compute.")
-
-
-def cutoff_inputs() -> list:
-    return [
-        io.Float.Input("cutoff", default=0.6, min=0.0, max=10000.0, step=0.01,
-                       tooltip="Where guidance stops: the first step at or after this point, and every later step, runs "
-                               "a single branch. Unit set by cutoff_unit. Paper 1 Table 2: stopping at 0.6 of the steps "
-                               "saves ~27 % of time with almost no change."),
-        io.Combo.Input("cutoff_unit", options=list(toolkit.CUTOFF_UNITS), default="fraction",
-                       tooltip="fraction: of the sampling steps (0.6 = the last 40 % run single-branch); step: index of "
-                               "the first single-branch step (0-based, 'steps' = never); sigma: the first step whose "
-                               "sigma is at or below this value."),
-        io.Combo.Input("keep", options=list(KEEP_MODES), default="negative", tooltip=_KEEP_TOOLTIP),
-        io.Combo.Input("adaptive", options=list(ADAPTIVE_MODES), default="off",
-                       tooltip="off: fixed cutoff. cosine: stop guidance once the positive and negative predictions agree "
-                               "(cosine ≥ cosine_threshold). low_frequency: stop once the low-frequency part (the shape) "
-                               "of the prediction has stopped changing (relative change < lowfreq_threshold). The fixed "
-                               "cutoff stays the latest allowed switch."),
-        io.Float.Input("cosine_threshold", default=0.98, min=0.0, max=1.0, step=0.001,
-                       tooltip="adaptive=cosine: switch when cosine(positive, negative prediction) ≥ this, in (0, 1]."),
-        io.Float.Input("lowfreq_threshold", default=0.02, min=0.0, max=1.0, step=0.001,
-                       tooltip="adaptive=low_frequency: switch when the low-frequency part of the prediction changes by "
-                               "less than this fraction between steps, in (0, 1]."),
-    ]
-
-
-class GuidanceCutoffKSampler(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GuidanceCutoffKSampler",
-            display_name="KSampler (Guidance Cutoff)",
-            category="prompt_anatomy/guidance",
-            description="KSampler that runs classifier-free guidance only for the early steps (paper 1, eq. 9): after "
-                        "the cutoff each step evaluates one branch, saving up to ~half the compute of those steps.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model used for denoising the input latent."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="The random seed used for creating the noise."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of sampling steps."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale used before the cutoff."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="The sampling algorithm (2nd-order samplers apply the cutoff per step, to both "
-                                       "of their model calls)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="The scheduler controls how noise is removed over the steps."),
-                io.Conditioning.Input("positive", tooltip="The conditioning describing what you want in the image."),
-                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude (empty for the "
-                                                          "paper's unconditional branch)."),
-                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="The amount of denoising; cutoff fractions and steps refer to the steps actually "
-                                       "run."),
-                *cutoff_inputs(),
-            ],
-            outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="The denoised latent."),
-                io.String.Output(display_name="report", tooltip="Model rows run vs plain CFG, where guidance "
-                                                                "stopped, and the measured time."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise=1.0, cutoff=0.6, cutoff_unit="fraction", keep="negative", adaptive="off",
-                cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
-        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        settings.validate(steps=steps if cutoff_unit == "step" else None)
-        records: list[CutoffRun] = []
-        m = apply_cutoff(model, settings, on_report=records.append)
-        start = time.perf_counter()
-        (out,) = comfy_nodes.common_ksampler(m, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                             latent_image, denoise=denoise)
-        seconds = time.perf_counter() - start
-        batch = latent_image["samples"].shape[0]
-        report = format_report(records[-1], settings, seconds, batch) if records else \
-            f"No sampling run happened (denoise {denoise} leaves no steps). Sampling time: {seconds:.2f} s."
-        return io.NodeOutput(out, report, ui=ui.PreviewText(report))
-
-
-class GuidanceCutoffGuider(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GuidanceCutoffGuider",
-            display_name="Guidance Cutoff Guider",
-            category="prompt_anatomy/guidance",
-            description="A CFG guider for SamplerCustomAdvanced that stops classifier-free guidance after the cutoff "
-                        "(paper 1, eq. 9), evaluating one branch per step afterwards.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model used for denoising."),
-                io.Conditioning.Input("positive", tooltip="The conditioning describing what you want in the image."),
-                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale used before the cutoff."),
-                *cutoff_inputs(),
-            ],
-            outputs=[io.Guider.Output(tooltip="Plug into SamplerCustomAdvanced.")],
-        )
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, cutoff=0.6, cutoff_unit="fraction", keep="negative",
-                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
-        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings))
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
-
-
-class GuidanceCutoffPatch(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="GuidanceCutoffPatch",
-            display_name="Guidance Cutoff (model patch)",
-            category="prompt_anatomy/guidance",
-            description="Patches a MODEL so that the stock KSampler (or another pack's sampler) stops classifier-free "
-                        "guidance after the cutoff (paper 1, eq. 9). Composes with other wrappers; the report goes "
-                        "to the server log.",
-            inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
-                    *cutoff_inputs()],
-            outputs=[io.Model.Output(tooltip="The patched model.")],
-        )
-
-    @classmethod
-    def execute(cls, model, cutoff=0.6, cutoff_unit="fraction", keep="negative", adaptive="off",
-                cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
-        settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        return io.NodeOutput(apply_cutoff(model, settings))
-
-
-NODES = [GuidanceCutoffKSampler, GuidanceCutoffGuider, GuidanceCutoffPatch]

@@ -25,7 +25,7 @@ grouped by the prompt's token count, so timestep-ranged entries of one prompt ad
 the group its text tokenizes to.
 
 **Bit-identical sampling.** The probabilities come from a chained ``optimized_attention_override``
-(:func:`toolkit.chain_attention_override`), which then calls the next override or the original backend
+(:func:`hooks.chain_attention_override`), which then calls the next override or the original backend
 with the untouched arguments. The sampled latent is the same, bit for bit, as without the capture.
 
 **Layers with an attn2 replace (IPAdapter, SAG...).** Such a replace computes the attention itself, without
@@ -35,278 +35,41 @@ normalised input and context, and when the attention of a chosen layer has not b
 projections ComfyUI hands to the replace) and captured from there. The record names those layers, and any
 chosen layer that was never seen.
 
-Per-run state lives in the run's store (:func:`toolkit.ensure_run_tracking`): every run starts empty, and
+Per-run state lives in the run's store (:func:`runs.ensure_run_tracking`): every run starts empty, and
 a finished run is published, moved to the CPU, to the ``PA_ATTENTION_RECORD`` handle (the last few runs
 are kept; the viewer picks the one that produced its LATENT).
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-from collections import deque
 
 import torch
-import torch.nn.functional as F
 from comfy.patcher_extension import WrappersMP
-from comfy_api.latest import io
 
-from . import toolkit
+from ..core import LOG, PACK, hooks, records, runs
+from ..core.layers import LAYER_KEY, TXT_LEN_KEY, Layer, current_attn2_layer, ensure_layer_tracking, model_layers, parse_layers
+from .probs import (
+    attention_probs,
+    bucket_of,
+    bucket_ranges,
+    fold_repeats,
+    heads_first,
+    mask_rows,
+    resize_maps,
+    tensor_bytes,
+    to_grid,
+)
 
 NODE_ID = "CrossAttentionCapture"
-CATEGORY = "prompt_anatomy/attention"
-WRAPPER_KEY = f"{toolkit.PACK}.attention_capture"
-STORE = f"{toolkit.PACK}.attention_capture"
+WRAPPER_KEY = f"{PACK}.attention_capture"
+STORE = f"{PACK}.attention_capture"
 ROW_ROLES = ("positive", "negative")
 DEFAULT_BUCKETS = 10
 MAX_BUCKETS = 100
-MAX_RUNS_KEPT = 3
 OTHER_LABEL = "[image]"  # the extra DiT channel: weight on every non-text key
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32), queries x keys x heads x rows
-SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
-
-AttentionRecord = io.Custom("PA_ATTENTION_RECORD")
-
-_serial = itertools.count(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# layers
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    index: int  # position in forward order (0-based)
-    key: tuple  # UNet ("input", 1, 0) = attn2 patch key; DiT ("joint", 3) / ("double", i) / ("single", i)
-    label: str  # "input.1.0" / "joint.3"
-    level: int = 0  # UNet resolution level (0 = the latent grid, each level halves it); 0 for DiT
-
-
-def _unet_attn2(dm) -> dict[tuple, tuple[torch.nn.Module, int]]:
-    """attn2 module and resolution level of every UNet cross-attention, by attn2 patch key (the same keys and
-    order as :func:`toolkit.unet_attn2_layers`)."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
-
-    out: dict[tuple, tuple[torch.nn.Module, int]] = {}
-
-    def visit(name, idx, block, level):
-        for module in block:
-            if isinstance(module, SpatialTransformer):
-                for bi, tb in enumerate(module.transformer_blocks):
-                    if getattr(tb, "attn2", None) is not None:
-                        out[(name, idx, bi)] = (tb.attn2, level)
-
-    def resamples(block, cls) -> bool:
-        return any(isinstance(m, cls) or (isinstance(m, ResBlock) and isinstance(getattr(m, "h_upd", None), cls))
-                   for m in block)
-
-    level = 0
-    for i, block in enumerate(dm.input_blocks):
-        visit("input", i, block, level)
-        level += resamples(block, Downsample)
-    visit("middle", 0, dm.middle_block, level)
-    for i, block in enumerate(dm.output_blocks):
-        visit("output", i, block, level)
-        level -= resamples(block, Upsample)
-    return out
-
-
-def model_layers(model) -> tuple[str, list[Layer]]:
-    """("unet" | "dit", the model's attention layers in forward order). Raises ValueError for model families
-    whose cross-attention this capture does not know."""
-    family = toolkit.model_family(model)
-    if family not in SUPPORTED:
-        raise toolkit.unsupported_family(
-            family, "CrossAttentionCapture",
-            "it knows the text cross-attention of SD1.x / SD2.x / SDXL UNets and the joint attention of SD3 and "
-            "Flux.1 only; other architectures lay out text and image tokens differently. Use one of those models.")
-    keys = toolkit.unet_attn2_layers(model)
-    if keys:
-        levels = _unet_attn2(model.model.diffusion_model)
-        return "unet", [Layer(i, k, ".".join(map(str, k)), levels[k][1]) for i, k in enumerate(keys)]
-    blocks = toolkit.dit_blocks(model)
-    if not blocks:
-        raise toolkit.unsupported_family(family, "CrossAttentionCapture", "this model has no attention layers the "
-                                         "capture can find.")
-    return "dit", [Layer(i, k, f"{k[0]}.{k[1]}") for i, k in enumerate(blocks)]
-
-
-def parse_layers(spec: str, layers: list[Layer]) -> list[Layer]:
-    """Layers chosen by ``spec``: "all", or a comma list of forward-order indices ("3"), index ranges ("0-5"),
-    group names ("input", "middle", "output"; "joint"; "double", "single") and layer labels ("output.3.0")."""
-    text = (spec or "").strip().lower()
-    if text in ("", "all", "*"):
-        return list(layers)
-    by_label = {layer.label: layer for layer in layers}
-    groups: dict[str, list[Layer]] = {}
-    for layer in layers:
-        groups.setdefault(str(layer.key[0]), []).append(layer)
-    chosen: dict[int, Layer] = {}
-    n = len(layers)
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        if item in by_label:
-            picked = [by_label[item]]
-        elif item in groups:
-            picked = groups[item]
-        else:
-            try:
-                a, _, b = item.partition("-")
-                lo, hi = int(a), int(b if b else a)
-            except ValueError:
-                raise ValueError(
-                    f"layers: {item!r} is not a layer. Use 'all', indices 0-{n - 1} in forward order (e.g. '0-3, 8'), "
-                    f"group names ({', '.join(groups)}) or labels such as {layers[0].label!r} "
-                    f"(this model has {n}: {', '.join(x.label for x in layers[:12])}"
-                    f"{', ...' if n > 12 else ''}).") from None
-            if lo > hi or lo < 0 or hi >= n:
-                raise ValueError(f"layers: {item!r} is outside 0-{n - 1}: this model has {n} attention layers "
-                                 f"(forward order). Use indices in that range.")
-            picked = layers[lo:hi + 1]
-        for layer in picked:
-            chosen[layer.index] = layer
-    if not chosen:
-        raise ValueError("layers: no layer chosen. Use 'all' or e.g. '0-3'.")
-    return [chosen[i] for i in sorted(chosen)]
-
-
-# ----------------------------------------------------------------------------------------------
-# pure tensor functions
-# ----------------------------------------------------------------------------------------------
-def heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """Attention input -> (B, H, L, D): ComfyUI passes (B, L, H*D) (UNet, SD3), (B, L, H, D) (SD3 v) or,
-    with skip_reshape, (B, H, L, D) (Flux)."""
-    if skip_reshape:
-        return t
-    if t.ndim == 4:
-        return t.transpose(1, 2)
-    b, n, hd = t.shape
-    return t.reshape(b, n, heads, hd // heads).transpose(1, 2)
-
-
-def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    m = mask
-    if m.ndim == 2:
-        m = m[None, None]
-    elif m.ndim == 3:
-        m = m[:, None]
-    if m.shape[0] > 1:
-        m = m[rows]
-    return m
-
-
-def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int] | None = None,
-                    columns: tuple[int, int] | None = None, other: bool = False, mask: torch.Tensor | None = None,
-                    budget: int = CHUNK_ELEMENTS, stats: dict | None = None) -> torch.Tensor:
-    """Head-averaged softmax(q kᵀ / √d) in fp32, computed in chunks of heads and queries.
-
-    ``q``, ``k``: (B, H, L, D). ``queries``: the query rows to keep (start, stop). ``columns``: the key columns
-    to return (start, stop), normalised over *all* keys; with ``other`` one more column holds the weight on
-    every key outside ``columns``. ``mask``: the attention mask the backend got (bool: True = attend; float:
-    added to the logits), broadcastable to (B, H, Lq, Lk). Returns (B, n_queries, n_columns [+1]).
-    ``stats["transient"]`` gets the largest number of bytes held by the temporaries of one chunk."""
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    q0, q1 = queries if queries is not None else (0, lq)
-    c0, c1 = columns if columns is not None else (0, lk)
-    nq, nc = q1 - q0, c1 - c0
-    scale = d ** -0.5
-    out = torch.zeros(b, nq, nc + (1 if other else 0), device=q.device, dtype=torch.float32)
-    kf = k.float()
-    per_head = b * nq * lk
-    if per_head <= budget:
-        hc, qc = max(1, min(h, budget // per_head)), nq
-    else:
-        hc, qc = 1, max(1, budget // max(1, b * lk))
-    peak = 0
-    for h0 in range(0, h, hc):
-        kh = kf[:, h0:h0 + hc].transpose(-1, -2)
-        for i0 in range(0, nq, qc):
-            i1 = min(nq, i0 + qc)
-            logits = torch.matmul(q[:, h0:h0 + hc, q0 + i0:q0 + i1].float(), kh)
-            logits.mul_(scale)
-            if mask is not None:
-                m = mask[..., q0 + i0:q0 + i1, :]
-                if m.dtype == torch.bool:
-                    logits.masked_fill_(~m, float("-inf"))
-                else:
-                    logits.add_(m.float())
-            p = torch.softmax(logits, dim=-1)
-            out[:, i0:i1, :nc] += p[..., c0:c1].sum(1)
-            if other:
-                out[:, i0:i1, nc] += p[..., :c0].sum((1, -1)) + p[..., c1:].sum((1, -1))
-            peak = max(peak, 2 * logits.numel() * 4)
-            del logits, p
-    out.div_(h)
-    if stats is not None:
-        stats["transient"] = max(stats.get("transient", 0), peak + kf.numel() * 4 * (k.dtype != torch.float32)
-                                 + out.numel() * 4)
-    return out
-
-
-def fold_repeats(p: torch.Tensor, length: int) -> torch.Tensor:
-    """(..., m * length) -> (..., length): a context repeated m times (ComfyUI's LCM padding) folded back, the
-    repeats of each token summed."""
-    total = p.shape[-1]
-    if total == length:
-        return p
-    if total % length:
-        raise ValueError(f"internal: a context of {total} tokens is not a repeat of {length} tokens")
-    return p.reshape(*p.shape[:-1], total // length, length).sum(-2)
-
-
-def to_grid(p: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, C) query-major probabilities -> maps (B, C, h, w)."""
-    b, n, c = p.shape
-    if n != h * w:
-        raise ValueError(f"internal: {n} queries do not form a {h}x{w} grid")
-    return p.transpose(1, 2).reshape(b, c, h, w)
-
-
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Maps (B, C, h, w) on another grid: bilinear up, area down. Both are convex combinations of the input
-    pixels, so maps that sum to 1 over C at each pixel still do."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    if maps.shape[-2] <= size[0] and maps.shape[-1] <= size[1]:
-        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return F.interpolate(maps, size=size, mode="area")
-
-
-def bucket_of(step: int, n_steps: int, n_buckets: int) -> int:
-    """Bucket of ``step``: bucket j holds steps [ceil(j n / b), ceil((j + 1) n / b))."""
-    return min(n_buckets - 1, max(0, (int(step) * n_buckets) // max(1, n_steps)))
-
-
-def bucket_ranges(n_steps: int, n_buckets: int) -> list[tuple[int, int]]:
-    """(first, last) step of each bucket (inclusive)."""
-    out = []
-    for j in range(n_buckets):
-        steps = [s for s in range(n_steps) if bucket_of(s, n_steps, n_buckets) == j]
-        out.append((steps[0], steps[-1]) if steps else (-1, -1))
-    return out
-
-
-def tensor_bytes(obj, _seen=None) -> int:
-    """Bytes of every tensor reachable from ``obj`` (attributes, dicts, lists, tuples), each counted once."""
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple, set, deque)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
-        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,14 +201,14 @@ class CaptureRun:
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
     def fail(self, exc: Exception) -> None:
-        toolkit.LOG.exception("CrossAttentionCapture: capture failed and stops for this run; the image is unaffected, "
+        LOG.exception("CrossAttentionCapture: capture failed and stops for this run; the image is unaffected, "
                               "the maps of this run are incomplete")
         self.pending = None
         self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _groups(self, to: dict, n_rows: int):
         """(rows slice, text length) of every chunk of this model call with the captured role."""
-        roles = toolkit.chunk_roles(to)
+        roles = runs.chunk_roles(to)
         uuids = to.get("uuids") or []
         if not roles or n_rows % len(roles):
             self._skip("model calls without conditioning rows")
@@ -473,7 +236,7 @@ class CaptureRun:
         return s
 
     def _step(self, to: dict) -> int | None:
-        step = toolkit.current_step(to)
+        step = runs.current_step(to)
         if step is None:
             self._skip("calls outside a sampler's schedule")
             return None
@@ -486,7 +249,7 @@ class CaptureRun:
 
     # ---- UNet
     def attn2_in(self, n, context, extra_options) -> None:
-        layer_key = toolkit.current_attn2_layer(extra_options)
+        layer_key = current_attn2_layer(extra_options)
         layer = self.by_key.get(layer_key) if layer_key is not None else None
         self.pending = _Pending(layer, n, context, extra_options) if layer is not None and context is not None else None
 
@@ -494,7 +257,7 @@ class CaptureRun:
         pending = self.pending
         if pending is None:
             return
-        layer_key = toolkit.current_attn2_layer(to)
+        layer_key = current_attn2_layer(to)
         if layer_key != pending.layer.key:
             return
         q, k = args[0], args[1]
@@ -546,8 +309,8 @@ class CaptureRun:
 
     # ---- DiT
     def dit_override(self, args, kwargs, to) -> None:
-        layer = self.by_key.get(to.get(toolkit.LAYER_KEY))
-        txt_len = to.get(toolkit.TXT_LEN_KEY)
+        layer = self.by_key.get(to.get(LAYER_KEY))
+        txt_len = to.get(TXT_LEN_KEY)
         if layer is None or txt_len is None:
             return
         q, k = args[0], args[1]
@@ -574,7 +337,7 @@ class CaptureRun:
                 continue
             stats: dict = {}
             p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(reg, txt_len),
-                                other=True, mask=_mask_rows(mask, rows), stats=stats)
+                                other=True, mask=mask_rows(mask, rows), stats=stats)
             self._add(layer, step, length, to_grid(p, gh, gw), stats.get("transient", 0))
             added += 1
         if added:
@@ -590,10 +353,10 @@ class CaptureRun:
         chosen = [layer.label for layer in self.cfg.layers]
         missing = [lab for lab in chosen if lab not in self.seen and lab not in self.fallback]
         if missing and self.sums:
-            toolkit.LOG.warning("CrossAttentionCapture: %d chosen layer(s) were never seen during sampling: %s",
+            LOG.warning("CrossAttentionCapture: %d chosen layer(s) were never seen during sampling: %s",
                                 len(missing), ", ".join(missing))
         if self.fallback:
-            toolkit.LOG.info("CrossAttentionCapture: layers with an attn2 replace, maps recomputed from to_q/to_k: %s",
+            LOG.info("CrossAttentionCapture: layers with an attn2 replace, maps recomputed from to_q/to_k: %s",
                              ", ".join(self.fallback))
         return AttentionRun(
             family=self.cfg.family, arch=self.cfg.arch, rows=self.cfg.rows, layers=chosen,
@@ -632,30 +395,6 @@ class AttentionRun:
         return int(self.final.shape[0])
 
 
-class AttentionRecordHandle:
-    """The PA_ATTENTION_RECORD value: the capture publishes finished runs here (the last few)."""
-
-    def __init__(self, cfg: CaptureConfig):
-        self.cfg = cfg
-        self.serial = next(_serial)
-        self.runs: deque[AttentionRun] = deque(maxlen=MAX_RUNS_KEPT)
-
-    def publish(self, run: AttentionRun) -> None:
-        self.runs.append(run)
-
-    def find(self, samples: torch.Tensor | None) -> tuple[AttentionRun | None, bool]:
-        """The newest run whose output latent equals ``samples`` (True), else the newest run (False)."""
-        if samples is not None and isinstance(samples, torch.Tensor):
-            s = samples.detach().float().cpu()
-            for run in reversed(self.runs):
-                if tuple(run.final.shape) == tuple(s.shape) and torch.allclose(run.final, s, rtol=1e-4, atol=1e-4):
-                    return run, True
-        return (self.runs[-1] if self.runs else None), False
-
-    def __repr__(self) -> str:
-        return f"AttentionRecordHandle({len(self.runs)} runs)"
-
-
 # ----------------------------------------------------------------------------------------------
 # installation
 # ----------------------------------------------------------------------------------------------
@@ -677,24 +416,27 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
     if not (isinstance(buckets, int) and 1 <= buckets <= MAX_BUCKETS):
         raise ValueError(f"buckets must be a whole number from 1 to {MAX_BUCKETS}, got {buckets!r}: it is how many "
                          f"time slices of the steps keep their own maps (10 = each tenth of the run).")
-    arch, all_layers = model_layers(model)
-    chosen = parse_layers(layers, all_layers)
+    ml = model_layers(model, NODE_ID)
+    chosen = parse_layers(layers, ml)
+    if not chosen:
+        raise ValueError(f"layers: no layer chosen. Use 'all' or e.g. '0-3' (this model: {ml.describe()}).")
     dm = model.model.diffusion_model
-    modules = {k: mod for k, (mod, _lvl) in _unet_attn2(dm).items()} if arch == "unet" else {}
-    cfg = CaptureConfig(arch=arch, family=toolkit.model_family(model), layers=chosen, all_layers=len(all_layers),
+    modules = {layer.key: dm.get_submodule(layer.module) for layer in chosen} if ml.kind == "unet" else {}
+    register = ml.family.register_tokens
+    cfg = CaptureConfig(arch=ml.kind, family=ml.family.name, layers=list(chosen), all_layers=len(ml.layers),
                         rows=rows, buckets=int(buckets), ref_level=min(x.level for x in chosen),
                         patch_size=int(getattr(dm, "patch_size", 2) or 2),
-                        register_length=int(getattr(dm, "register_length", 0) or 0), modules=modules)
-    handle = AttentionRecordHandle(cfg)
+                        register_length=int(getattr(dm, register, 0) or 0) if register else 0, modules=modules)
+    handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"
 
     m = model.clone()
-    toolkit.ensure_run_tracking(m)
-    toolkit.ensure_layer_tracking(m)
+    runs.ensure_run_tracking(m)
+    ensure_layer_tracking(m, ml)
 
     def outer(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
-        run = toolkit.run_state(guider.model_options)
+        run = runs.run_state(guider.model_options)
         if run is None:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         n_steps = int(sigmas.shape[-1]) - 1
@@ -712,10 +454,10 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         state.final = out.detach().to("cpu", torch.float32, copy=True)
         return out
 
-    toolkit.add_keyed_wrapper(m, WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}.{handle.serial}", outer)
+    hooks.add_keyed_wrapper(m, WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}.{handle.serial}", outer)
 
     def state_of(options) -> CaptureRun | None:
-        run = toolkit.run_state(options)
+        run = runs.run_state(options)
         state = None if run is None else run.peek(store)
         return None if state is None or state.errors else state
 
@@ -725,7 +467,7 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         if state is not None:
             try:
                 with torch.no_grad():
-                    if arch == "unet":
+                    if ml.kind == "unet":
                         state.unet_override(args, kwargs, to)
                     else:
                         state.dit_override(args, kwargs, to)
@@ -733,9 +475,9 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                 state.fail(e)
         return call_next(*args, **kwargs)
 
-    toolkit.chain_attention_override(m, override)
+    hooks.chain_attention_override(m, override)
 
-    if arch == "unet":
+    if ml.kind == "unet":
         def attn2_in(n, context, value, extra_options):
             state = state_of(extra_options)
             if state is not None:
@@ -752,51 +494,9 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                     state.fail(e)
             return n
 
-        m.set_model_attn2_patch(attn2_in)
-        m.set_model_attn2_output_patch(attn2_out)
+        hooks.set_attn2_patches(m, f"{WRAPPER_KEY}.{handle.serial}", attn2_in, attn2_out)
     return m, handle
 
 
 # ----------------------------------------------------------------------------------------------
 # node
-# ----------------------------------------------------------------------------------------------
-class CrossAttentionCapture(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID,
-            display_name="Cross-Attention Capture",
-            category=CATEGORY,
-            description=(
-                "Records the text cross-attention maps (softmax(QKᵀ/√d), averaged over heads) of the chosen layers "
-                "while any sampler runs with the returned MODEL — for CrossAttentionMapViewer (paper 1, Fig. 1 and "
-                "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
-                "the sampled image is bit-identical to an uncaptured run. SD1.x, SD2.x, SDXL (cross-attention) and "
-                "SD3, Flux.1 (image queries against the text keys of the joint attention)."),
-            inputs=[
-                io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
-                                                "with the MODEL output."),
-                io.String.Input("layers", default="all",
-                                tooltip="Which attention layers to record: 'all', forward-order indices and ranges "
-                                        "('0-3, 8'), group names (UNet: input, middle, output; SD3: joint; Flux: "
-                                        "double, single) or labels like 'output.3.0' (block, block id, depth). The "
-                                        "maps are averaged over the chosen layers."),
-                io.Combo.Input("rows", options=list(ROW_ROLES), default="positive",
-                               tooltip="Whose attention to record: the positive prompt's rows (default) or the "
-                                       "negative prompt's. Rows are found by the conditionings' ids, so batch > 1 "
-                                       "and any guider work."),
-                io.Int.Input("buckets", default=DEFAULT_BUCKETS, min=1, max=MAX_BUCKETS,
-                             tooltip="Time slices with their own maps (10 = each tenth of the steps; fewer when "
-                                     "the run has fewer steps). Memory is fixed by this, not by the step count."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The recording model: sample with it."),
-                AttentionRecord.Output("record", display_name="record",
-                                       tooltip="Handle to the recorded runs: connect to CrossAttentionMapViewer."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, model, layers="all", rows="positive", buckets=DEFAULT_BUCKETS) -> io.NodeOutput:
-        m, handle = install_capture(model, layers, rows, int(buckets))
-        return io.NodeOutput(m, handle)

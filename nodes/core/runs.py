@@ -1,36 +1,32 @@
-"""Shared patch mechanics of the pack: the one place every node gets them from.
+"""Run tracking, step arithmetic and the rows of a model call: the one place every node gets them from.
 
-* **Run tracking.** :func:`ensure_run_tracking` installs two keyed wrappers on a cloned ModelPatcher:
+* **Run tracking.** :func:`ensure_run_tracking` installs keyed wrappers on a cloned ModelPatcher:
   OUTER_SAMPLE creates a fresh :class:`RunState` for every sampling run (and publishes it to every
-  model call through ``transformer_options``), SAMPLER_SAMPLE records the sampler's per-step callback.
-  Per-run stores (:meth:`RunState.store`) therefore start empty on every run and are never shared
-  between runs or between clones of a model.
+  model call through ``transformer_options``), SAMPLER_SAMPLE records the sampler's per-step callback,
+  PREDICT_NOISE fixes the step of each sampler evaluation. Per-run stores (:meth:`RunState.store`)
+  therefore start empty on every run and are never shared between runs or between clones of a model.
 * **Step arithmetic.** :func:`current_step` maps a model call to the sampler's step index, also for
   2nd-order samplers whose corrector runs at the *next* sigma (heun, heunpp2) and for denoise < 1
-  (indices are relative to the schedule actually sampled). :func:`step_fraction` and
-  :func:`resolve_cutoff_step` build on it.
+  (indices are relative to the schedule actually sampled). :func:`resolve_cutoff_step` builds on it.
 * **Rows.** :func:`chunk_roles` / :func:`row_mask` say which batch rows of a model call belong to the
   positive or negative conditioning, by the conds' uuids (never by assuming ``[uncond, cond]`` order).
-* **Single-slot hooks.** :func:`chain_attention_override`, :func:`chain_model_function_wrapper` and
-  :func:`chain_sampler_cfg_function` install a hook that calls whatever was installed before.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
-import comfy.patcher_extension
 import torch
 from comfy.patcher_extension import WrappersMP
 
-LOG = logging.getLogger("prompt_anatomy")
+from . import LOG, PACK
+from .errors import InternalError
 
-PACK = "prompt_anatomy"
 RUN_KEY = f"{PACK}.run"  # key of the RunState in transformer_options
 RUN_WRAPPER_KEY = f"{PACK}.run_tracking"  # key of the pack's tracking wrappers
+
 
 # Samplers whose extra model evaluations of step i run at sigma >= sigmas[i + 1] (so their sigma alone
 # would say "step i + 1"). Value: number of such evaluations after the step's callback.
@@ -84,11 +80,18 @@ class RunState:
         self._finishers.append(fn)
 
     def step_for_sigma(self, sigma) -> int:
-        """Step of a sampler evaluation at ``sigma``: the step whose callback fired last while its
-        corrector evaluations (heun family) are pending, else the schedule interval of the sigma."""
+        """Step of a sampler evaluation at ``sigma``. A step's first evaluation runs at its schedule sigma, then
+        the sampler's callback fires; later evaluations of the same step run after that callback: the heun
+        family's correctors at the *next* schedule sigma (counted, see CORRECTOR_AT_NEXT_SIGMA), and midpoint
+        evaluations (dpm_2, ancestral 2S, SDE samplers) at a sigma off the schedule — which can lie below the next
+        step's sigma, so an off-schedule evaluation after step i's callback belongs to step i."""
         if self.corrector_left > 0:
             return self.last_callback_step
-        return sigma_step_index(self.sample_sigmas, sigma)
+        ss = self.sample_sigmas
+        if schedule_index(ss, sigma) is None and 0 <= self.last_callback_step < len(ss) - 1 and \
+                _sigma_value(sigma) < float(ss[self.last_callback_step]):
+            return self.last_callback_step
+        return sigma_step_index(ss, sigma)
 
     # called by the SAMPLER_SAMPLE wrapper's callback
     def _record_callback(self, step: int) -> None:
@@ -194,6 +197,14 @@ def _sigma_value(sigma) -> float:
     return float(sigma)
 
 
+def schedule_index(sample_sigmas: torch.Tensor, sigma) -> int | None:
+    """Index of the schedule sigma equal to ``sigma`` (relative tolerance 1e-5), else None."""
+    s = _sigma_value(sigma)
+    ss = sample_sigmas[:-1].float()
+    hits = torch.nonzero((ss - s).abs() <= 1e-5 * max(abs(s), 1e-12)).reshape(-1)
+    return int(hits[-1]) if len(hits) else None
+
+
 def sigma_step_index(sample_sigmas: torch.Tensor, sigma) -> int:
     """Index i of the schedule interval [sigmas[i], sigmas[i+1]) that ``sigma`` falls in: the last i with
     sigmas[i] >= sigma (relative tolerance 1e-5), clamped to [0, steps - 1]."""
@@ -232,10 +243,6 @@ def total_steps(transformer_options: dict) -> int | None:
     ss = to.get("sample_sigmas")
     return None if ss is None else len(ss) - 1
 
-
-def step_fraction(step: int, n_steps: int) -> float:
-    """Fraction of the sampling steps done before ``step`` starts (0 for the first step)."""
-    return 0.0 if n_steps <= 0 else step / n_steps
 
 
 CUTOFF_UNITS = ("fraction", "step", "sigma")
@@ -303,221 +310,9 @@ def row_mask(transformer_options: dict, n_rows: int, roles=("positive",), device
     if not chunks:
         return torch.zeros(n_rows, dtype=torch.bool, device=device)
     if n_rows % len(chunks) != 0:
-        raise ValueError(f"internal: {n_rows} rows cannot be split into {len(chunks)} conditioning chunks")
+        raise InternalError(f"{n_rows} rows cannot be split into {len(chunks)} conditioning chunks")
     per = n_rows // len(chunks)
     flags = torch.tensor([r in roles for r in chunks], dtype=torch.bool, device=device)
     return flags.repeat_interleave(per)
 
 
-# ----------------------------------------------------------------------------------------------
-# single-slot hooks, chained
-# ----------------------------------------------------------------------------------------------
-def chain_attention_override(model_patcher, fn: Callable) -> None:
-    """Install ``fn(call_next, func, *args, **kwargs)`` as the optimized_attention_override of
-    ``model_patcher`` (a clone you own). ``call_next(*args, **kwargs)`` runs the previously installed
-    override, or the raw backend ``func``; kwargs keep ``_inside_attn_wrapper`` and transformer_options."""
-    to = model_patcher.model_options.setdefault("transformer_options", {})
-    prev = to.get("optimized_attention_override")
-
-    def override(func, *args, **kwargs):
-        def call_next(*a, **kw):
-            if prev is not None:
-                return prev(func, *a, **kw)
-            return func(*a, **kw)
-
-        return fn(call_next, func, *args, **kwargs)
-
-    override.prompt_anatomy_previous = prev
-    to["optimized_attention_override"] = override
-
-
-def chain_model_function_wrapper(model_patcher, fn: Callable) -> None:
-    """Install ``fn(apply_model, args)`` as model_function_wrapper, where ``apply_model`` already goes
-    through any previously installed wrapper."""
-    prev = model_patcher.model_options.get("model_function_wrapper")
-
-    def wrapper(apply_model, args):
-        if prev is not None:
-            def inner(x, t, **c):
-                return prev(apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": args.get("cond_or_uncond")})
-        else:
-            inner = apply_model
-        return fn(inner, args)
-
-    model_patcher.set_model_unet_function_wrapper(wrapper)
-
-
-def chain_sampler_cfg_function(model_patcher, fn: Callable, disable_cfg1_optimization: bool = False) -> None:
-    """Install ``fn(args, previous)`` as sampler_cfg_function; ``previous(args)`` computes what the
-    previously installed function (or plain CFG) would return (a noise-like tensor: x - denoised)."""
-    prev = model_patcher.model_options.get("sampler_cfg_function")
-
-    def previous(args):
-        if prev is not None:
-            return prev(args)
-        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
-
-    model_patcher.set_model_sampler_cfg_function(lambda args: fn(args, previous),
-                                                 disable_cfg1_optimization=disable_cfg1_optimization)
-
-
-def add_keyed_wrapper(model_patcher, wrapper_type: str, key: str, fn: Callable) -> None:
-    """Replace the pack's wrapper under ``key`` (remove, then add) so re-applying a node never stacks."""
-    model_patcher.remove_wrappers_with_key(wrapper_type, key)
-    model_patcher.add_wrapper_with_key(wrapper_type, key, fn)
-
-
-def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` on ``ref``'s device and dtype (tensors made inside patches follow the incoming tensor)."""
-    return t.to(device=ref.device, dtype=ref.dtype)
-
-
-def get_all_wrappers(wrapper_type: str, model_options: dict):
-    return comfy.patcher_extension.get_all_wrappers(wrapper_type, model_options, is_model_options=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# model families and attention layers
-# ----------------------------------------------------------------------------------------------
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
-
-
-def model_family(model_patcher) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or the model config's class name for anything else (matched by
-    exact config class, so e.g. Flux2 — another text encoder — is not taken for Flux.1)."""
-    name = type(model_patcher.model.model_config).__name__
-    for family, names in _FAMILY_CONFIGS:
-        if name in names:
-            return family
-    return name
-
-
-_FAMILY_CONFIGS = (
-    ("sd1", ("SD15", "SD15_instructpix2pix")),
-    ("sd2", ("SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler")),
-    ("sdxl", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix")),
-    ("sd3", ("SD3",)),
-    ("flux", ("Flux", "FluxSchnell", "FluxInpaint")),
-)
-
-
-def unsupported_family(family: str, what: str, why: str) -> ValueError:
-    return ValueError(f"{what} does not support this model ({family}): {why}")
-
-
-def unet_attn2_layers(model_patcher) -> list[tuple[str, int, int]]:
-    """Cross-attention layers of a UNet in forward order, as ComfyUI's attn2 patch keys
-    (block_name, block_id, block_index); the position in the list is the global cross-attention index."""
-    dm = model_patcher.model.diffusion_model
-    if not hasattr(dm, "input_blocks"):
-        return []
-    from comfy.ldm.modules.attention import SpatialTransformer
-
-    layers = []
-
-    def visit(name, idx, block):
-        for module in block:
-            if isinstance(module, SpatialTransformer):
-                for bi, tb in enumerate(module.transformer_blocks):
-                    if getattr(tb, "attn2", None) is not None:
-                        layers.append((name, idx, bi))
-
-    for i, block in enumerate(dm.input_blocks):
-        visit("input", i, block)
-    visit("middle", 0, dm.middle_block)
-    for i, block in enumerate(dm.output_blocks):
-        visit("output", i, block)
-    return layers
-
-
-def dit_blocks(model_patcher) -> list[tuple[str, int]]:
-    """Attention blocks of an MMDiT (("joint", i)) or Flux (("double", i), ("single", i)) in forward order."""
-    dm = model_patcher.model.diffusion_model
-    if hasattr(dm, "joint_blocks"):
-        return [("joint", i) for i in range(len(dm.joint_blocks))]
-    if hasattr(dm, "double_blocks"):
-        return [("double", i) for i in range(len(dm.double_blocks))] + \
-               [("single", i) for i in range(len(getattr(dm, "single_blocks", [])))]
-    return []
-
-
-LAYER_KEY = f"{PACK}.layer"  # transformer_options key: the attention layer running now (or None)
-TXT_LEN_KEY = f"{PACK}.txt_len"  # transformer_options key: text tokens at the front of a DiT sequence
-
-
-class _LayerFlag:
-    """Mutable holder shared by the UNet attn2 flagging patches of one model call: UNet attention patches
-    get a *copy* of transformer_options, so the flag lives in an object both copies point to."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self):
-        self.layer = None
-
-    def __deepcopy__(self, memo):  # each clone gets its own flag
-        return _LayerFlag()
-
-
-def _flag_attn2_on(n, context, value, extra_options):
-    flag = extra_options.get(LAYER_KEY)
-    if flag is not None:
-        block = extra_options.get("block") or (None, None)
-        flag.layer = (block[0], block[1], extra_options.get("block_index", 0))
-    return n, context, value
-
-
-def _flag_attn2_off(n, extra_options):
-    flag = extra_options.get(LAYER_KEY)
-    if flag is not None:
-        flag.layer = None
-    return n
-
-
-def current_attn2_layer(transformer_options: dict):
-    """(block_name, block_id, block_index) when a UNet cross-attention runs now, else None (self-attention,
-    or a model without layer tracking). Use inside an attention override."""
-    flag = (transformer_options or {}).get(LAYER_KEY)
-    return flag.layer if isinstance(flag, _LayerFlag) else None
-
-
-def _stamp_replace(kind: str, index: int, previous):
-    def replace(args, extra):
-        to = args.get("transformer_options")
-        if to is not None:
-            to[LAYER_KEY] = (kind, index)
-            if "txt" in args and args["txt"] is not None:
-                to[TXT_LEN_KEY] = args["txt"].shape[1]
-        try:
-            if previous is not None:
-                return previous(args, extra)
-            return extra["original_block"](args)
-        finally:
-            if to is not None:
-                to[LAYER_KEY] = None
-
-    replace.prompt_anatomy_stamp = True
-    return replace
-
-
-def ensure_layer_tracking(model_patcher) -> None:
-    """Make the attention layer that runs visible to attention overrides: ``current_attn2_layer`` for UNets
-    (an attn2_patch / attn2_output_patch pair), and ``transformer_options[LAYER_KEY]`` = ("joint"|"double"|
-    "single", i) plus ``[TXT_LEN_KEY]`` for SD3/Flux (chained "dit" block replaces). Idempotent."""
-    to = model_patcher.model_options.setdefault("transformer_options", {})
-    dm = model_patcher.model.diffusion_model
-    if hasattr(dm, "input_blocks"):
-        if not isinstance(to.get(LAYER_KEY), _LayerFlag):
-            to[LAYER_KEY] = _LayerFlag()
-        patches = to.get("patches", {})
-        if _flag_attn2_on not in patches.get("attn2_patch", []):
-            model_patcher.set_model_attn2_patch(_flag_attn2_on)
-        if _flag_attn2_off not in patches.get("attn2_output_patch", []):
-            model_patcher.set_model_attn2_output_patch(_flag_attn2_off)
-        return
-    replaces = to.get("patches_replace", {}).get("dit", {})
-    for kind, i in dit_blocks(model_patcher):
-        key = ("single_block" if kind == "single" else "double_block", i)
-        previous = replaces.get(key)
-        if getattr(previous, "prompt_anatomy_stamp", False):
-            continue
-        model_patcher.set_model_patch_replace(_stamp_replace(kind, i, previous), "dit", key[0], i)

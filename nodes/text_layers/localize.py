@@ -29,13 +29,11 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
-import numpy as np
 import torch
-from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw, ImageFont
 
-from . import text_layers as tl
-from . import toolkit
+from ..core.layers import ModelLayers, layer_label, model_layers, parse_layers
+from ..shared.drawing import bar_chart
+from .patch import PatchSettings, TargetText, apply_text_layer_patch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +49,7 @@ class CandidateScore:
         return self.toward - self.moved
 
 
-def parse_candidates(spec: str, ml: tl.ModelLayers) -> list[tuple]:
+def parse_candidates(spec: str, ml: ModelLayers) -> list[tuple]:
     """Candidates to test, each a tuple of layers. Empty: every layer of the model alone. Otherwise items separated
     by ';' or new lines, each one candidate (a layer string; several layers are tested together); an item
     'each <layers>' gives one candidate per layer."""
@@ -64,9 +62,9 @@ def parse_candidates(spec: str, ml: tl.ModelLayers) -> list[tuple]:
         if not item:
             continue
         if item.lower().startswith("each "):
-            out.extend((layer,) for layer in tl.parse_layers(item[5:], ml))
+            out.extend((layer,) for layer in parse_layers(item[5:], ml))
             continue
-        layers = tl.parse_layers(item, ml)
+        layers = parse_layers(item, ml)
         if layers:
             out.append(layers)
     unique = list(dict.fromkeys(out))
@@ -101,14 +99,14 @@ def rank(scores: list[CandidateScore]) -> list[CandidateScore]:
     return sorted(scores, key=lambda c: -c.score)
 
 
-def best_layers(scores: list[CandidateScore], top_k: int, ml: tl.ModelLayers) -> str:
+def best_layers(scores: list[CandidateScore], top_k: int, ml: ModelLayers) -> str:
     chosen = set()
     for c in rank(scores)[:max(1, top_k)]:
         chosen.update(c.layers)
-    return ", ".join(tl.layer_label(layer) for layer in ml.layers if layer in chosen)
+    return ", ".join(layer_label(layer) for layer in ml.layers if layer in chosen)
 
 
-def format_table(ml: tl.ModelLayers, scores: list[CandidateScore], top_k: int, header: str, region: float,
+def format_table(ml: ModelLayers, scores: list[CandidateScore], top_k: int, header: str, region: float,
                  threshold: float, best: str) -> str:
     lines = [header,
              "score = toward − moved, measured on the final latents (paper 2 used OCR; this score needs none): "
@@ -124,31 +122,10 @@ def format_table(ml: tl.ModelLayers, scores: list[CandidateScore], top_k: int, h
 
 
 def render_chart(scores: list[CandidateScore], top_k: int, title: str) -> torch.Tensor:
-    """Horizontal bar chart of the scores in forward order (top_k highlighted), as an IMAGE [1, H, W, 3]."""
-    font = ImageFont.load_default()
+    """Bar chart of the scores in forward order (top_k highlighted), as an IMAGE [1, H, W, 3]."""
     best = {id(c) for c in rank(scores)[:top_k]}
-    row_h, label_w, bar_w, pad = 16, 190, 360, 10
-    width = label_w + bar_w + 70 + 2 * pad
-    height = 2 * pad + 22 + row_h * len(scores) + 18
-    img = Image.new("RGB", (width, height), (250, 250, 250))
-    draw = ImageDraw.Draw(img)
-    draw.text((pad, pad), title, fill=(20, 20, 20), font=font)
-    values = [c.score for c in scores]
-    lo, hi = min(0.0, min(values)), max(0.0, max(values))
-    span = (hi - lo) or 1.0
-    x0 = pad + label_w + int(round((0 - lo) / span * bar_w))
-    top = pad + 22
-    for i, c in enumerate(scores):
-        y = top + i * row_h
-        draw.text((pad, y + 2), f"{c.label} {c.indices}"[:32], fill=(30, 30, 30), font=font)
-        x1 = pad + label_w + int(round((c.score - lo) / span * bar_w))
-        colour = (214, 96, 39) if id(c) in best else (70, 120, 180)
-        draw.rectangle([min(x0, x1), y + 3, max(x0, x1, min(x0, x1) + 1), y + row_h - 3], fill=colour)
-        draw.text((pad + label_w + bar_w + 6, y + 2), f"{c.score:+.3f}", fill=(30, 30, 30), font=font)
-    draw.line([x0, top - 2, x0, top + row_h * len(scores)], fill=(0, 0, 0), width=1)
-    draw.text((pad, height - pad - 10), "score = toward - moved (orange: best)", fill=(90, 90, 90), font=font)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr)[None]
+    return bar_chart([f"{c.label} {c.indices}"[:32] for c in scores], [c.score for c in scores],
+                     [id(c) in best for c in scores], title, "score = toward - moved (orange: best)")
 
 
 def sample_latent(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent) -> torch.Tensor:
@@ -165,15 +142,15 @@ def localize(model, positive, target, negative, latent, seed=0, steps=6, cfg=5.0
              progress=None):
     """Algorithm 1. Returns (scores in candidate order, source latent, target latent, patched latents, table,
     best layers, region fraction)."""
-    ml = tl.model_layers(model, "TextLayerLocalize")
+    ml = model_layers(model, "TextLayerLocalize")
     if not (math.isfinite(region_threshold) and 0.0 < region_threshold <= 1.0):
         raise ValueError(f"region_threshold must be in (0, 1], got {region_threshold}: it is the fraction of the largest "
                          f"source/target difference that counts as 'the text region'; 0.5 is a good start.")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}.")
     cands = parse_candidates(candidates, ml)
-    tgt = tl.TargetText.from_conditioning(target)
-    tl.PatchSettings(cands[0], start_percent, end_percent).validate()
+    tgt = TargetText.from_conditioning(target)
+    PatchSettings(cands[0], start_percent, end_percent).validate()
     if start_percent >= 1.0 or start_percent >= end_percent:
         raise ValueError(f"start_percent {start_percent} / end_percent {end_percent} leave no step to patch, so every "
                          f"candidate would give the source image. Use e.g. 0.0 and 1.0.")
@@ -189,10 +166,10 @@ def localize(model, positive, target, negative, latent, seed=0, steps=6, cfg=5.0
     patched, scores, region = [], [], 0.0
     for layers in cands:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        m, _ = tl.apply_text_layer_patch(model, tgt, layers, start_percent, end_percent)
+        m, _ = apply_text_layer_patch(model, tgt, layers, start_percent, end_percent)
         out = run(m, positive)
         toward, moved, region = score_edit(src, tgt_latent, out, region_threshold)
-        label = ", ".join(tl.layer_label(layer) for layer in layers)
+        label = ", ".join(layer_label(layer) for layer in layers)
         indices = ",".join(str(ml.index(layer)) for layer in layers)
         scores.append(CandidateScore(layers, label if len(label) <= 28 else label[:27] + "…", f"[{indices}]"
                                      if len(indices) <= 8 else f"[{indices[:7]}…]", toward, moved))
@@ -204,78 +181,3 @@ def localize(model, positive, target, negative, latent, seed=0, steps=6, cfg=5.0
               f"{end_percent:.2f}")
     table = format_table(ml, scores, top_k, header, region, region_threshold, best)
     return scores, src, tgt_latent, patched, table, best, top_k
-
-
-class TextLayerLocalize(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TextLayerLocalize",
-            display_name="Text Layer Localize",
-            category="prompt_anatomy/text_layers",
-            description="Finds the attention layers that write the text in an image (paper 2, Algorithm 1) on your "
-                        "model: samples the source prompt once per candidate layer with only that layer fed the target "
-                        "prompt, and ranks the candidates by how far the image moved toward the target's where the "
-                        "text is and how little elsewhere (a latent-space score; the paper used OCR). The best layers "
-                        "go straight into Text Layer Patch.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to localize (not modified)."),
-                io.Conditioning.Input("positive", tooltip="The source prompt, e.g. a sign that says \"HELLO\"."),
-                io.Conditioning.Input("target", tooltip="The same prompt with other words, e.g. \"WORLD\"."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt."),
-                io.Latent.Input("latent_image", tooltip="Size and batch of the test images (small is fine: 64-512 px)."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             tooltip="The fixed seed of every test image."),
-                io.Int.Input("steps", default=6, min=1, max=200,
-                             tooltip="Sampling steps per test image (the node samples 2 + candidates images)."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale of the test images."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The scheduler."),
-                io.String.Input("candidates", default="", multiline=True,
-                                tooltip="Candidates to test. Empty: every layer of the model alone. Otherwise "
-                                        "candidates separated by ';' or new lines, each a layer string (several "
-                                        "layers are tested together, e.g. '55,56'); 'each 40-69' tests each of those "
-                                        "layers alone."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="First patched step of each test (fraction of the steps), as in Text Layer "
-                                       "Patch."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Patched steps end here (fraction of the steps)."),
-                io.Float.Input("region_threshold", default=0.5, min=0.01, max=1.0, step=0.01,
-                               tooltip="Where source and target differ by at least this fraction of their largest "
-                                       "difference counts as the text region (for the score)."),
-                io.Int.Input("top_k", default=1, min=1, max=64,
-                             tooltip="How many of the best candidates form the 'layers' output (paper: 2 layers for "
-                                     "SDXL, 1 block for SD3)."),
-            ],
-            outputs=[
-                io.Image.Output(display_name="chart", tooltip="Bar chart of the scores in forward order (best in "
-                                                              "orange)."),
-                io.String.Output(display_name="table", tooltip="The ranked table with toward, moved and score."),
-                io.String.Output(display_name="layers", tooltip="The best candidates' layers: wire into Text Layer "
-                                                                "Patch's 'layers' (convert the widget to an input)."),
-                io.Latent.Output(display_name="latents", tooltip="Source, target, then each candidate's result, in "
-                                                                 "candidate order (VAE Decode to look at them)."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, model, positive, target, negative, latent_image, seed=0, steps=6, cfg=5.0, sampler_name="euler",
-                scheduler="normal", candidates="", start_percent=0.0, end_percent=1.0, region_threshold=0.5,
-                top_k=1) -> io.NodeOutput:
-        scores, src, tgt, patched, table, best, k = localize(
-            model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, candidates,
-            start_percent, end_percent, region_threshold, top_k)
-        chart = render_chart(scores, k, f"TextLayerLocalize: {len(scores)} candidates, best: {best}"[:90])
-        latents = dict(latent_image)
-        latents.pop("noise_mask", None)
-        latents.pop("batch_index", None)
-        latents["samples"] = torch.cat([src, tgt, *patched], 0)
-        out_ui = ui.PreviewImage(chart, cls=cls).as_dict()
-        out_ui.update(ui.PreviewText(table).as_dict())
-        toolkit.LOG.info("TextLayerLocalize: best layers %s", best)
-        return io.NodeOutput(chart, table, best, latents, ui=out_ui)
-
-
-NODES = [TextLayerLocalize]

@@ -29,35 +29,41 @@ that edit the ``tokens`` input (so the choice is saved with the workflow).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import numbers
 import warnings
 
-import comfy.sd1_clip
-import comfy.sdxl_clip
-import comfy.text_encoders.flux
-import comfy.text_encoders.sd2_clip
-import comfy.text_encoders.sd3_clip
 import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from . import eos_swap, imaging
-from .attention_capture import (
-    CATEGORY,
-    OTHER_LABEL,
-    AttentionRecord,
-    AttentionRecordHandle,
-    AttentionRun,
-    CrossAttentionCapture,
-    MapSums,
+from ..core import families
+from ..core.errors import InternalError
+from ..shared import drawing
+from ..shared.drawing import (
+    caption,
+    cell_size,
+    colormap,
+    labelled_grid,
+    latent_to_rgb,
+    line_plot,
+    overlay,
+    pil_to_image,
+    upsample,
 )
-from .frequency import labelled_grid, latent_to_rgb, line_plot, pil_to_image
+from ..shared.tokens import (
+    EncoderPart,
+    Layout,
+    context_length,
+    detect_layout,
+    stock_layout,
+    stock_tokenizer,
+    token_positions,
+    token_text,
+)
+from .capture import OTHER_LABEL, AttentionRun, MapSums
 
 NODE_ID = "CrossAttentionMapViewer"
 CLASSES = ("[SOS]", "semantic", "[EOS]", "padding")
@@ -70,7 +76,6 @@ MAX_AUTO_ITEMS = 24
 MAX_ITEMS = 64
 CANNY_LOW, CANNY_HIGH = 0.4, 0.8  # ComfyUI Canny node defaults, on min-max stretched maps and image grey levels
 EDGE_SIZE = 128  # long side of the images the Canny edges are taken on
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux.1"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,61 +91,21 @@ class TokenInfo:
     encoder: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
 
 
-_STOCK = {  # family: (tokenizer class, [(key, label, kind, in_context, group)])
-    "sd1": (comfy.sd1_clip.SD1Tokenizer, [("l", "CLIP-L", "clip", True, 0)]),
-    "sd2": (comfy.text_encoders.sd2_clip.SD2Tokenizer, [("h", "OpenCLIP-H", "clip", True, 0)]),
-    "sdxl": (comfy.sdxl_clip.SDXLTokenizer, [("l", "CLIP-L", "clip", True, 0), ("g", "CLIP-G", "clip", True, 0)]),
-    "sd3": (comfy.text_encoders.sd3_clip.SD3Tokenizer, [("l", "CLIP-L", "clip", True, 0),
-                                                       ("g", "CLIP-G", "clip", True, 0),
-                                                       ("t5xxl", "T5-XXL", "t5", True, 1)]),
-    "flux": (comfy.text_encoders.flux.FluxTokenizer, [("t5xxl", "T5-XXL", "t5", True, 0),
-                                                      ("l", "CLIP-L", "clip", False, 0)]),
-}
-
-
-@functools.lru_cache(maxsize=8)
-def stock_tokenizer(family: str):
-    """The tokenizer ComfyUI uses for ``family`` (no embeddings directory)."""
-    return _STOCK[family][0](embedding_directory=None, tokenizer_data={})
-
-
-def _sub(tokenizer, key: str):
-    for name in (f"clip_{key}", key):
-        sub = getattr(tokenizer, name, None)
-        if sub is not None and hasattr(sub, "end_token"):
-            return sub
-    raise ValueError(f"internal: tokenizer {type(tokenizer).__name__} has no {key!r} part")
-
-
-def stock_layout(family: str, with_t5: bool = True) -> eos_swap.Layout:
-    """An eos_swap Layout for the stock tokenizer of ``family`` (only positions matter here, not channels)."""
-    tok = stock_tokenizer(family)
-    parts = []
-    for key, label, kind, in_context, group in _STOCK[family][1]:
-        sub = _sub(tok, key)
-        encoded = with_t5 or key != "t5xxl"
-        parts.append(eos_swap.EncoderPart(
-            key=key, label=label, kind=kind, channels=(0, 1) if in_context else None, group=group, encoded=encoded,
-            start_token=sub.start_token, end_token=int(sub.end_token), pad_token=int(sub.pad_token),
-            inv_vocab=getattr(sub, "inv_vocab", {})))
-    return eos_swap.Layout(family, tuple(parts))
-
-
-def _display(part: eos_swap.EncoderPart, token, klass: str) -> str:
+def _display(part: EncoderPart, token, klass: str) -> str:
     if klass != "semantic":
         return {"[SOS]": "[SOS]", "[EOS]": "[EOS]"}.get(klass, "[pad]")
     if not isinstance(token, numbers.Integral):
         return "<emb>"
-    text = eos_swap.token_text(part, token)
+    text = token_text(part, token)
     text = text.replace("</w>", "").replace("\u2581", " ").strip()
     return text or "·"
 
 
-def token_table(layout: eos_swap.Layout, tokens: dict) -> list[TokenInfo]:
+def token_table(layout: Layout, tokens: dict) -> list[TokenInfo]:
     """One TokenInfo per context position of a conditioning made from ``tokens`` by ``layout``'s encoders.
     CLIP-L and CLIP-G share positions (SDXL, SD3); the first in-context encoder labels them."""
-    positions = eos_swap.token_positions(layout, tokens)
-    length = eos_swap.context_length(layout, positions)
+    positions = token_positions(layout, tokens)
+    length = context_length(layout, positions)
     table: list[TokenInfo | None] = [None] * length
     for part in layout.context_parts:
         for chunk in positions[part.key]:
@@ -151,25 +116,26 @@ def token_table(layout: eos_swap.Layout, tokens: dict) -> list[TokenInfo]:
                     table[i] = TokenInfo(i, _display(part, entry[0], klass), klass, chunk.index, float(entry[1]),
                                          part.label)
     if any(t is None for t in table):
-        raise ValueError("internal: context positions without a token")
+        raise InternalError("context positions without a token")
     return table  # type: ignore[return-value]
 
 
 def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
     """The token table of ``text`` for the recorded run, checked against the recorded context lengths."""
-    family = run.family
+    family = families.by_name(run.family)
     lengths = sorted(run.sums)
     if clip is not None:
-        layout = eos_swap.detect_layout(clip)
-        if layout.family != family:
+        layout = detect_layout(clip, "CrossAttentionMapViewer")
+        if layout.family is not family:
             raise ValueError(f"clip is the {layout.label} text encoder but the record comes from a "
-                             f"{FAMILY_NAMES.get(family, family)} model: connect the CLIP of the sampled model.")
+                             f"{family.label} model: connect the CLIP of the sampled model.")
         candidates = [(layout, clip.tokenize(text))]
     else:
         tokens = stock_tokenizer(family).tokenize_with_weights(text)
-        candidates = [(stock_layout(family, True), tokens)]
-        if family == "sd3":  # SD3 without T5 puts only the CLIP tokens in the context
-            candidates.append((stock_layout(family, False), tokens))
+        candidates = [(stock_layout(family), tokens)]
+        first = tuple(e.key for e in family.encoders if e.group == 0)
+        if len(first) < len(family.encoders):  # e.g. SD3 without T5: only the first encoders in the context
+            candidates.append((stock_layout(family, first), tokens))
     tables = [token_table(layout, toks) for layout, toks in candidates]
     for table in tables:
         if len(table) in run.sums:
@@ -392,49 +358,6 @@ def relative_to_last(f1: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # drawing
 # ----------------------------------------------------------------------------------------------
-_INFERNO = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85], [227, 89, 51],
-                     [249, 140, 10], [249, 201, 50], [252, 255, 164]], dtype=np.float32) / 255.0
-
-
-def colormap(values: torch.Tensor) -> torch.Tensor:
-    """(..., H, W) in [0, 1] -> (..., H, W, 3) with an inferno-like colour map."""
-    x = values.clamp(0, 1).float() * (len(_INFERNO) - 1)
-    lo = x.floor().long().clamp(max=len(_INFERNO) - 2)
-    frac = (x - lo.float())[..., None]
-    lut = torch.from_numpy(_INFERNO)
-    return lut[lo] * (1 - frac) + lut[lo + 1] * frac
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) -> (N, H, W) bilinear."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def overlay(image: torch.Tensor, values: torch.Tensor, strength: float = 0.75) -> torch.Tensor:
-    """Image (H, W, 3) under colour-mapped values (N, H, W) in [0, 1]: opaque where the map is high."""
-    a = (strength * values)[..., None]
-    return (image[None] * (1 - a) + colormap(values) * a).clamp(0, 1)
-
-
-_font = imaging.font
-
-
-def _caption(img: torch.Tensor, text: str) -> torch.Tensor:
-    """Draw ``text`` on a dark band in the top-left corner of an image (H, W, 3)."""
-    pil = Image.fromarray((img.clamp(0, 1).numpy() * 255).astype(np.uint8))
-    d = ImageDraw.Draw(pil)
-    font = _font(max(10, min(16, pil.width // 14)))
-    box = d.textbbox((3, 2), text, font=font)
-    d.rectangle([0, 0, box[2] + 3, box[3] + 3], fill=(0, 0, 0))
-    d.text((3, 2), text, fill=(255, 255, 255), font=font)
-    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)
-
-
-def cell_size(h: int, w: int, lo: int = 128, hi: int = 256) -> tuple[int, int]:
-    s = min(max(max(h, w), lo), hi) / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
 def _steps_label(bucket: tuple[int, int], sep: str = " ") -> str:
     a, b = bucket
     return f"step{sep}{a}" if a == b else f"steps{sep}{a}-{b}"
@@ -545,7 +468,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     heat = labelled_grid(cells, 2, len(items), ["map", "overlay"],
                          [f"{lab}\n{s:.1%}" for lab, s in zip(labels, shares, strict=True)])
     full = overlay(img, upsample(shown, (H, W)))
-    overlays = torch.stack([_caption(full[k], labels[k]) for k in range(len(items))])
+    overlays = torch.stack([caption(full[k], labels[k]) for k in range(len(items))])
 
     # time slices (one colour scale per item over all buckets)
     nb = len(run.buckets)
@@ -565,7 +488,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     for k, j in enumerate(valid_buckets):
         cells_j = colormap(upsample(norm_t[:, k], (ch, cw)))
         frames.append(labelled_grid(cells_j, 1, len(items), [_steps_label(run.buckets[j])], labels))
-    animation = imaging.stack_padded(frames) if frames else heat
+    animation = drawing.stack_padded(frames) if frames else heat
 
     # class shares per step
     step_share = sums.step_share()[:, batch_index]  # (steps, C)
@@ -628,7 +551,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     early = ", ".join(f"{_short(lab, 12)} {float(r[0]):.2f}" for lab, r in zip(labels, rel, strict=True)
                       if rel.shape[1] and math.isfinite(float(r[0])))
     lines = [
-        f"{FAMILY_NAMES.get(run.family, run.family)} · {run.n_steps} steps ({run.sampler}) · {run.rows} rows · image "
+        f"{families.by_name(run.family).label} · {run.n_steps} steps ({run.sampler}) · {run.rows} rows · image "
         f"{batch_index + 1} of {run.batch} · {len(run.seen) + len(run.fallback)}/{len(run.layers)} chosen layers seen "
         f"({run.all_layers} in the model) · grid {run.ref_hw[0]}x{run.ref_hw[1]}",
         f"class share (whole run): {share_txt}",
@@ -640,93 +563,3 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     text_summary = "\n".join(lines)
     summary["summary"] = text_summary
     return View(heat, overlays, plot_classes, time_slices, animation, conv, _clean(summary), text_summary, chips, items)
-
-
-class CrossAttentionMapViewer(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=NODE_ID,
-            display_name="Cross-Attention Map Viewer",
-            category=CATEGORY,
-            is_output_node=True,
-            description=(
-                "Shows what Cross-Attention Capture recorded (paper 1, Fig. 1, 3, 12): per-token heat maps and overlays "
-                "(whole-run mean), the share of [SOS] / semantic / [EOS] / padding per step, the maps per step bucket "
-                "(early to late, also as an animation batch) and the shape convergence F1_t / F1_last between Canny "
-                "edges of the maps and of the final image. Pick tokens by clicking them in the node after a run."),
-            inputs=[
-                AttentionRecord.Input("record", tooltip="The record output of Cross-Attention Capture."),
-                io.String.Input("text", multiline=True, dynamic_prompts=False, default="",
-                                tooltip="The text of the recorded prompt (the positive one unless the capture records "
-                                        "negative rows), to label the tokens. Share one text node with the "
-                                        "CLIPTextEncode."),
-                io.Latent.Input("latent", optional=True,
-                                tooltip="The LATENT of the sampler that used the capture MODEL: runs this node after "
-                                        "sampling and picks that run."),
-                io.Image.Input("image", optional=True,
-                               tooltip="The decoded image, for the overlays and the Canny edges. Without it the latent's "
-                                       "approximate colours are used."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="The CLIP that encoded the prompt (exact tokens, embeddings, weights). Without it "
-                                      "the stock tokenizer of the model family is used."),
-                io.String.Input("tokens", default="auto",
-                                tooltip="Which maps to show: context positions ('1, 2, 5'), ranges summed into one map "
-                                        "('8-76'), class words sos / eos / sem / pad, img (SD3/Flux: weight on image "
-                                        "keys), or auto (every semantic token + the first [EOS] of each chunk). Click "
-                                        "the token chips in the node to edit it."),
-                io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the batch to show."),
-                io.Combo.Input("scale", options=list(SCALES), default="per_map",
-                               tooltip="Colour scale of the heat maps: per_map stretches each map to its own min-max "
-                                       "(shapes); shared uses one scale for all shown maps (compare strengths)."),
-                io.Int.Input("edge_tolerance", default=2, min=0, max=32,
-                             tooltip="Shape convergence: Canny edge pixels of map and image count as matched within "
-                                     "this many pixels (on images resized to 128 px on the long side)."),
-            ],
-            outputs=[
-                io.Image.Output("heatmaps", display_name="heatmaps",
-                                tooltip="Labelled grid: each chosen token's mean map (row 1) and overlay (row 2), with "
-                                        "its mean share of the attention."),
-                io.Image.Output("overlays", display_name="overlays",
-                                tooltip="One overlay per chosen token at image size."),
-                io.Image.Output("class_shares", display_name="class_shares",
-                                tooltip="Plot: share of [SOS] / semantic / [EOS] / padding (/ [image]) per step."),
-                io.Image.Output("time_slices", display_name="time_slices",
-                                tooltip="Grid: tokens x step buckets (early to late), one colour scale per token."),
-                io.Image.Output("animation", display_name="animation",
-                                tooltip="One frame per step bucket (all chosen tokens), for an animated preview."),
-                io.Image.Output("convergence", display_name="convergence",
-                                tooltip="Plot: F1_t / F1_last of the Canny edges of the maps vs the final image."),
-                io.String.Output("summary", display_name="summary_json", tooltip="All numbers as JSON."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, record, text, latent=None, image=None, clip=None, tokens="auto", batch_index=0,
-                scale="per_map", edge_tolerance=2) -> io.NodeOutput:
-        if not isinstance(record, AttentionRecordHandle):
-            raise ValueError("record must be the record output of a Cross-Attention Capture node.")
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        run, matched = record.find(samples)
-        if run is None:
-            raise ValueError("Cross-Attention Map Viewer: the capture has no finished sampling run yet. Connect the MODEL "
-                             "output of Cross-Attention Capture to the sampler whose LATENT (or decoded IMAGE) feeds "
-                             "this viewer.")
-        if not run.sums:
-            raise ValueError(f"the recorded run has no maps: no {run.rows} rows reached the chosen layers "
-                             f"({'; '.join(f'{v}× {k}' for k, v in run.skipped.items()) or 'no attention seen'}). "
-                             f"Check that the capture's MODEL is the one sampled and that the {run.rows} prompt is used.")
-        if latent is None and image is None:
-            matched = False
-        view = render_view(run, matched, text, clip=clip, image=image, tokens=tokens, batch_index=int(batch_index),
-                           scale=scale, edge_tolerance=int(edge_tolerance))
-        preview = imaging.stack_padded([view.heatmaps, view.class_plot, view.convergence])
-        ui_out = ui.PreviewImage(preview, cls=cls).as_dict()
-        ui_out["text"] = (view.text,)
-        ui_out["pa_tokens"] = view.chips
-        ui_out["pa_selected"] = [it.key for it in view.items]
-        return io.NodeOutput(view.heatmaps, view.overlays, view.class_plot, view.time_slices, view.animation,
-                             view.convergence, json.dumps(view.summary, indent=1), ui=ui_out)
-
-
-NODES = [CrossAttentionCapture, CrossAttentionMapViewer]

@@ -1,0 +1,215 @@
+"""The model-family registry: the one place that knows model families.
+
+For every ComfyUI model config class the pack supports, a :class:`Family` says everything a technique needs:
+how text enters the denoiser, its text-attention layers (UNet cross-attention found by walking the UNet, DiT
+blocks from :class:`BlockKind` entries: where the block list lives, its ``patches_replace["dit"]`` key, where its
+attention weights and head count are), the text encoders in the context with their token rules
+(:class:`EncoderSpec`), where the pooled vector comes from, the latent layout, whether the model is
+guidance-distilled, and the paper presets that apply (only where a paper localized that exact architecture).
+
+Techniques ask :func:`family_of` (a MODEL) or :func:`family_of_clip` (a CLIP) and read the entry; a model the
+registry does not know gets one ValueError naming its config class and listing the supported families.
+Adding a family = one entry in :data:`FAMILIES` (+ a tiny-model factory in ``scripts/tiny_models.py`` + tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+# how text enters the denoiser
+UNET_CROSS = "unet_cross"  # UNet cross-attention (attn2) in every transformer block
+DIT_CROSS = "dit_cross"  # DiT blocks with a separate cross-attention over the text context
+JOINT = "joint"  # joint attention over [text, image] tokens (MMDiT / double-stream blocks)
+SINGLE = "single"  # text and image tokens in one sequence (single-stream blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """One text encoder of a family's CLIP object and where its tokens land in the conditioning tensor."""
+
+    key: str  # clip.tokenize key: 'l', 'g', 'h', 't5xxl'
+    label: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
+    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk) or "t5" (no [SOS], end token, one chunk)
+    attr: str  # attribute of the CLIP's cond_stage_model holding this encoder (None there: not loaded)
+    group: int = 0  # 0: token block at the start (encoders of group 0 share positions, concatenated on channels)
+    in_context: bool = True  # False: only its pooled vector is used (Flux's CLIP-L)
+    missing_width: int | None = None  # channels the context keeps for it when it is not loaded (SD3 CLIP-L: 768)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+    """One kind of attention block of a DiT, in forward order after the kinds listed before it."""
+
+    name: str  # layer-grammar group name: 'joint', 'double', 'single'
+    attr: str  # attribute of diffusion_model holding the block list
+    replace: str | None  # patches_replace["dit"] key of these blocks (None: the model offers no block replace)
+    weights: tuple[str, ...]  # state-dict prefixes (under diffusion_model.) of the block's attention, "{i}" = index
+    heads: str  # attribute path from a block to its head count
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # the pack's id: 'sd1', 'sdxl', ...
+    label: str  # what users read: 'SD1.x', 'Flux.1'
+    configs: tuple[str, ...]  # ComfyUI model config class names (comfy/supported_models.py), matched exactly
+    text_entry: tuple[str, ...]  # UNET_CROSS / DIT_CROSS / JOINT / SINGLE, in the order the blocks come
+    encoders: tuple[EncoderSpec, ...]  # the text encoders of this family's CLIP, in conditioning order
+    clip_match: Callable  # cond_stage_model -> bool: is this CLIP the family's text encoder?
+    tokenizer: str  # "module:Class" of the stock tokenizer (token labels when no CLIP is connected)
+    pooled: str  # where the pooled vector comes from and what uses it
+    latent_format: str  # comfy.latent_formats class name
+    context_width: Callable  # ModelPatcher -> channels of the text context the model takes (None: unknown)
+    blocks: tuple[BlockKind, ...] = ()  # DiT attention blocks (UNets: walked, see core.layers)
+    register_tokens: str | None = None  # diffusion_model attribute: learned tokens in front of the text stream
+    guidance_distilled: bool = False  # guidance is an input of the model (cfg 1 is the normal use)
+    cond_extra: tuple = ()  # (key, value) every conditioning of this family carries (Flux: guidance)
+    presets: tuple[tuple[str, tuple], ...] = ()  # paper presets: (name, layer keys) for this exact architecture
+    auto_preset: str | None = None  # the preset 'auto' resolves to
+    preset_note: str = ""  # which architecture the presets were localized on
+    attention_name: str = ""  # what users call its text attention, e.g. "SD3's MMDiT"
+
+    @property
+    def is_unet(self) -> bool:
+        return self.text_entry == (UNET_CROSS,)
+
+    @property
+    def context_encoders(self) -> tuple[EncoderSpec, ...]:
+        return tuple(e for e in self.encoders if e.in_context)
+
+    def preset(self, name: str) -> tuple | None:
+        return dict(self.presets).get(name)
+
+
+def _unet_context_dim(model) -> int | None:
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    width = cfg.get("context_dim")
+    return int(width) if width else None
+
+
+def _module_in_features(*attrs: str) -> Callable:
+    def width(model) -> int | None:
+        dm = model.model.diffusion_model
+        for attr in attrs:
+            mod = getattr(dm, attr, None)
+            if mod is not None and hasattr(mod, "in_features"):
+                return int(mod.in_features)
+        return None
+
+    return width
+
+
+def _clip_is(cls_name: str, clip_name: str | None = None) -> Callable:
+    """cond_stage_model matcher: an instance of ComfyUI's ``cls_name`` (by class name anywhere in its MRO, so the
+    subclasses ComfyUI's loaders make match too), optionally with that SD1ClipModel ``clip_name``."""
+    def match(csm) -> bool:
+        if not any(c.__name__ == cls_name for c in type(csm).__mro__):
+            return False
+        return clip_name is None or getattr(csm, "clip_name", None) == clip_name
+
+    return match
+
+
+CLIP_L = EncoderSpec("l", "CLIP-L", "clip", "clip_l")
+CLIP_G = EncoderSpec("g", "CLIP-G", "clip", "clip_g")
+T5XXL = EncoderSpec("t5xxl", "T5-XXL", "t5", "t5xxl")
+
+# paper 2, Sec. 4 / App. A.9: SDXL cross-attention layers 55 and 56 of 70 (forward order) = up_blocks.0.attentions.2
+# transformer blocks 1 and 2 = ComfyUI ("output", 2) depths 1-2; SD3-medium joint block 10 of 24.
+SDXL_PAPER = (("output", 2, 1), ("output", 2, 2))
+SD3_PAPER = (("joint", 10),)
+
+FAMILIES: tuple[Family, ...] = (
+    Family("sd1", "SD1.x", ("SD15", "SD15_instructpix2pix"), (UNET_CROSS,), (CLIP_L,),
+           _clip_is("SD1ClipModel", "l"), "comfy.sd1_clip:SD1Tokenizer",
+           "the CLIP-L [EOS] state; SD1.x UNets do not use it", "SD15", _unet_context_dim),
+    Family("sd2", "SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH", "SD_X4Upscaler"), (UNET_CROSS,),
+           (EncoderSpec("h", "OpenCLIP-H", "clip", "clip_h"),), _clip_is("SD1ClipModel", "h"),
+           "comfy.text_encoders.sd2_clip:SD2Tokenizer", "the OpenCLIP-H [EOS] state; SD2.x UNets do not use it",
+           "SD15", _unet_context_dim),
+    Family("sdxl", "SDXL", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
+                            "SDXL_instructpix2pix"), (UNET_CROSS,), (CLIP_L, CLIP_G), _clip_is("SDXLClipModel"),
+           "comfy.sdxl_clip:SDXLTokenizer", "the CLIP-G [EOS] state of chunk 1, the UNet's ADM input", "SDXL",
+           _unet_context_dim, presets=(("sdxl_paper", SDXL_PAPER),), auto_preset="sdxl_paper",
+           preset_note="SDXL base (70 cross-attention layers)"),
+    Family("sd3", "SD3", ("SD3",), (JOINT,),
+           (dataclasses.replace(CLIP_L, missing_width=768), CLIP_G, dataclasses.replace(T5XXL, group=1)),
+           _clip_is("SD3ClipModel"), "comfy.text_encoders.sd3_clip:SD3Tokenizer",
+           "CLIP-L ‖ CLIP-G [EOS] states of chunk 1, the MMDiT's pooled input", "SD3",
+           _module_in_features("context_embedder"),
+           blocks=(BlockKind("joint", "joint_blocks", "double_block",
+                             ("joint_blocks.{i}.context_block.attn.", "joint_blocks.{i}.x_block.attn."),
+                             "x_block.attn.num_heads"),),
+           presets=(("sd3_paper", SD3_PAPER),), auto_preset="sd3_paper", preset_note="SD3 Medium (24 joint blocks)",
+           attention_name="SD3's MMDiT", register_tokens="register_length"),
+    Family("flux", "Flux.1", ("Flux", "FluxSchnell", "FluxInpaint"), (JOINT, SINGLE),
+           (T5XXL, dataclasses.replace(CLIP_L, in_context=False)), _clip_is("FluxClipModel"),
+           "comfy.text_encoders.flux:FluxTokenizer", "the CLIP-L [EOS] state of chunk 1, Flux's vector_in", "Flux",
+           _module_in_features("txt_in"),
+           blocks=(BlockKind("double", "double_blocks", "double_block",
+                             ("double_blocks.{i}.img_attn.", "double_blocks.{i}.txt_attn."), "num_heads"),
+                   # single blocks fuse attention and MLP: linear1 = qkv ‖ mlp_in, linear2 = proj ‖ mlp_out
+                   BlockKind("single", "single_blocks", "single_block",
+                             ("single_blocks.{i}.linear1.", "single_blocks.{i}.linear2.", "single_blocks.{i}.norm."),
+                             "num_heads")),
+           guidance_distilled=True, cond_extra=(("guidance", 3.5),), attention_name="Flux's double/single blocks"),
+)
+
+_extra: list[Family] = []  # families registered at run time (another pack's model, or a test's)
+
+
+def all_families() -> tuple[Family, ...]:
+    return FAMILIES + tuple(_extra)
+
+
+def register(family: Family) -> None:
+    """Add a family at run time; its config class names and pack name must be new."""
+    taken = {f.name for f in all_families()} | {c for f in all_families() for c in f.configs}
+    clash = ({family.name} | set(family.configs)) & taken
+    if clash:
+        raise ValueError(f"family {family.name!r}: {', '.join(sorted(clash))} already registered.")
+    _extra.append(family)
+
+
+def unregister(name: str) -> None:
+    _extra[:] = [f for f in _extra if f.name != name]
+
+
+def supported_labels() -> str:
+    return ", ".join(f.label for f in all_families())
+
+
+def config_name(model) -> str:
+    """The ComfyUI model config class name of a MODEL (ModelPatcher)."""
+    return type(model.model.model_config).__name__
+
+
+def by_name(name: str) -> Family:
+    return next(f for f in all_families() if f.name == name)
+
+
+def unsupported(name: str, what: str, why: str = "") -> ValueError:
+    why = why or "the model-family registry does not know it, so the pack cannot tell where its text enters."
+    return ValueError(f"{what} does not support this model ({name}): {why} Supported model families: "
+                      f"{supported_labels()}.")
+
+
+def lookup(model) -> Family | None:
+    """The registry entry of a MODEL, or None for a config class the registry does not know."""
+    name = config_name(model)
+    return next((f for f in all_families() if name in f.configs), None)
+
+
+def family_of(model, what: str) -> Family:
+    """The registry entry of a MODEL; ValueError naming the model and the supported families otherwise.
+    ``what`` names the node asking (it starts the message)."""
+    family = lookup(model)
+    if family is None:
+        raise unsupported(config_name(model), what)
+    return family
+
+
+def lookup_clip(clip) -> Family | None:
+    csm = getattr(clip, "cond_stage_model", None)
+    # families registered at run time first: they may refine a built-in text encoder (a subclass of it)
+    return next((f for f in tuple(_extra) + FAMILIES if csm is not None and f.clip_match(csm)), None)

@@ -1,0 +1,160 @@
+"""The pack's one spectral split (paper 1, Sec. 4.2, Fig. 2, Prop. 1).
+
+:func:`split_frequencies` is a radial mask in normalised frequency (cycles per pixel, so the Nyquist frequency is
+0.5 along both axes whatever the size). The ``threshold`` is the fraction of the spectrum that counts as "low" —
+"the lowest 20 % parts of spectrum" of the paper: the low band is the disc |f| <= r centred on DC whose area is
+``threshold`` of the normalised spectrum [-0.5, 0.5]^2 (r = sqrt(threshold / pi) = 0.252 cycles/pixel for 0.2;
+past threshold pi/4 the disc is clipped by the square and r comes from inverting the clipped area). On a
+discrete M x N grid the low band therefore holds ``threshold`` of the Fourier bins up to rounding. The mask is
+point-symmetric, so the low part is a real orthogonal projection: ``low = P x``, ``high = x - low``,
+``low + high == x`` to float precision and ``||x||^2 = ||low||^2 + ||high||^2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..core.hooks import like
+
+DEFAULT_THRESHOLD = 0.2
+
+
+def validate_threshold(threshold, name: str = "threshold") -> float:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a number in (0, 1), got {threshold!r}.") from e
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} {threshold!r} is outside (0, 1): it is the fraction of the spectrum that counts as "
+                         f"low frequency, so 0 would leave nothing low and 1 nothing high. Use e.g. 0.2 (the paper's "
+                         f"choice).")
+    return value
+
+
+def disc_area_in_spectrum(r: float) -> float:
+    """Area of {|f| <= r} inside the normalised spectrum [-0.5, 0.5]^2 (whose area is 1)."""
+    if r <= 0.0:
+        return 0.0
+    if r <= 0.5:
+        return math.pi * r * r
+    if r >= math.sqrt(0.5):
+        return 1.0
+    segment = r * r * math.acos(0.5 / r) - 0.5 * math.sqrt(r * r - 0.25)  # beyond each of the 4 edges
+    return math.pi * r * r - 4.0 * segment
+
+
+@functools.lru_cache(maxsize=256)
+def low_radius(threshold: float) -> float:
+    """Radius (cycles/pixel) of the low band: the disc covering ``threshold`` of the spectrum's area."""
+    threshold = validate_threshold(threshold)
+    if threshold <= math.pi / 4:
+        return math.sqrt(threshold / math.pi)
+    lo, hi = 0.5, math.sqrt(0.5)
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if disc_area_in_spectrum(mid) < threshold:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@functools.lru_cache(maxsize=64)
+def _half_mask(h: int, w: int, threshold: float, device: torch.device | None) -> torch.Tensor:
+    r0 = low_radius(threshold)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    mask = r <= r0 * (1.0 + 1e-12)
+    return mask if device is None else mask.to(device)
+
+
+def low_frequency_mask(h: int, w: int, threshold: float = DEFAULT_THRESHOLD, device=None,
+                       full: bool = False) -> torch.Tensor:
+    """Boolean low-band mask over the spectrum of an ``h`` x ``w`` signal, in torch.fft layout (DC at [0, 0]):
+    ``[h, w // 2 + 1]`` for rfft2 (default) or ``[h, w]`` for fft2 (``full=True``)."""
+    threshold = validate_threshold(threshold)
+    if full:
+        fy = torch.fft.fftfreq(h, dtype=torch.float64)
+        fx = torch.fft.fftfreq(w, dtype=torch.float64)
+        mask = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) <= low_radius(threshold) * (1.0 + 1e-12)
+        return mask if device is None else mask.to(device)
+    return _half_mask(int(h), int(w), threshold, None if device is None else torch.device(device))
+
+
+def check_tensor(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}.")
+    if x.ndim < 2:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: the split needs at least 2 spatial dimensions "
+                         f"(..., H, W).")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): give a batch with at least one image/latent "
+                         f"of non-zero size.")
+
+
+def _fft_low(x32: torch.Tensor, threshold: float) -> torch.Tensor:
+    h, w = x32.shape[-2:]
+    spec = torch.fft.rfft2(x32, dim=(-2, -1))
+    spec = spec * low_frequency_mask(h, w, threshold, device=spec.device)
+    return torch.fft.irfft2(spec, s=(h, w), dim=(-2, -1))
+
+
+def split_frequencies(x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``x`` (``[..., H, W]``, any leading dims) into ``(low, high)`` over its last two dimensions.
+
+    ``low`` keeps the Fourier coefficients inside the low band (see :func:`low_frequency_mask`), ``high``
+    is ``x - low``, so ``low + high`` reproduces ``x`` to float precision. Computed in float32 on ``x``'s
+    device (CPU fallback where the device has no FFT); the parts come back in ``x``'s dtype and device."""
+    check_tensor(x, "x")
+    threshold = validate_threshold(threshold)
+    x32 = x.float()
+    try:
+        low = _fft_low(x32, threshold)
+    except RuntimeError:  # e.g. MPS without FFT for some sizes: same maths on the CPU
+        low = _fft_low(x32.cpu(), threshold).to(x32.device)
+    high = x32 - low
+    return like(low, x), like(high, x)
+
+
+def merge_frequencies(low_source: torch.Tensor, high_source: torch.Tensor,
+                      threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+    """Low part of ``low_source`` plus high part of ``high_source`` (same shapes). Merging the two parts of
+    one split gives the input back (the split is a projection)."""
+    check_tensor(low_source, "low_source")
+    check_tensor(high_source, "high_source")
+    if tuple(low_source.shape) != tuple(high_source.shape):
+        raise ValueError(f"FrequencyMerge needs inputs of the same shape, got {tuple(low_source.shape)} (low source) "
+                         f"and {tuple(high_source.shape)} (high source): resize one of them (LatentUpscale / "
+                         f"ImageScale) or repeat the smaller batch (RepeatLatentBatch / RepeatImageBatch).")
+    low, _ = split_frequencies(low_source, threshold)
+    _, high = split_frequencies(high_source.to(low_source.device), threshold)
+    return (low.float() + high.float()).to(low_source.dtype)
+
+
+def fourier_energy(x: torch.Tensor) -> torch.Tensor:
+    """|F(u, v)|^2 per frequency with the paper's normalisation F = (1/MN) sum x e^{-2 pi i (...)}
+    (eq. 6), over the last two dims; for i.i.d. N(0, 1) noise its expectation is 1/MN at every (u, v)."""
+    check_tensor(x, "x")
+    h, w = x.shape[-2:]
+    spec = torch.fft.fft2(x.float(), dim=(-2, -1)) / (h * w)
+    return spec.real ** 2 + spec.imag ** 2
+
+
+def rms_per_item(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each batch item (``||x_i|| / sqrt(n)``), float32."""
+    flat = x.reshape(x.shape[0], -1).float()
+    return flat.norm(dim=1) / math.sqrt(max(flat.shape[1], 1))
+
+
+def relative_change(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per item ``||x - ref|| / ||ref||`` (float32; inf where ref is all zeros and x is not)."""
+    d = (x.float() - ref.float()).reshape(x.shape[0], -1).norm(dim=1)
+    r = ref.float().reshape(ref.shape[0], -1).norm(dim=1)
+    at_zero = torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d))
+    return torch.where(r > 0, d / r.clamp_min(1e-30), at_zero)
+
+
