@@ -133,14 +133,23 @@ def load_env():
 # ----------------------------------------------------------------------------------------------
 def init_operations():
     """comfy.ops.disable_weight_init with PyTorch's own reset_parameters back (zero_module() outputs of the
-    UNet stay zero: they are zeroed after construction)."""
+    UNet stay zero: they are zeroed after construction).
+
+    Each op subclasses ComfyUI's own class and runs ComfyUI's reset_parameters before PyTorch's, so whatever
+    ComfyUI sets up there comes along (newer ComfyUI sets ``Embedding.bias = None`` in it, and its model
+    patcher reads ``.bias`` of every module with ``comfy_cast_weights``). ComfyUI's reset draws no random
+    numbers, so the initial weights are the same as before."""
     import comfy.ops
     import torch
 
     base = comfy.ops.disable_weight_init
 
     def with_init(cls, torch_cls):
-        return type(cls.__name__, (cls,), {"reset_parameters": lambda self: torch_cls.reset_parameters(self)})
+        def reset_parameters(self):
+            cls.reset_parameters(self)  # ComfyUI's: skips init, may add attributes (Embedding.bias = None)
+            return torch_cls.reset_parameters(self)
+
+        return type(cls.__name__, (cls,), {"reset_parameters": reset_parameters})
 
     class InitOps(base):
         Linear = with_init(base.Linear, torch.nn.Linear)
