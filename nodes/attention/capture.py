@@ -153,7 +153,8 @@ class CaptureConfig:
     buckets: int
     ref_level: int  # UNet: level of the largest chosen grid
     patch_size: int  # DiT
-    register_length: int  # SD3 register tokens in front of the text
+    register_length: int  # register tokens in front of the text (SD3, AuraFlow)
+    text_pad: int | None  # the model left-pads the text to this length (Flux.2)
     modules: dict  # UNet: attn2 key -> module (fallback projections)
 
     @property
@@ -328,20 +329,27 @@ class CaptureRun:
         step = self._step(to)
         if step is None:
             return
-        reg = self.cfg.register_length
         mask = args[4] if len(args) > 4 else kwargs.get("mask")
         added = 0
         for rows, length in self._groups(to, q4.shape[0]):
-            if txt_len - reg != length:
+            first = self._prompt_start(txt_len, length)
+            if first is None:
                 self._skip("text streams whose length differs from the prompt's")
                 continue
             stats: dict = {}
-            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(reg, txt_len),
+            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(first, txt_len),
                                 other=True, mask=mask_rows(mask, rows), stats=stats)
             self._add(layer, step, length, to_grid(p, gh, gw), stats.get("transient", 0))
             added += 1
         if added:
             self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
+
+    def _prompt_start(self, txt_len: int, length: int) -> int | None:
+        """Where the prompt's ``length`` tokens start in a text stream of ``txt_len``: after the family's register
+        tokens, or at the end of a zero-padded stream (Flux.2); None when the stream does not hold the prompt."""
+        if self.cfg.text_pad:
+            return txt_len - length if txt_len == max(self.cfg.text_pad, length) else None
+        return self.cfg.register_length if txt_len - self.cfg.register_length == length else None
 
     # ---- end of run
     def persistent_bytes(self) -> int:
@@ -409,6 +417,11 @@ def _cond_lengths(guider) -> dict:
     return out
 
 
+def _count(value) -> int:
+    """A register-token count: an int attribute (SD3) or the token axis of a (1, n, dim) parameter (AuraFlow)."""
+    return int(value.shape[1]) if torch.is_tensor(value) and value.ndim == 3 else int(value or 0)
+
+
 def install_capture(model, layers: str = "all", rows: str = "positive", buckets: int = DEFAULT_BUCKETS):
     """Clone ``model`` with the capture installed; returns (patched model, record handle)."""
     if rows not in ROW_ROLES:
@@ -426,7 +439,8 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
     cfg = CaptureConfig(arch=ml.kind, family=ml.family.name, layers=list(chosen), all_layers=len(ml.layers),
                         rows=rows, buckets=int(buckets), ref_level=min(x.level for x in chosen),
                         patch_size=int(getattr(dm, "patch_size", 2) or 2),
-                        register_length=int(getattr(dm, register, 0) or 0) if register else 0, modules=modules)
+                        register_length=_count(getattr(dm, register, 0)) if register else 0,
+                        text_pad=ml.family.text_pad, modules=modules)
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"
 

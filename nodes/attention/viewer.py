@@ -120,13 +120,24 @@ def token_table(layout: Layout, tokens: dict) -> list[TokenInfo]:
     return table  # type: ignore[return-value]
 
 
+def positions_only(family: families.Family, length: int) -> list[TokenInfo]:
+    """A table that names positions only, for encoders whose token rules the registry does not hold yet."""
+    label = "+".join(e.label for e in family.context_encoders)
+    return [TokenInfo(i, f"#{i}", "semantic", 0, 1.0, label) for i in range(length)]
+
+
 def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
     """The token table of ``text`` for the recorded run, checked against the recorded context lengths."""
     family = families.by_name(run.family)
     lengths = sorted(run.sums)
+    if any(e.kind == families.LLM for e in family.context_encoders):
+        if len(lengths) != 1:
+            raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s token labels "
+                             f"are positions only: record one prompt length at a time.")
+        return positions_only(family, lengths[0])
     if clip is not None:
         layout = detect_layout(clip, "CrossAttentionMapViewer")
-        if layout.family is not family:
+        if layout.family.encoders != family.encoders:
             raise ValueError(f"clip is the {layout.label} text encoder but the record comes from a "
                              f"{family.label} model: connect the CLIP of the sampled model.")
         candidates = [(layout, clip.tokenize(text))]
@@ -520,6 +531,10 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
         layer_note.append(f"{len(run.missing)} chosen layer(s) were never seen during sampling and are not in the "
                           f"maps: {', '.join(run.missing)}")
     notes = list(layer_note)
+    if table[0].text == "#0":
+        notes.append(f"token labels are positions only: the registry has no token rules for "
+                     f"{families.by_name(run.family).label}'s chat-template encoder yet, so the class plot shows them "
+                     f"all as semantic")
     if not matched:
         notes.append("no recorded run produced exactly this LATENT; showing the newest run of the capture")
     for why, count in run.skipped.items():

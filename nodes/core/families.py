@@ -61,7 +61,9 @@ class Family:
     latent_format: str  # comfy.latent_formats class name
     context_width: Callable  # ModelPatcher -> channels of the text context the model takes (None: unknown)
     blocks: tuple[BlockKind, ...] = ()  # DiT attention blocks (UNets: walked, see core.layers)
-    register_tokens: str | None = None  # diffusion_model attribute: learned tokens in front of the text stream
+    register_tokens: str | None = None  # diffusion_model attribute (a count or a (1, n, dim) tensor): learned tokens
+    #                                     in front of the text stream
+    text_pad: int | None = None  # the model left-pads the text stream with zeros to this length (prompt at the end)
     guidance_distilled: bool = False  # guidance is an input of the model (cfg 1 is the normal use)
     cond_extra: tuple = ()  # (key, value) every conditioning of this family carries (Flux: guidance)
     presets: tuple[tuple[str, tuple], ...] = ()  # paper presets: (name, layer keys) for this exact architecture
@@ -114,10 +116,20 @@ CLIP_L = EncoderSpec("l", "CLIP-L", "clip", "clip_l")
 CLIP_G = EncoderSpec("g", "CLIP-G", "clip", "clip_g")
 T5XXL = EncoderSpec("t5xxl", "T5-XXL", "t5", "t5xxl")
 
+FLUX_BLOCKS = (BlockKind("double", "double_blocks", "double_block",
+                         ("double_blocks.{i}.img_attn.", "double_blocks.{i}.txt_attn."), "num_heads"),
+               # single blocks fuse attention and MLP: linear1 = qkv ‖ mlp_in, linear2 = proj ‖ mlp_out
+               BlockKind("single", "single_blocks", "single_block",
+                         ("single_blocks.{i}.linear1.", "single_blocks.{i}.linear2.", "single_blocks.{i}.norm."),
+                         "num_heads"))
+
 # paper 2, Sec. 4 / App. A.9: SDXL cross-attention layers 55 and 56 of 70 (forward order) = up_blocks.0.attentions.2
 # transformer blocks 1 and 2 = ComfyUI ("output", 2) depths 1-2; SD3-medium joint block 10 of 24.
 SDXL_PAPER = (("output", 2, 1), ("output", 2, 2))
 SD3_PAPER = (("joint", 10),)
+
+PIXART_T5 = dataclasses.replace(T5XXL, attr="t5xxl")  # PixArt's T5 CLIP (also Chroma's): no padding
+LLM = "llm"  # decoder-only LLM encoder behind a chat template (its [EOS] analogue is not defined yet)
 
 FAMILIES: tuple[Family, ...] = (
     Family("sd1", "SD1.x", ("SD15", "SD15_instructpix2pix"), (UNET_CROSS,), (CLIP_L,),
@@ -146,13 +158,34 @@ FAMILIES: tuple[Family, ...] = (
            (T5XXL, dataclasses.replace(CLIP_L, in_context=False)), _clip_is("FluxClipModel"),
            "comfy.text_encoders.flux:FluxTokenizer", "the CLIP-L [EOS] state of chunk 1, Flux's vector_in", "Flux",
            _module_in_features("txt_in"),
-           blocks=(BlockKind("double", "double_blocks", "double_block",
-                             ("double_blocks.{i}.img_attn.", "double_blocks.{i}.txt_attn."), "num_heads"),
-                   # single blocks fuse attention and MLP: linear1 = qkv ‖ mlp_in, linear2 = proj ‖ mlp_out
-                   BlockKind("single", "single_blocks", "single_block",
-                             ("single_blocks.{i}.linear1.", "single_blocks.{i}.linear2.", "single_blocks.{i}.norm."),
-                             "num_heads")),
+           blocks=FLUX_BLOCKS,
            guidance_distilled=True, cond_extra=(("guidance", 3.5),), attention_name="Flux's double/single blocks"),
+    Family("chroma", "Chroma", ("Chroma",), (JOINT, SINGLE), (PIXART_T5,), _clip_is("PixArtT5XXL"),
+           "comfy.text_encoders.pixart_t5:PixArtTokenizer", "none (Chroma takes no pooled vector)", "Flux",
+           _module_in_features("txt_in"), blocks=FLUX_BLOCKS, attention_name="Chroma's double/single blocks"),
+    Family("chroma_radiance", "Chroma Radiance", ("ChromaRadiance",), (JOINT, SINGLE), (PIXART_T5,),
+           _clip_is("PixArtT5XXL"), "comfy.text_encoders.pixart_t5:PixArtTokenizer",
+           "none (Chroma takes no pooled vector)", "ChromaRadiance", _module_in_features("txt_in"), blocks=FLUX_BLOCKS,
+           attention_name="Chroma's double/single blocks"),
+    Family("flux2", "Flux.2", ("Flux2",), (JOINT, SINGLE),
+           (EncoderSpec("mistral3_24b", "Mistral-3", LLM, "mistral3_24b"),), _clip_is("Flux2TEModel"),
+           "comfy.text_encoders.flux:Flux2Tokenizer", "none (Flux.2 takes no pooled vector)", "Flux2",
+           _module_in_features("txt_in"), blocks=FLUX_BLOCKS, guidance_distilled=True, cond_extra=(("guidance", 3.5),),
+           text_pad=512, attention_name="Flux.2's double/single blocks"),
+    Family("qwen_image", "Qwen-Image", ("QwenImage",), (JOINT,),
+           (EncoderSpec("qwen25_7b", "Qwen2.5-VL", LLM, "qwen25_7b"),), _clip_is("QwenImageTEModel"),
+           "comfy.text_encoders.qwen_image:QwenImageTokenizer", "none (Qwen-Image takes no pooled vector)", "Wan21",
+           _module_in_features("txt_in"),
+           blocks=(BlockKind("double", "transformer_blocks", "double_block", ("transformer_blocks.{i}.attn.",),
+                             "attn.heads"),), attention_name="Qwen-Image's joint blocks"),
+    Family("auraflow", "AuraFlow", ("AuraFlow",), (JOINT, SINGLE),
+           (EncoderSpec("pile_t5xl", "Pile-T5-XL", "t5", "pile_t5xl"),), _clip_is("AuraT5Model"),
+           "comfy.text_encoders.aura_t5:AuraT5Tokenizer", "none (AuraFlow takes no pooled vector)", "SDXL",
+           _module_in_features("cond_seq_linear"),
+           blocks=(BlockKind("double", "double_layers", "double_block", ("double_layers.{i}.attn.",), "attn.n_heads"),
+                   BlockKind("single", "single_layers", "single_block", ("single_layers.{i}.attn.",),
+                             "attn.n_heads")),
+           register_tokens="register_tokens", attention_name="AuraFlow's double/single blocks"),
 )
 
 _extra: list[Family] = []  # families registered at run time (another pack's model, or a test's)

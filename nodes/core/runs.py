@@ -28,10 +28,13 @@ RUN_KEY = f"{PACK}.run"  # key of the RunState in transformer_options
 RUN_WRAPPER_KEY = f"{PACK}.run_tracking"  # key of the pack's tracking wrappers
 
 
-# Samplers whose extra model evaluations of step i run at sigma >= sigmas[i + 1] (so their sigma alone
-# would say "step i + 1"). Value: number of such evaluations after the step's callback.
+# Evaluations of step i that run after its callback, per sampler (see CORRECTOR_AT_NEXT_SIGMA).
 def _heun_extra(sigmas: torch.Tensor, i: int) -> int:
     return 0 if float(sigmas[i + 1]) == 0.0 else 1
+
+
+def _seeds3_extra(sigmas: torch.Tensor, i: int) -> int:
+    return 0 if float(sigmas[i + 1]) == 0.0 else 2
 
 
 def _heunpp2_extra(sigmas: torch.Tensor, i: int) -> int:
@@ -43,9 +46,15 @@ def _heunpp2_extra(sigmas: torch.Tensor, i: int) -> int:
     return 2
 
 
+# Samplers whose later evaluations of step i run after step i's callback, at the next schedule sigma (heun) or at a
+# midpoint that can coincide with it (dpm_2_ancestral on karras): counted, since their sigma cannot tell.
 CORRECTOR_AT_NEXT_SIGMA: dict[str, Callable[[torch.Tensor, int], int]] = {
     "sample_heun": _heun_extra,
     "sample_heunpp2": _heunpp2_extra,
+    **{f"sample_{name}": _heun_extra for name in (
+        "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
+        "seeds_2")},
+    "sample_seeds_3": _seeds3_extra,
 }
 
 

@@ -15,7 +15,7 @@ KV_HOOK_KEY = "prompt_anatomy.eos_swap.kv"
 def check_model(layout: Layout, model, kv: str, channels: int) -> None:
     """Raise ValueError when ``model`` cannot take this CLIP's conditioning, or cannot do ``kv``."""
     fam = families.lookup(model)
-    if fam is not None and fam is not layout.family:
+    if fam is not None and fam.encoders != layout.family.encoders:
         raise ValueError(f"model is {fam.label} but clip is the {layout.label} text encoder: their conditioning does "
                          f"not fit. Connect the CLIP and MODEL of the same checkpoint / model family.")
     width = fam.context_width(model) if fam is not None else None

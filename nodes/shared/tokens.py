@@ -105,6 +105,12 @@ def detect_layout(clip, what: str = "Prompt Anatomy") -> Layout:
     family = families.lookup_clip(clip)
     if family is None:
         raise unsupported_clip(clip, what)
+    llm = [e.label for e in family.encoders if e.kind == families.LLM]
+    if llm:
+        raise ValueError(f"clip: {what} does not support {family.label}'s {llm[0]} text encoder yet: it is a decoder-only "
+                         f"LLM behind a chat template, and the family registry does not define its [EOS]-analogue "
+                         f"positions (the end-of-turn tokens after the prompt) yet. Use an SD1.x / SD2.x / SDXL / SD3 / "
+                         f"Flux.1 / Chroma / AuraFlow model for this node.")
     parts, offset = [], 0
     for spec in family.encoders:
         sub = getattr(csm, spec.attr, None)

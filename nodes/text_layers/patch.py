@@ -451,6 +451,9 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
     s = PatchSettings(resolved, float(start_percent), float(end_percent), float(strength), head_sel, rows)
     s.validate()
     tgt = target if isinstance(target, TargetText) else TargetText.from_conditioning(target)
+    pad = ml.family.text_pad
+    if pad and tgt.tokens < pad:  # the model pads the source the same way (prompt at the end of the stream)
+        tgt = TargetText(torch.nn.functional.pad(tgt.context, (0, 0, pad - tgt.tokens, 0)), tgt.pooled)
     expected = ml.family.context_width(model)
     if expected is not None and tgt.channels != expected:
         raise ValueError(f"target: the edited prompt's embedding has {tgt.channels} channels but this {ml.label} "
