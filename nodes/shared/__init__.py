@@ -1,0 +1,1 @@
+"""Helpers shared by several techniques (no nodes)."""
