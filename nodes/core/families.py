@@ -69,6 +69,8 @@ class Family:
     presets: tuple[tuple[str, tuple], ...] = ()  # paper presets: (name, layer keys) for this exact architecture
     auto_preset: str | None = None  # the preset 'auto' resolves to
     preset_note: str = ""  # which architecture the presets were localized on
+    preset_arch: Callable | None = None  # (ModelPatcher, n text layers) -> is it that exact architecture?
+    preset_start: float | None = None  # the paper's first patched step as a fraction of its sampling steps
     attention_name: str = ""  # what users call its text attention, e.g. "SD3's MMDiT"
 
     @property
@@ -99,6 +101,15 @@ def _module_in_features(*attrs: str) -> Callable:
         return None
 
     return width
+
+
+def _sdxl_base(model, n_layers: int) -> bool:
+    return config_name(model) == "SDXL" and n_layers == 70
+
+
+def _sd3_medium(model, n_layers: int) -> bool:
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    return n_layers == 24 and not cfg.get("x_block_self_attn_layers")  # SD3.5 Medium has self-attention x-blocks
 
 
 def _clip_is(cls_name: str, clip_name: str | None = None) -> Callable:
@@ -143,7 +154,7 @@ FAMILIES: tuple[Family, ...] = (
                             "SDXL_instructpix2pix"), (UNET_CROSS,), (CLIP_L, CLIP_G), _clip_is("SDXLClipModel"),
            "comfy.sdxl_clip:SDXLTokenizer", "the CLIP-G [EOS] state of chunk 1, the UNet's ADM input", "SDXL",
            _unet_context_dim, presets=(("sdxl_paper", SDXL_PAPER),), auto_preset="sdxl_paper",
-           preset_note="SDXL base (70 cross-attention layers)"),
+           preset_note="SDXL base (70 cross-attention layers)", preset_arch=_sdxl_base, preset_start=4 / 50),
     Family("sd3", "SD3", ("SD3",), (JOINT,),
            (dataclasses.replace(CLIP_L, missing_width=768), CLIP_G, dataclasses.replace(T5XXL, group=1)),
            _clip_is("SD3ClipModel"), "comfy.text_encoders.sd3_clip:SD3Tokenizer",
@@ -153,6 +164,7 @@ FAMILIES: tuple[Family, ...] = (
                              ("joint_blocks.{i}.context_block.attn.", "joint_blocks.{i}.x_block.attn."),
                              "x_block.attn.num_heads"),),
            presets=(("sd3_paper", SD3_PAPER),), auto_preset="sd3_paper", preset_note="SD3 Medium (24 joint blocks)",
+           preset_arch=_sd3_medium, preset_start=2 / 28,
            attention_name="SD3's MMDiT", register_tokens="register_length"),
     Family("flux", "Flux.1", ("Flux", "FluxSchnell", "FluxInpaint"), (JOINT, SINGLE),
            (T5XXL, dataclasses.replace(CLIP_L, in_context=False)), _clip_is("FluxClipModel"),

@@ -62,6 +62,8 @@ class ModelLayers:
     family: families.Family
     kind: str  # "unet" (cross-attention layers) or "dit" (attention blocks)
     layers: tuple[Layer, ...]
+    paper_arch: bool = True  # the exact architecture the family's paper presets were localized on
+    model_name: str = ""  # the model's config class, for messages
 
     @property
     def label(self) -> str:
@@ -148,7 +150,8 @@ def model_layers(model, what: str) -> ModelLayers:
     if not layers:
         raise families.unsupported(families.config_name(model), what,
                                    f"this {family.label} model has no text-attention layers the pack can find.")
-    return ModelLayers(family, kind, tuple(layers))
+    exact = family.preset_arch is not None and family.preset_arch(model, len(layers))
+    return ModelLayers(family, kind, tuple(layers), exact, families.config_name(model))
 
 
 def block_kind(ml: ModelLayers, layer) -> families.BlockKind:
@@ -215,6 +218,11 @@ def _preset(name: str, ml: ModelLayers) -> tuple:
         raise _error(name, ml, f"names {', '.join(map(layer_label, missing))}, which this model does not have (the "
                                f"preset was localized on {ml.family.preset_note}; a smaller variant needs "
                                f"TextLayerLocalize or explicit layers)")
+    if not ml.paper_arch:
+        raise ValueError(f"layers: preset {name!r} was localized on {ml.family.preset_note}, and this model "
+                         f"({ml.model_name or ml.label}, {len(ml.layers)} {ml.unit}) is another architecture, where "
+                         f"the same indices need not write the text. Run TextLayerLocalize on this model and wire its "
+                         f"'layers' output here, or give explicit layers (valid: {ml.describe()}).")
     return keys
 
 

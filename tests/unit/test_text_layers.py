@@ -86,6 +86,30 @@ def test_sdxl_paper_preset_is_cross_attention_55_56_of_70_on_full_size_sdxl():
     assert cl.weight_prefixes(ml, want[0]) == ("diffusion_model.output_blocks.2.1.transformer_blocks.1.attn2.",)
 
 
+def test_paper_presets_refuse_other_architectures_with_the_same_layer_names():
+    """#16.2: a 70-layer UNet that is not SDXL base (its config says SSD-1B), and an SD3-config MMDiT with SD3.5
+    Medium's self-attention x-blocks, have the preset's layer names but not the paper's architecture."""
+    p = real_sdxl_patcher()
+    ssd1b = type("SSD1B", (type(p.model.model_config),), {})
+    p.model.model_config = ssd1b.__new__(ssd1b)
+    ml = cl.model_layers(p, "TextLayerPatch")
+    assert len(ml.layers) == 70 and not ml.paper_arch
+    for spec in ("auto", "sdxl_paper"):
+        with pytest.raises(ValueError, match=r"was localized on SDXL base \(70 cross-attention layers\), and this model "
+                                             r"\(SSD1B, 70 cross-attention layers\) is another architecture.*"
+                                             r"Run TextLayerLocalize"):
+            cl.parse_layers(spec, ml)
+    assert cl.parse_layers("55,56", ml) == (("output", 2, 1), ("output", 2, 2))  # explicit layers still work
+    sd3 = families.by_name("sd3")
+    fake = _Fake()
+    fake.model = _Fake()
+    fake.model.model_config = _Fake()
+    fake.model.model_config.unet_config = {"x_block_self_attn_layers": list(range(13))}
+    assert not sd3.preset_arch(fake, 24)
+    fake.model.model_config.unet_config = {"x_block_self_attn_layers": []}
+    assert sd3.preset_arch(fake, 24) and not sd3.preset_arch(fake, 38)  # SD3 Medium yes, SD3.5 Large no
+
+
 def test_sd3_paper_preset_is_joint_block_10():
     layers = tuple(cl.Layer(("joint", i), i, 0, f"joint_blocks.{i}") for i in range(24))  # SD3-medium: 24 joint blocks
     ml = cl.ModelLayers(families.by_name("sd3"), "dit", layers)
