@@ -22,12 +22,11 @@ plain run). Prints
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
 
-from common import encode, load_sd15, setup, timed
+from common import encode, load_sd15, report, setup, timed
 
 
 def main(argv=None) -> int:
@@ -111,11 +110,7 @@ def main(argv=None) -> int:
         "cuda_peak_extra_mb": round((cuda_cap - cuda_plain) / 2 ** 20, 2) if cuda else None,
         "viewer_s": round(t_view, 2),
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>20}: {v}")
+    report(result, args.json)
     return 0
 
 

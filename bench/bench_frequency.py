@@ -17,11 +17,10 @@ Runs, in this order: plain, recorder, recorder without live preview, plain. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from common import encode, load_sd15, setup, timed
+from common import encode, load_sd15, report, setup, timed
 
 
 def main(argv=None) -> int:
@@ -92,11 +91,7 @@ def main(argv=None) -> int:
         "plain_drift": round(t_plain2 / t_plain1 - 1, 4),
         "latent_bit_identical": identical, "runs_recorded": len(handle.runs),
     }
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:>26}: {v}")
+    report(res, args.json)
     return 0 if identical else 1
 
 

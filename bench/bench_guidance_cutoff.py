@@ -25,12 +25,11 @@ wrapper (key below) on the model all four runs share, so
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
-from common import encode, load_sd15, setup, timed
+from common import encode, load_sd15, report, setup, timed
 
 TIMING_KEY = "prompt_anatomy.bench.model_timing"
 
@@ -122,11 +121,7 @@ def main(argv=None) -> int:
         "step_s": {k: {f"rows{r}": round(med(v), 3) for r, v in sorted(d.items()) if v} for k, d in step_s.items()},
         "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>22}: {v}")
+    report(result, args.json)
     return 0
 
 

@@ -19,11 +19,10 @@ run of each (least disturbed by other processes on a shared machine).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
-from common import encode, load_sd15, setup, timed
+from common import encode, load_sd15, report, setup, timed
 
 
 def bench_sd15(args, tl, comfy_nodes, torch) -> dict:
@@ -154,12 +153,7 @@ def main(argv=None) -> int:
     import comfy.model_management
 
     result["device"] = str(comfy.model_management.get_torch_device())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(len(k) for k in result)
-        for k, v in result.items():
-            print(f"{k:<{width}}  {v}")
+    report(result, args.json)
     return 0
 
 

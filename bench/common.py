@@ -3,6 +3,7 @@ the full-size random SD1.5 checkpoint, and a timer. Benchmarks print ratios meas
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,3 +43,13 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - start, out
+
+
+def report(result: dict, as_json: bool) -> None:
+    """Every benchmark's tail: one JSON line, or one aligned "name: value" line per figure."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        print(f"{k:>{width}}: {v}")
