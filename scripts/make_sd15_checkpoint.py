@@ -36,9 +36,12 @@ from pathlib import Path
 LOG = logging.getLogger("make_sd15_checkpoint")
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY_DIR = ROOT / ".comfyui"
-DEFAULT_CKPT = COMFY_DIR / "models" / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
-DEFAULT_LORA = COMFY_DIR / "models" / "loras" / "prompt_anatomy_random_lora.safetensors"
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ only (the checkout's nodes/ would shadow ComfyUI's)
+import comfy_path  # noqa: E402
+
+COMFY_DIR = comfy_path.comfy_dir()  # $PROMPT_ANATOMY_COMFYUI or the pinned .comfyui/
+DEFAULT_CKPT = comfy_path.models_dir() / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
+DEFAULT_LORA = comfy_path.models_dir() / "loras" / "prompt_anatomy_random_lora.safetensors"
 
 FORMAT_VERSION = "2"
 CKPT_KIND = "prompt_anatomy_random_sd15"
