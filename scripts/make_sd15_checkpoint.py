@@ -13,7 +13,8 @@ Weights are uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default Linear/C
 biases 0, norm scales 1, drawn in a fixed order from a fixed seed, stored as fp16 safetensors
 (~2.1 GB). Images come out as noise, but every code path is the real one.
 
-Usage (run with the project venv; paths default to the checkout's .comfyui/models):
+Usage (run with the project venv; paths default to scripts/comfy_path.models_dir(): .comfyui/models, or .comfybase/models
+for a tree given by PROMPT_ANATOMY_COMFYUI):
 
     .venv/bin/python scripts/make_sd15_checkpoint.py            # checkpoint + LoRA
     .venv/bin/python scripts/make_sd15_checkpoint.py --no-lora  # checkpoint only

@@ -416,6 +416,8 @@ def describe_setup() -> str:
     frontend = (f"{frontend_label()} from {FRONTEND_ROOT} (--front-end-root)" if FRONTEND_ROOT is not None
                 else f"{frontend_label()} (the venv's comfyui-frontend-package)")
     where = f"${comfy_path.COMFY_ENV}" if comfy_path.is_external() else "pinned"
+    if os.environ.get(SERVER_URL_ENV):
+        return f"prompt-anatomy: external server {os.environ[SERVER_URL_ENV]} (its ComfyUI and frontend are its own)"
     return f"prompt-anatomy: ComfyUI {comfy_path.comfy_version(COMFY_DIR)} at {COMFY_DIR} ({where}); frontend {frontend}"
 
 
