@@ -13,7 +13,8 @@ Weights are uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default Linear/C
 biases 0, norm scales 1, drawn in a fixed order from a fixed seed, stored as fp16 safetensors
 (~2.1 GB). Images come out as noise, but every code path is the real one.
 
-Usage (run with the project venv; paths default to the checkout's .comfyui/models):
+Usage (run with the project venv; paths default to scripts/comfy_path.models_dir(): .comfyui/models, or .comfybase/models
+for a tree given by PROMPT_ANATOMY_COMFYUI):
 
     .venv/bin/python scripts/make_sd15_checkpoint.py            # checkpoint + LoRA
     .venv/bin/python scripts/make_sd15_checkpoint.py --no-lora  # checkpoint only
@@ -36,9 +37,12 @@ from pathlib import Path
 LOG = logging.getLogger("make_sd15_checkpoint")
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY_DIR = ROOT / ".comfyui"
-DEFAULT_CKPT = COMFY_DIR / "models" / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
-DEFAULT_LORA = COMFY_DIR / "models" / "loras" / "prompt_anatomy_random_lora.safetensors"
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ only (the checkout's nodes/ would shadow ComfyUI's)
+import comfy_path  # noqa: E402
+
+COMFY_DIR = comfy_path.comfy_dir()  # $PROMPT_ANATOMY_COMFYUI or the pinned .comfyui/
+DEFAULT_CKPT = comfy_path.models_dir() / "checkpoints" / "prompt_anatomy_random_sd15.safetensors"
+DEFAULT_LORA = comfy_path.models_dir() / "loras" / "prompt_anatomy_random_lora.safetensors"
 
 FORMAT_VERSION = "2"
 CKPT_KIND = "prompt_anatomy_random_sd15"

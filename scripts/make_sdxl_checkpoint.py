@@ -42,8 +42,11 @@ from pathlib import Path
 LOG = logging.getLogger("make_sdxl_checkpoint")
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY_DIR = ROOT / ".comfyui"
-DEFAULT_CKPT = COMFY_DIR / "models" / "checkpoints" / "prompt_anatomy_random_sdxl.safetensors"
+sys.path.insert(0, str(ROOT / "scripts"))  # scripts/ only (the checkout's nodes/ would shadow ComfyUI's)
+import comfy_path  # noqa: E402
+
+COMFY_DIR = comfy_path.comfy_dir()  # $PROMPT_ANATOMY_COMFYUI or the pinned .comfyui/
+DEFAULT_CKPT = comfy_path.models_dir() / "checkpoints" / "prompt_anatomy_random_sdxl.safetensors"
 FORMAT_VERSION = "1"
 CKPT_KIND = "prompt_anatomy_random_sdxl"
 DEFAULT_SEED = 20241125

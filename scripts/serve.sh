@@ -42,5 +42,11 @@ while time.monotonic() < deadline:
     time.sleep(1)
 print(f"==> server did not answer at {url} within 600 s", file=sys.stderr)
 PYEOF
-cd "$ROOT/.comfyui"
-exec "$PY" main.py --cpu --listen "$LISTEN" --port "$PORT" --disable-auto-launch "$@"
+# PROMPT_ANATOMY_COMFYUI=/path/to/ComfyUI serves that tree, with the pack and models from .comfybase/;
+# PROMPT_ANATOMY_FRONTEND_ROOT=<static folder> serves that frontend (scripts/comfy_path.py)
+COMFY="$("$PY" scripts/comfy_path.py comfy_dir)"
+EXTRA=()
+[ "$("$PY" scripts/comfy_path.py is_external)" = 1 ] && EXTRA+=(--base-directory "$("$PY" scripts/comfy_path.py base_dir)")
+[ -n "${PROMPT_ANATOMY_FRONTEND_ROOT:-}" ] && EXTRA+=(--front-end-root "$PROMPT_ANATOMY_FRONTEND_ROOT")
+cd "$COMFY"
+exec "$PY" main.py --cpu --listen "$LISTEN" --port "$PORT" --disable-auto-launch "${EXTRA[@]}" "$@"

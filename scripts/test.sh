@@ -4,15 +4,24 @@
 # 1. provisions everything: scripts/setup.sh (venv + ComfyUI 0.3.75), scripts/install_browser.sh
 #    (Debian chromium), scripts/make_sd15_checkpoint.py (random SD1.5 checkpoint + LoRA);
 # 2. runs the unit tier (tests/unit), then the server and browser tiers (tests/server,
-#    tests/browser) in one pytest session, so they share one real ComfyUI server.
-# Extra arguments go to both pytest runs. TEST_TIERS picks tiers (default "unit server browser"),
+#    tests/browser) in one pytest session, so they share one real ComfyUI server (the pinned
+#    frontend, i.e. the venv's comfyui-frontend-package);
+# 3. runs the browser tier again against the newest comfyui-frontend-package on PyPI
+#    (scripts/newest_frontend.py; served with --front-end-root; one more server).
+# Each browser run covers both renderers, the classic canvas and Nodes 2.0, on its one server.
+# Extra arguments go to every pytest run. TEST_TIERS picks tiers (default "unit server browser"),
 # e.g. TEST_TIERS=unit bash scripts/test.sh  skips the browser install and the checkpoint.
+# TEST_FRONTENDS picks the browser runs (default "pinned newest"); PROMPT_ANATOMY_RENDERERS the
+# renderers ("classic vue"); PROMPT_ANATOMY_FRONTEND_ROOT=<static folder> replaces "pinned" by that
+# frontend. PROMPT_ANATOMY_COMFYUI=/path/to/ComfyUI runs everything against that ComfyUI tree
+# (scripts/comfy_path.py; nothing is downloaded for it and nothing is written into it).
 # Exit code: the first failing pytest exit code; "no tests collected" (5) counts as a failure
 # unless extra arguments were given (a -k/-m filter may legitimately empty one tier).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TIERS=" ${TEST_TIERS:-unit server browser} "
+FRONTENDS=" ${TEST_FRONTENDS:-pinned newest} "
 PY="$ROOT/.venv/bin/python"
 has_tier() { [[ "$TIERS" == *" $1 "* ]]; }
 
@@ -55,6 +64,15 @@ judge() {
   echo "$rc"
 }
 
+echo "=== [test.sh] $("$PY" - <<'PYEOF'
+import sys
+sys.path.insert(0, "scripts")
+import comfy_path as c
+where = "$PROMPT_ANATOMY_COMFYUI" if c.is_external() else "pinned"
+print(f"ComfyUI {c.comfy_version()} at {c.comfy_dir()} ({where}); frontend {c.frontend_version()}")
+PYEOF
+)" >&2
+
 FINAL=0
 if has_tier unit; then
   rc=0; phase "pytest unit" "$PY" -m pytest tests/unit "$@" || rc=$?
@@ -63,13 +81,29 @@ if has_tier unit; then
 fi
 INTEG=()
 has_tier server && INTEG+=(tests/server)
-has_tier browser && INTEG+=(tests/browser)
+has_tier browser && [[ "$FRONTENDS" == *" pinned "* ]] && INTEG+=(tests/browser)
 if [ "${#INTEG[@]}" -gt 0 ]; then
-  rc=0; phase "pytest ${INTEG[*]#tests/}" "$PY" -m pytest "${INTEG[@]}" "$@" || rc=$?
+  label="pytest ${INTEG[*]#tests/}"
+  has_tier browser && [[ "$FRONTENDS" == *" pinned "* ]] && label="$label (frontend $("$PY" scripts/comfy_path.py frontend_version))"
+  rc=0; phase "$label" "$PY" -m pytest "${INTEG[@]}" "$@" || rc=$?
   rc=$(judge "${INTEG[*]}" "$rc" "$#")
   [ "$FINAL" -eq 0 ] && FINAL=$rc
   if [ "$rc" -ne 0 ]; then
-    echo "=== [test.sh] server log: $ROOT/tests/_artifacts/comfyui-server.log; screenshots: $ROOT/tests/_artifacts/browser/" >&2
+    echo "=== [test.sh] server log: $ROOT/tests/_artifacts/comfyui-server*.log; screenshots: $ROOT/tests/_artifacts/browser/" >&2
+  fi
+fi
+if has_tier browser && [[ "$FRONTENDS" == *" newest "* ]]; then
+  rc=0; NEWEST="$("$PY" scripts/newest_frontend.py)" || rc=$?
+  if [ "$rc" -ne 0 ] || [ -z "$NEWEST" ]; then
+    # offline with nothing cached: the pinned run above still counts; say so loudly instead of failing
+    echo "=== [test.sh] newest frontend: SKIPPED - none could be resolved, installed or found in .cache/ (offline?)" >&2
+    SUMMARY+=("$(printf '%-28s %5s  %s' "pytest browser (newest)" "-" "SKIPPED: no newest frontend available")")
+  else
+    version="$(PROMPT_ANATOMY_FRONTEND_ROOT="$NEWEST" "$PY" scripts/comfy_path.py frontend_version)"
+    rc=0; PROMPT_ANATOMY_FRONTEND_ROOT="$NEWEST" phase "pytest browser (frontend $version)" \
+        "$PY" -m pytest tests/browser "$@" || rc=$?
+    rc=$(judge "tests/browser (frontend $version)" "$rc" "$#")
+    [ "$FINAL" -eq 0 ] && FINAL=$rc
   fi
 fi
 report

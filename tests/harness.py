@@ -1,14 +1,17 @@
 """Shared helpers for the server and browser test tiers: run the real ComfyUI, talk to its API.
 
-Imported as a plain top-level module ``harness``: tests/server/conftest.py and
-tests/browser/conftest.py put the ``tests/`` folder (never the checkout root, whose ``nodes/``
-package would shadow ComfyUI's ``nodes`` module) on sys.path, so both tiers share one module object
-and therefore one server process per pytest session (see ``acquire_server``).
+Imported as a plain top-level module ``harness``: tests/conftest.py puts the ``tests/`` folder (never
+the checkout root, whose ``nodes/`` package would shadow ComfyUI's ``nodes`` module) on sys.path, so
+both tiers share one module object and therefore one server process per pytest session (see
+``acquire_server`` and the shared fixtures in tests/conftest.py).
 
-The server is the real ``.comfyui/main.py`` started from the project venv with ``--cpu``; models are
-found in ``.comfyui/models`` (the random SD1.5 checkpoint from scripts/make_sd15_checkpoint.py),
-while input/output/temp/user folders are per-session temporary folders, so tests never write into
-the ComfyUI tree. Its stdout/stderr go to ``tests/_artifacts/comfyui-server.log``.
+The server is the real ``main.py`` of the ComfyUI tree that scripts/comfy_path.py names (the pinned
+``.comfyui/`` 0.3.75, or any tree given by $PROMPT_ANATOMY_COMFYUI), started from the project venv with
+``--cpu`` and ``--base-directory`` a per-session temporary folder: its ``custom_nodes/`` holds only a
+link to this checkout, its ``models/`` links to the folder with the random test models
+(scripts/make_sd15_checkpoint.py), and input/output/temp/user are fresh, so tests never write into a
+ComfyUI tree and no other custom node pack is loaded. $PROMPT_ANATOMY_FRONTEND_ROOT (a frontend's static
+folder) is passed as ``--front-end-root``. Its stdout/stderr go to ``tests/_artifacts/comfyui-server*.log``.
 
 Set ``PROMPT_ANATOMY_SERVER_URL=http://127.0.0.1:8188`` to run the tests against a server you
 started yourself (e.g. scripts/serve.sh) instead of starting one.
@@ -16,6 +19,7 @@ started yourself (e.g. scripts/serve.sh) instead of starting one.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import logging
 import os
@@ -36,7 +40,23 @@ from pathlib import Path
 LOG = logging.getLogger("prompt_anatomy.tests.harness")
 
 ROOT = Path(__file__).resolve().parent.parent
-COMFY_DIR = ROOT / ".comfyui"
+
+
+def _load_comfy_path():
+    """scripts/comfy_path.py, by file location (scripts/ is not on sys.path in the server/browser tiers)."""
+    if "comfy_path" in sys.modules:
+        return sys.modules["comfy_path"]
+    spec = importlib.util.spec_from_file_location("comfy_path", ROOT / "scripts" / "comfy_path.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfy_path"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+comfy_path = _load_comfy_path()
+COMFY_DIR = comfy_path.comfy_dir()  # the ComfyUI tree ($PROMPT_ANATOMY_COMFYUI or the pinned .comfyui/)
+MODELS_DIR = comfy_path.models_dir()  # the random test models (never inside a tree given from outside)
+FRONTEND_ROOT = comfy_path.frontend_root()  # --front-end-root, or None for the venv's frontend package
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 ARTIFACTS = ROOT / "tests" / "_artifacts"
 WORKFLOWS_DIR = ROOT / "workflows"
@@ -46,8 +66,8 @@ PACK_MODULE_PREFIX = "custom_nodes." + PACK_NAME
 PACK_CATEGORY_PREFIX = "prompt_anatomy/"
 CHECKPOINT_NAME = "prompt_anatomy_random_sd15.safetensors"
 LORA_NAME = "prompt_anatomy_random_lora.safetensors"
-CHECKPOINT_PATH = COMFY_DIR / "models" / "checkpoints" / CHECKPOINT_NAME
-LORA_PATH = COMFY_DIR / "models" / "loras" / LORA_NAME
+CHECKPOINT_PATH = MODELS_DIR / "checkpoints" / CHECKPOINT_NAME
+LORA_PATH = MODELS_DIR / "loras" / LORA_NAME
 
 SDXL_CHECKPOINT_NAME = "prompt_anatomy_random_sdxl.safetensors"
 # Models a shipped workflow may use that the test machines do not make: such a workflow must still load
@@ -58,6 +78,11 @@ OPTIONAL_MODELS = {
 }
 
 SERVER_URL_ENV = "PROMPT_ANATOMY_SERVER_URL"
+RENDERERS_ENV = "PROMPT_ANATOMY_RENDERERS"
+# the frontend setting that switches Nodes 2.0 (Vue-rendered nodes) on; read from the frontends' bundled
+# settings list: id "Comfy.VueNodes.Enabled", name "Modern Node Design (Nodes 2.0)", versionAdded 1.27.1
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
+RENDERERS = ("classic", "vue")
 STARTUP_TIMEOUT_S = float(os.environ.get("PROMPT_ANATOMY_SERVER_STARTUP_TIMEOUT", "180"))
 PROMPT_TIMEOUT_S = 300.0
 
@@ -237,6 +262,15 @@ def queue_api_prompt(base_url: str, prompt_dict: dict, timeout: float = PROMPT_T
     return entry
 
 
+def reset_execution_cache(base_url: str) -> None:
+    """POST /free {"free_memory": true}: the server drops its cached node outputs (and unloads models) before its
+    next prompt, so the next run of a graph executes every node again and sends every node's UI output (a fully
+    cached node sends none). Used when the browser tier switches renderer on the same server."""
+    status, body = post_json(base_url, "/free", {"free_memory": True})
+    if status != 200:
+        raise ServerError(f"POST /free -> HTTP {status}: {body}")
+
+
 def output_images(entry: dict) -> list[dict]:
     """All image records ({filename, subfolder, type}) in the outputs of a /history entry."""
     images = []
@@ -358,6 +392,50 @@ def workflow_files() -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
+# what this session runs against
+# ---------------------------------------------------------------------------------------------
+def renderers() -> list[str]:
+    """The renderers the browser tier runs in: $PROMPT_ANATOMY_RENDERERS ("classic", "vue" or both, default both)."""
+    chosen = os.environ.get(RENDERERS_ENV, " ".join(RENDERERS)).replace(",", " ").split()
+    bad = [r for r in chosen if r not in RENDERERS]
+    if bad or not chosen:
+        raise ValueError(f"${RENDERERS_ENV}={os.environ.get(RENDERERS_ENV)!r}: want some of {RENDERERS}")
+    return chosen
+
+
+def frontend_label() -> str:
+    """"1.32.9" for the venv's frontend, the version of a --front-end-root install otherwise."""
+    return comfy_path.frontend_version(FRONTEND_ROOT)
+
+
+def server_log_name() -> str:
+    return "comfyui-server.log" if FRONTEND_ROOT is None else f"comfyui-server-frontend-{frontend_label()}.log"
+
+
+def describe_setup() -> str:
+    frontend = (f"{frontend_label()} from {FRONTEND_ROOT} (--front-end-root)" if FRONTEND_ROOT is not None
+                else f"{frontend_label()} (the venv's comfyui-frontend-package)")
+    where = f"${comfy_path.COMFY_ENV}" if comfy_path.is_external() else "pinned"
+    if os.environ.get(SERVER_URL_ENV):
+        return f"prompt-anatomy: external server {os.environ[SERVER_URL_ENV]} (its ComfyUI and frontend are its own)"
+    return f"prompt-anatomy: ComfyUI {comfy_path.comfy_version(COMFY_DIR)} at {COMFY_DIR} ({where}); frontend {frontend}"
+
+
+def browser_artifacts(frontend_version: str, renderer: str) -> Path:
+    """Screenshots of one browser run: tests/_artifacts/browser/<frontend>-<renderer>/."""
+    return ARTIFACTS / "browser" / f"{frontend_version}-{renderer}"
+
+
+BROWSER_RUNS: list[dict] = []  # one entry per (frontend, renderer) page of this session, for the summary
+
+
+def note_browser_run(frontend_version: str, renderer: str) -> dict:
+    run = {"frontend": frontend_version, "renderer": renderer, "t0": time.monotonic(), "seconds": None}
+    BROWSER_RUNS.append(run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
 # the server process
 # ---------------------------------------------------------------------------------------------
 def _die_with_parent() -> None:
@@ -383,7 +461,7 @@ class ComfyServer:
                  extra_args: list[str] | None = None):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path or ARTIFACTS / "comfyui-server.log")
+        self.log_path = Path(log_path or ARTIFACTS / server_log_name())
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen | None = None
         self.workdir: Path | None = None
@@ -409,18 +487,26 @@ class ComfyServer:
     def command(self) -> list[str]:
         python = str(VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable))
         assert self.workdir is not None
+        frontend = ["--front-end-root", str(FRONTEND_ROOT)] if FRONTEND_ROOT is not None else []
         return [python, str(COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
-                "--port", str(self.port), "--disable-auto-launch",
+                "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.workdir),
                 "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                 "--temp-directory", str(self.temp_dir), "--user-directory", str(self.workdir / "user"),
-                "--database-url", "sqlite:///:memory:", *self.extra_args]
+                "--database-url", "sqlite:///:memory:", *frontend, *self.extra_args]
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> ComfyServer:
         if not (COMFY_DIR / "main.py").is_file():
             raise ServerError(f"{COMFY_DIR}/main.py not found: run scripts/setup.sh first")
+        if FRONTEND_ROOT is not None and not (FRONTEND_ROOT / "index.html").is_file():
+            raise ServerError(f"${comfy_path.FRONTEND_ENV}={FRONTEND_ROOT} has no index.html (want a frontend's "
+                              "static folder, e.g. scripts/newest_frontend.py's output)")
         self.workdir = Path(tempfile.mkdtemp(prefix="prompt-anatomy-comfy-"))
-        for sub in ("input", "output", "temp", "user"):
+        for sub in ("input", "output", "temp", "user", "custom_nodes"):
             (self.workdir / sub).mkdir()
+        # the base directory: only this pack in custom_nodes, the test models through a link
+        (self.workdir / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "models").symlink_to(MODELS_DIR, target_is_directory=True)
         # the stock input files (ComfyUI's example.png ...), so workflows with LoadImage find them
         stock = COMFY_DIR / "input"
         for f in sorted(stock.iterdir()) if stock.is_dir() else []:
@@ -598,7 +684,7 @@ CHROMIUM_ARGS = [
     # offline and deterministic: every host except the local server fails to resolve
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]
-BROWSER_ARTIFACTS = ARTIFACTS / "browser"
+BROWSER_ARTIFACTS = ARTIFACTS / "browser"  # the browser conftest points it at the current run's subfolder
 # Frontend settings stored for the (temporary) test user before the page opens: no template
 # browser on first start, and the missing-node/model dialogs stay on so the tests can see them.
 FRONTEND_SETTINGS = {
@@ -617,16 +703,21 @@ def launch_browser(playwright, user_data_dir: str):
         viewport={"width": 1400, "height": 900}, ignore_default_args=["--enable-automation"])
 
 
-def open_frontend(context, base_url: str, timeout_s: float = 120.0):
-    """Open the ComfyUI frontend in a new page and wait for window.app.
+def open_frontend(context, base_url: str, timeout_s: float = 120.0, renderer: str = "classic",
+                  settings: dict | None = None):
+    """Open the ComfyUI frontend in a new page, in ``renderer`` ("classic" LiteGraph canvas or "vue" =
+    Nodes 2.0, switched through the stored setting before the page loads), and wait for window.app.
 
-    The page gets ``page.console_errors`` / ``page.page_errors`` lists and ``page.pack_js``
-    (status of every /extensions/<pack>/ response) for the tests to inspect.
+    The page gets ``page.console_errors`` / ``page.page_errors`` lists, ``page.pack_js`` (status of
+    every /extensions/<pack>/ response), ``page.renderer`` and ``page.frontend_version`` (what the
+    page itself reports) for the tests to inspect. ``settings`` adds/overrides stored settings.
     """
-    status, body = post_json(base_url, "/settings", FRONTEND_SETTINGS)
+    stored = {**FRONTEND_SETTINGS, VUE_NODES_SETTING: renderer == "vue", **(settings or {})}
+    status, body = post_json(base_url, "/settings", stored)
     if status != 200:
         raise ServerError(f"POST /settings -> HTTP {status}: {body}")
     page = context.new_page()
+    page.renderer = renderer
     page.console_errors = []
     page.page_errors = []
     page.pack_js = {}
@@ -642,7 +733,20 @@ def open_frontend(context, base_url: str, timeout_s: float = 120.0):
     page.on("response", _on_response)
     page.goto(base_url + "/", wait_until="domcontentloaded", timeout=timeout_s * 1000)
     page.wait_for_function(FRONTEND_READY_JS, timeout=timeout_s * 1000, polling=250)
+    page.frontend_version = page.evaluate("() => String(window.__COMFYUI_FRONTEND_VERSION__ || 'unknown')")
+    active = page.evaluate(SETTING_JS, VUE_NODES_SETTING)
+    if bool(active) != (renderer == "vue"):
+        raise ServerError(f"frontend {page.frontend_version}: {VUE_NODES_SETTING} is {active!r} after storing "
+                          f"{renderer == 'vue'} ({renderer} renderer requested)")
     return page
+
+
+# The current value of a frontend setting (the settings store of the running page).
+SETTING_JS = """(id) => {
+  const s = window.app?.extensionManager?.setting;
+  if (s?.get) return s.get(id);
+  return window.app?.ui?.settings?.getSettingValue?.(id);
+}"""
 
 
 def ensure_frontend(page, base_url: str):

@@ -1,20 +1,19 @@
-"""Browser tier: Debian chromium driven by Python playwright against the real ComfyUI frontend."""
+"""Browser tier: Debian chromium driven by Python playwright against the real ComfyUI frontend.
+
+Every test that uses a page runs once per renderer of $PROMPT_ANATOMY_RENDERERS (default "classic vue"): the
+LiteGraph canvas, and Nodes 2.0 (the frontend setting ``Comfy.VueNodes.Enabled``, Vue components in the DOM).
+Both share the session's one server (tests/conftest.py); the frontend is whatever that server serves
+($PROMPT_ANATOMY_FRONTEND_ROOT, else the venv's comfyui-frontend-package; see scripts/comfy_path.py)."""
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness  # tests/ is on sys.path (tests/conftest.py), which also has comfy_server and base_url
 import pytest
-
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:  # tests/ only, never the checkout root (its nodes/ shadows ComfyUI's)
-    sys.path.insert(0, _TESTS)
-
-import harness  # noqa: E402
 
 RUN_TIMEOUT_S = 600.0
 
@@ -28,21 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.browser)
-
-
-@pytest.fixture(scope="session")
-def comfy_server():
-    """The session's ComfyUI server (shared with the server tier), killed at session end."""
-    server = harness.acquire_server()
-    try:
-        yield server
-    finally:
-        harness.release_server()
-
-
-@pytest.fixture(scope="session")
-def base_url(comfy_server) -> str:
-    return comfy_server.base_url
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +45,22 @@ def browser():
             shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", params=harness.renderers())
+def renderer(request) -> str:
+    """"classic" (LiteGraph canvas) or "vue" (Nodes 2.0): the renderer the session page was opened with."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def _session_page(browser, base_url):
-    page = harness.open_frontend(browser, base_url)
+def _session_page(browser, base_url, renderer):
+    harness.reset_execution_cache(base_url)  # every renderer runs the workflows for real, not from the cache
+    page = harness.open_frontend(browser, base_url, renderer=renderer)
+    harness.BROWSER_ARTIFACTS = harness.browser_artifacts(page.frontend_version, renderer)
+    print(f"\n[browser tier] frontend {page.frontend_version}, renderer {renderer} ({base_url})")
+    run = harness.note_browser_run(page.frontend_version, renderer)
     yield page
     page.close()
+    run["seconds"] = time.monotonic() - run["t0"]
 
 
 @pytest.fixture
@@ -141,9 +136,3 @@ def load_workflow():
 def queue_and_wait():
     """``queue_and_wait(page, server, name)``: queue the loaded graph, wait for it, return (prompt_id, entry)."""
     return _queue_and_wait
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    harness.attach_server_log(item, outcome.get_result())

@@ -28,25 +28,38 @@ SHOT = "attention_picker"
 # Puts the viewer at zoom 1 near the top left of the canvas (clear of the side bar, the Run button and the
 # minimap) and returns its state; with ``index`` set, the node previews that one of its output images, as
 # clicking its thumbnail does (0: the heat-map grid). ``clip`` is the preview area in page pixels.
-VIEWER_STATE_JS = """([type, index]) => {
+# Classic canvas: the node draws its images on the canvas under its widgets ($$canvas-image-preview) from
+# node.imgs. Nodes 2.0 (``vue``): the node is a DOM element [data-node-id] that shows every output image as an
+# <img> in a gallery, the heat-map grid first; the clip is that first image.
+VIEWER_STATE_JS = """([type, index, vue]) => {
   const nodes = (app.graph.nodes || app.graph._nodes || []).filter(n => n.type === type);
   if (nodes.length !== 1) return {error: `${nodes.length} ${type} nodes in the graph`};
   const n = nodes[0], ds = app.canvas.ds;
   ds.scale = 1; ds.offset[0] = 320 - n.pos[0]; ds.offset[1] = 140 - n.pos[1];
-  if (index !== null && n.imgs?.length) n.imageIndex = index;
+  if (!vue && index !== null && n.imgs?.length) n.imageIndex = index;
   app.canvas.setDirty(true, true);
   const r = app.canvas.canvas.getBoundingClientRect();
-  const preview = (n.widgets || []).find(w => w.name === '$$canvas-image-preview');
   const tokens = (n.widgets || []).find(w => w.name === 'tokens');
   const el = n.paPickerEl;
-  const clip = preview && {x: r.x + n.pos[0] + ds.offset[0], y: r.y + n.pos[1] + ds.offset[1] + preview.y,
-                           width: n.size[0], height: n.size[1] - preview.y};
   const title = LiteGraph.NODE_TITLE_HEIGHT;
+  let clip, box, imgs;
+  if (vue) {
+    const nodeEl = document.querySelector(`[data-node-id="${n.id}"]`);
+    const shown = nodeEl ? [...nodeEl.querySelectorAll('img')] : [];
+    const rect = (e) => { const b = e.getBoundingClientRect(); return {x: b.x, y: b.y, width: b.width, height: b.height}; };
+    clip = shown.length && shown[0].complete && shown[0].naturalWidth > 0 ? rect(shown[0]) : null;
+    box = nodeEl ? rect(nodeEl) : null;
+    imgs = shown.map(i => i.complete && i.naturalWidth > 0 ? i.src : null);
+  } else {
+    const preview = (n.widgets || []).find(w => w.name === '$$canvas-image-preview');
+    clip = preview && {x: r.x + n.pos[0] + ds.offset[0], y: r.y + n.pos[1] + ds.offset[1] + preview.y,
+                       width: n.size[0], height: n.size[1] - preview.y};
+    box = {x: r.x + n.pos[0] + ds.offset[0], y: r.y + n.pos[1] + ds.offset[1] - title, width: n.size[0],
+           height: n.size[1] + title};
+    imgs = (n.imgs || []).map(i => i.complete && i.naturalWidth > 0 ? i.src : null);
+  }
   return {
-    id: n.id, tokens: tokens?.value, marked: !!n.paTestMarker, clip,
-    node: {x: r.x + n.pos[0] + ds.offset[0], y: r.y + n.pos[1] + ds.offset[1] - title, width: n.size[0],
-           height: n.size[1] + title},
-    imgs: (n.imgs || []).map(i => i.complete && i.naturalWidth > 0 ? i.src : null),
+    id: n.id, tokens: tokens?.value, marked: !!n.paTestMarker, clip, node: box, imgs,
     chips: el ? [...el.querySelectorAll('.pa-token-chip')].map(c => [c.textContent, c.classList.contains('pa-selected')])
               : null,
     pickerConnected: !!el?.isConnected,
@@ -61,8 +74,12 @@ PROMPT_TOKENS_JS = """async (type) => {
 }"""
 
 
+def _vue(page) -> bool:
+    return getattr(page, "renderer", "classic") == "vue"
+
+
 def _viewer(page, index=None) -> dict:
-    state = page.evaluate(VIEWER_STATE_JS, [VIEWER, index])
+    state = page.evaluate(VIEWER_STATE_JS, [VIEWER, index, _vue(page)])
     assert "error" not in state, state
     return state
 
@@ -79,19 +96,26 @@ def _items(chips: list[str]) -> set[str]:
 def _wait_for_preview(page, old_srcs=()) -> None:
     """Until the viewer shows freshly loaded output images (others than ``old_srcs``)."""
     page.wait_for_function(
-        """([type, old]) => {
+        """([type, old, vue]) => {
           const n = (app.graph.nodes || app.graph._nodes || []).find(n => n.type === type);
+          if (vue) {  // Nodes 2.0: the node's DOM element shows the images
+            const el = n && document.querySelector(`[data-node-id="${n.id}"]`);
+            const imgs = el ? [...el.querySelectorAll('img')] : [];
+            return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0 && !old.includes(i.src));
+          }
           const imgs = n?.imgs || [];
           return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0 && !old.includes(i.src))
             && (n.widgets || []).some(w => w.name === '$$canvas-image-preview');
-        }""", arg=[VIEWER, list(old_srcs)], timeout=60_000, polling=200)
+        }""", arg=[VIEWER, list(old_srcs), _vue(page)], timeout=60_000, polling=200)
 
 
 def _shoot_preview(page, name: str) -> tuple[np.ndarray, dict]:
     """Screenshot of the viewer's heat-map preview (the canvas area under its widgets) -> (RGB array, state)."""
     state = _viewer(page, index=0)
+    page.wait_for_timeout(400)  # a few frames for the canvas (and the Vue nodes' DOM) to redraw
+    if _vue(page):  # the DOM nodes moved with the canvas only now: measure again
+        state = _viewer(page, index=0)
     assert state["clip"], f"the viewer draws no preview: {state}"
-    page.wait_for_timeout(400)  # a few frames for the canvas to redraw
     path = harness.BROWSER_ARTIFACTS / f"{SHOT}-{name}.png"
     page.screenshot(path=str(path), clip=state["clip"])
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16), state
@@ -160,7 +184,8 @@ def test_token_picker_changes_preview_and_survives_reload(app_page, comfy_server
                                                         f"!= before {_selected(state)}")
         assert page.evaluate(PROMPT_TOKENS_JS, VIEWER) == expected, "the reloaded graph does not send the tokens"
         page.wait_for_timeout(300)
-        page.screenshot(path=str(harness.BROWSER_ARTIFACTS / f"{SHOT}-4-reloaded-node.png"), clip=reloaded["node"])
+        node_box = _viewer(page)["node"] if _vue(page) else reloaded["node"]
+        page.screenshot(path=str(harness.BROWSER_ARTIFACTS / f"{SHOT}-4-reloaded-node.png"), clip=node_box)
     except BaseException:
         shot = f"{SHOT}-FAILED"
         raise

@@ -1,4 +1,5 @@
-"""Browser tier: the pack's workflows load in the real frontend (1.32.9) and run on the server."""
+"""Browser tier: the pack's workflows load in the real frontend and run on the server, in the classic canvas and in
+Nodes 2.0 (see conftest.py); every report a run sends (ui "text") is shown in its node's report widget."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,52 @@ import pytest
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
 WORKFLOWS = harness.workflow_files()
+REPORT_WIDGET = "prompt_anatomy_report"  # js/prompt_anatomy.js
+
+# For each node id: centre the node at zoom 1 (so either renderer draws its widgets), then report the value of its
+# report widget and the text a person sees: the widget's own element (classic canvas: a textarea laid over the
+# canvas) or the textareas inside the node's DOM element [data-node-id] (Nodes 2.0).
+REPORT_WIDGETS_JS = """async ([ids, name, vue]) => {
+  const out = {};
+  for (const id of ids) {
+    const n = app.graph.getNodeById(Number(id)) ?? app.graph.getNodeById(id);
+    if (!n) { out[id] = {error: 'node not in the graph'}; continue; }
+    const ds = app.canvas.ds;
+    ds.scale = 1; ds.offset[0] = 320 - n.pos[0]; ds.offset[1] = 140 - n.pos[1];
+    app.canvas.setDirty(true, true);
+    await new Promise(r => setTimeout(r, 250));
+    const w = (n.widgets || []).find(w => w.name === name);
+    let shown = [];
+    if (vue) {
+      const el = document.querySelector(`[data-node-id="${n.id}"]`);
+      shown = el ? [...el.querySelectorAll('textarea')].map(t => t.value) : [];
+    } else {
+      const el = w?.element ?? w?.inputEl;
+      shown = el && el.isConnected ? [el.value] : [];
+    }
+    out[id] = {type: n.type, widget: !!w, value: w?.value ?? null, shown};
+  }
+  return out;
+}"""
+
+
+def check_reports(page, entry: dict, name: str) -> int:
+    """Every pack node whose run sent a text report shows exactly that text in its report widget; returns how many."""
+    texts = {nid: "\n".join(out["text"]) if isinstance(out.get("text"), list) else str(out["text"])
+             for nid, out in (entry.get("outputs") or {}).items() if out.get("text") is not None}
+    if not texts:
+        return 0
+    seen = page.evaluate(REPORT_WIDGETS_JS, [sorted(texts), REPORT_WIDGET, getattr(page, "renderer", "classic") == "vue"])
+    wrong = {}
+    for nid, text in texts.items():
+        got = seen[nid]
+        if not got.get("widget"):
+            continue  # a core node with ui text (none in the shipped workflows) has no report widget
+        if got["value"] != text or text not in got["shown"]:
+            wrong[nid] = {"type": got.get("type"), "want": text[:200], "value": (got["value"] or "")[:200],
+                          "shown": [t[:200] for t in got["shown"]]}
+    assert not wrong, f"{name}: report widgets do not show the run's reports:\n{json.dumps(wrong, indent=1)}"
+    return len(texts)
 
 
 def test_frontend_loads_pack_extensions(app_page, comfy_server, pack_errors):
@@ -64,7 +111,9 @@ def test_workflow_loads_and_runs(workflow, app_page, comfy_server, load_workflow
             pytest.skip(f"{workflow.name} loads cleanly; not run here: " + "; ".join(not_here))
 
         # 2. queue as the Queue button does, 3. wait for the server to finish it (no pack JS errors)
-        queue_and_wait(page, comfy_server, workflow.name)
+        _, entry = queue_and_wait(page, comfy_server, workflow.name)
+        # 4. the reports it sent are shown in the nodes (js/prompt_anatomy.js), in either renderer
+        check_reports(page, entry, workflow.name)
     except BaseException:
         shot = f"{workflow.stem}-FAILED"
         raise

@@ -1,16 +1,11 @@
-"""Server tier: the real ComfyUI (CPU) with the pack loaded; see tests/harness.py."""
+"""Server tier: the real ComfyUI (CPU) with the pack loaded; see tests/harness.py and tests/conftest.py."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:  # tests/ only, never the checkout root (its nodes/ shadows ComfyUI's)
-    sys.path.insert(0, _TESTS)
-
-import harness  # noqa: E402
+# comfy_server, base_url and object_info come from tests/conftest.py (shared with the browser tier)
 
 
 def pytest_configure(config):
@@ -22,29 +17,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.server)
-
-
-@pytest.fixture(scope="session")
-def comfy_server():
-    """The session's ComfyUI server (shared with the browser tier), killed at session end."""
-    server = harness.acquire_server()
-    try:
-        yield server
-    finally:
-        harness.release_server()
-
-
-@pytest.fixture(scope="session")
-def base_url(comfy_server) -> str:
-    return comfy_server.base_url
-
-
-@pytest.fixture(scope="session")
-def object_info(base_url) -> dict:
-    return harness.get_json(base_url, "/object_info", timeout=60)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    harness.attach_server_log(item, outcome.get_result())
