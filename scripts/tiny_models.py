@@ -92,7 +92,7 @@ def load_by_path(name: str, path: Path, package_dir: Path | None = None):
 
 def bootstrap_comfy() -> None:
     """Make ``import comfy`` work in a plain Python process (CPU, no CLI args of ours)."""
-    comfy_dir = str(ROOT / ".comfyui")
+    comfy_dir = str(load_by_path("comfy_path", ROOT / "scripts" / "comfy_path.py").comfy_dir())
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     if "comfy.cli_args" in sys.modules:

@@ -63,6 +63,7 @@ class Family:
     blocks: tuple[BlockKind, ...] = ()  # DiT attention blocks (UNets: walked, see core.layers)
     register_tokens: str | None = None  # diffusion_model attribute (a count or a (1, n, dim) tensor): learned tokens
     #                                     in front of the text stream
+    latent_patch: int = 1  # the latent's channels pack latent_patch² pixels (Flux.2: 128 = 32 x 2x2)
     text_pad: int | None = None  # the model left-pads the text stream with zeros to this length (prompt at the end)
     guidance_distilled: bool = False  # guidance is an input of the model (cfg 1 is the normal use)
     cond_extra: tuple = ()  # (key, value) every conditioning of this family carries (Flux: guidance)
@@ -183,7 +184,7 @@ FAMILIES: tuple[Family, ...] = (
            (EncoderSpec("mistral3_24b", "Mistral-3", LLM, "mistral3_24b"),), _clip_is("Flux2TEModel"),
            "comfy.text_encoders.flux:Flux2Tokenizer", "none (Flux.2 takes no pooled vector)", "Flux2",
            _module_in_features("txt_in"), blocks=FLUX_BLOCKS, guidance_distilled=True, cond_extra=(("guidance", 3.5),),
-           text_pad=512, attention_name="Flux.2's double/single blocks"),
+           text_pad=512, latent_patch=2, attention_name="Flux.2's double/single blocks"),
     Family("qwen_image", "Qwen-Image", ("QwenImage",), (JOINT,),
            (EncoderSpec("qwen25_7b", "Qwen2.5-VL", LLM, "qwen25_7b"),), _clip_is("QwenImageTEModel"),
            "comfy.text_encoders.qwen_image:QwenImageTokenizer", "none (Qwen-Image takes no pooled vector)", "Wan21",
@@ -252,6 +253,20 @@ def family_of(model, what: str) -> Family:
     if family is None:
         raise unsupported(config_name(model), what)
     return family
+
+
+def latent_patch(model_config=None, channels: int | None = None) -> int:
+    """How many latent pixels per side a latent channel packs: from the model config's family (a BaseModel's
+    ``model_config``), else from a channel count that only one family's latent has (a LATENT without its model)."""
+    name = type(model_config).__name__ if model_config is not None else None
+    family = next((f for f in all_families() if name in f.configs), None)
+    if family is not None:
+        return family.latent_patch
+    import comfy.latent_formats
+
+    packed = {f.latent_patch for f in all_families()
+              if f.latent_patch > 1 and getattr(comfy.latent_formats, f.latent_format)().latent_channels == channels}
+    return packed.pop() if len(packed) == 1 else 1
 
 
 def lookup_clip(clip) -> Family | None:

@@ -93,6 +93,11 @@ def _latent_samples(latent, name: str) -> torch.Tensor:
     return latent["samples"]
 
 
+def _latent_patch(x: torch.Tensor) -> int:
+    """Flux.2's 128-channel latents pack 2x2 pixels per channel: split them unpacked (4-D latents only)."""
+    return families.latent_patch(channels=int(x.shape[1])) if x.ndim == 4 else 1
+
+
 def _image_high_preview(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     # the high part is zero-mean: shown around mid grey
     return torch.cat([low.clamp(0, 1), (high + 0.5).clamp(0, 1)], dim=2)
@@ -108,7 +113,9 @@ class FrequencySplit(io.ComfyNode):
             description="Splits a latent into its low- and high-frequency parts with a radial mask in normalised "
                         "frequency (paper 1, Sec. 4.2). Exact: low + high reproduces the input.",
             inputs=[
-                io.Latent.Input("samples", tooltip="The latent to split (any channel count; batch > 1 is fine)."),
+                io.Latent.Input("samples", tooltip="The latent to split (any channel count; batch > 1 is fine). "
+                                                   "Flux.2's 128-channel latents are split unpacked (32 channels at "
+                                                   "1/8 of the image)."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.001, max=0.999, step=0.01,
                                tooltip=_THRESHOLD_TOOLTIP),
             ],
@@ -120,7 +127,7 @@ class FrequencySplit(io.ComfyNode):
     @classmethod
     def execute(cls, samples, threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
         x = _latent_samples(samples, "samples")
-        low, high = split_frequencies(x, threshold)
+        low, high = split_frequencies(x, threshold, _latent_patch(x))
         lo, hi = samples.copy(), samples.copy()
         lo["samples"], hi["samples"] = low, high
         return io.NodeOutput(lo, hi)
@@ -177,8 +184,8 @@ class FrequencyMerge(io.ComfyNode):
 
     @classmethod
     def execute(cls, low_from, high_from, threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
-        merged = merge_frequencies(_latent_samples(low_from, "low_from"), _latent_samples(high_from, "high_from"),
-                                   threshold)
+        low_x = _latent_samples(low_from, "low_from")
+        merged = merge_frequencies(low_x, _latent_samples(high_from, "high_from"), threshold, _latent_patch(low_x))
         out = low_from.copy()
         out["samples"] = merged
         return io.NodeOutput(out)

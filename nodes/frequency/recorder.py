@@ -14,7 +14,7 @@ import latent_preview
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..core import PACK, hooks, records, runs
+from ..core import PACK, families, hooks, records, runs
 from ..shared.drawing import COLORS, decode_cells, labelled_grid, line_plot, pil_to_image, side_by_side
 from ..shared.spectral import (
     DEFAULT_THRESHOLD,
@@ -74,6 +74,7 @@ class FrequencyRun:
     """What one sampling run leaves behind: per-step statistics and the chosen steps' latents (CPU)."""
 
     threshold: float
+    patch: int  # latent pixels per side packed in a channel (Flux.2: 2); the split ran on the unpacked latent
     n_steps: int
     sigmas: list[float]  # the schedule sampled (n_steps + 1 values)
     kind: str  # "eps" / "flow" / "other"
@@ -105,6 +106,7 @@ class _Recording:
     def __init__(self, settings: dict, sigmas: torch.Tensor, model, sampler_name):
         self.settings = settings
         self.threshold = settings["threshold"]
+        self.patch = families.latent_patch(getattr(model, "model_config", None))  # Flux.2: split unpacked
         self.sigmas = [float(s) for s in sigmas.detach().float().cpu()]
         self.n_steps = len(self.sigmas) - 1
         self.grid_steps = resolve_grid_steps(settings["grid_steps"], settings["grid_columns"], self.n_steps)
@@ -127,7 +129,7 @@ class _Recording:
         with torch.no_grad():
             x_vp = x.detach().float() * scale
             x0f = x0.detach().float()
-            lo, hi = split_frequencies(torch.stack([x_vp, x0f]), self.threshold)  # one FFT for both
+            lo, hi = split_frequencies(torch.stack([x_vp, x0f]), self.threshold, self.patch)  # one FFT for both
             xl, xh, ol, oh = lo[0], hi[0], lo[1], hi[1]
             for name, part in (("xt_low", xl), ("xt_high", xh), ("x0_low", ol), ("x0_high", oh)):
                 self.rms[name][step] = rms_per_item(part).cpu()
@@ -141,7 +143,7 @@ class _Recording:
             return None
         final = self.final
         n, b = self.n_steps, final.shape[0]
-        fl, fh = split_frequencies(final, self.threshold)
+        fl, fh = split_frequencies(final, self.threshold, self.patch)
         stats = {f"{k}_{s}": torch.full((n + 1, b), math.nan) for k in STAT_NAMES for s in ("rms", "change")}
         for k in STAT_NAMES:
             for step, v in self.rms[k].items():
@@ -152,7 +154,7 @@ class _Recording:
             if not src:
                 continue
             steps = sorted(src)
-            low, high = split_frequencies(torch.stack([src[k] for k in steps]), self.threshold)  # [S, B, ...]
+            low, high = split_frequencies(torch.stack([src[k] for k in steps]), self.threshold, self.patch)  # [S, B, ...]
             for part, p, ref in (("low", low, fl), ("high", high, fh)):
                 d = (p - ref.unsqueeze(0)).reshape(len(steps), b, -1).norm(dim=2)
                 r = ref.reshape(1, b, -1).norm(dim=2)
@@ -160,7 +162,7 @@ class _Recording:
                 stats[f"{name}_{part}_change"][steps] = torch.where(r > 0, d / r.clamp_min(1e-30), at_zero)
         grid = {s: (self.x_vp[s], self.x0[s]) for s in self.grid_steps if s in self.x_vp}
         run = FrequencyRun(
-            threshold=self.threshold, n_steps=n, sigmas=self.sigmas, kind=self.kind,
+            threshold=self.threshold, patch=self.patch, n_steps=n, sigmas=self.sigmas, kind=self.kind,
             model_sampling=self.model_sampling_name, sampler=self.sampler,
             signal_coef=[c[0] for c in self.coef], noise_coef=[c[1] for c in self.coef], stats=stats,
             grid_steps=[s for s in self.grid_steps if s in grid], grid_latents=grid, final=final,
@@ -319,8 +321,8 @@ def run_grid(run: FrequencyRun, index: int, vae=None) -> torch.Tensor:
     rows: list[list[torch.Tensor]] = [[] for _ in GRID_ROWS]
     for _s, x_vp, x0 in cols:
         xt, pred = x_vp[index:index + 1], x0[index:index + 1]
-        for r, cell in enumerate((xt, *split_frequencies(xt, run.threshold), pred,
-                                  *split_frequencies(pred, run.threshold))):
+        for r, cell in enumerate((xt, *split_frequencies(xt, run.threshold, run.patch), pred,
+                                  *split_frequencies(pred, run.threshold, run.patch))):
             rows[r].append(cell)
     flat = torch.cat([cell for row in rows for cell in row])  # row-major: rows = GRID_ROWS, columns = steps
     images = decode_cells(flat, vae, run.latent_format)

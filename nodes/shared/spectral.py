@@ -103,12 +103,37 @@ def _fft_low(x32: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.fft.irfft2(spec, s=(h, w), dim=(-2, -1))
 
 
-def split_frequencies(x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+def unpatchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[..., C·p·p, H, W]`` latents whose channels pack p×p patches (channel c·p² + i·p + j = pixel (p·y+i, p·x+j) of
+    channel c, as Flux.2's VAE packs them) -> ``[..., C, H·p, W·p]``."""
+    *lead, c, h, w = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, c // (patch * patch), patch, patch, h, w)  # [..., C, i, j, y, x]
+    x = x.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)  # [..., C, y, i, x, j]
+    return x.reshape(*lead, c // (patch * patch), h * patch, w * patch)
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Inverse of :func:`unpatchify`."""
+    *lead, c, h, w = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, c, h // patch, patch, w // patch, patch)  # [..., C, y, i, x, j]
+    x = x.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3)  # [..., C, i, j, y, x]
+    return x.reshape(*lead, c * patch * patch, h // patch, w // patch)
+
+
+def split_frequencies(x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD,
+                      patch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``x`` (``[..., H, W]``, any leading dims) into ``(low, high)`` over its last two dimensions.
 
     ``low`` keeps the Fourier coefficients inside the low band (see :func:`low_frequency_mask`), ``high``
     is ``x - low``, so ``low + high`` reproduces ``x`` to float precision. Computed in float32 on ``x``'s
-    device (CPU fallback where the device has no FFT); the parts come back in ``x``'s dtype and device."""
+    device (CPU fallback where the device has no FFT); the parts come back in ``x``'s dtype and device.
+    ``patch`` > 1: the channels pack patch×patch latent pixels (Flux.2); the split runs on the unpacked latent, so
+    a threshold means the same image-space band as on an unpacked model."""
+    if patch > 1:
+        low, high = split_frequencies(unpatchify(x, patch), threshold)
+        return patchify(low, patch), patchify(high, patch)
     check_tensor(x, "x")
     threshold = validate_threshold(threshold)
     x32 = x.float()
@@ -121,7 +146,7 @@ def split_frequencies(x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> 
 
 
 def merge_frequencies(low_source: torch.Tensor, high_source: torch.Tensor,
-                      threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+                      threshold: float = DEFAULT_THRESHOLD, patch: int = 1) -> torch.Tensor:
     """Low part of ``low_source`` plus high part of ``high_source`` (same shapes). Merging the two parts of
     one split gives the input back (the split is a projection)."""
     check_tensor(low_source, "low_source")
@@ -130,8 +155,8 @@ def merge_frequencies(low_source: torch.Tensor, high_source: torch.Tensor,
         raise ValueError(f"FrequencyMerge needs inputs of the same shape, got {tuple(low_source.shape)} (low source) "
                          f"and {tuple(high_source.shape)} (high source): resize one of them (LatentUpscale / "
                          f"ImageScale) or repeat the smaller batch (RepeatLatentBatch / RepeatImageBatch).")
-    low, _ = split_frequencies(low_source, threshold)
-    _, high = split_frequencies(high_source.to(low_source.device), threshold)
+    low, _ = split_frequencies(low_source, threshold, patch)
+    _, high = split_frequencies(high_source.to(low_source.device), threshold, patch)
     return (low.float() + high.float()).to(low_source.dtype)
 
 

@@ -507,3 +507,21 @@ def test_nodes_have_tooltips_and_descriptions():
         assert schema.description and schema.category == "prompt_anatomy/frequency"
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+
+
+def test_flux2_latents_are_split_unpacked():
+    """#14.4: Flux.2's 128 channels are 32 channels x 2x2 pixels (channel c*4 + i*2 + j = pixel (2y+i, 2x+j)); the split
+    runs on the unpacked 32-channel latent, so a threshold is the same image-space band as on SD."""
+    torch.manual_seed(0)
+    packed = torch.randn(2, 128, 6, 10)
+    unpacked = spectral.unpatchify(packed, 2)
+    assert unpacked.shape == (2, 32, 12, 20) and torch.equal(spectral.patchify(unpacked, 2), packed)
+    assert unpacked[1, 5, 2 * 3 + 1, 2 * 4 + 0] == packed[1, 5 * 4 + 1 * 2 + 0, 3, 4]
+    low, high = spectral.split_frequencies(packed, 0.2, patch=2)
+    ref_low, _ = spectral.split_frequencies(unpacked, 0.2)
+    assert torch.allclose(spectral.unpatchify(low, 2), ref_low, atol=1e-6)
+    assert torch.allclose(low + high, packed, atol=1e-5)
+    lo, hi = fq_nodes.FrequencySplit.execute({"samples": packed}, 0.2).args
+    assert torch.equal(lo["samples"], low) and torch.equal(hi["samples"], high)
+    sd_low, _ = spectral.split_frequencies(torch.randn(1, 16, 6, 10), 0.2)  # 16 channels: not unpacked
+    assert sd_low.shape == (1, 16, 6, 10)
