@@ -121,8 +121,7 @@ class CrossAttentionMapViewer(io.ComfyNode):
     @classmethod
     def execute(cls, record, text, latent=None, image=None, clip=None, tokens="auto", batch_index=0,
                 scale="per_map", edge_tolerance=2) -> io.NodeOutput:
-        if not (isinstance(record, records.RecordHandle) and record.kind == "attention"):
-            raise ValueError("record must be the record output of a Cross-Attention Capture node.")
+        records.RecordHandle.expect(record, "attention", "Cross-Attention Capture")
         samples = latent.get("samples") if isinstance(latent, dict) else None
         run, matched = record.find(samples)
         if run is None:

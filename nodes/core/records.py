@@ -38,5 +38,12 @@ class RecordHandle:
                     return run, True
         return (self.runs[-1] if self.runs else None), False
 
+    @staticmethod
+    def expect(record, kind: str, producer: str) -> RecordHandle:
+        """``record`` if it is a handle of ``kind``; else the ValueError that names the node producing one."""
+        if not (isinstance(record, RecordHandle) and record.kind == kind):
+            raise ValueError(f"record must be the record output of a {producer} node.")
+        return record
+
     def __repr__(self) -> str:
         return f"RecordHandle({self.kind}, {len(self.runs)} runs)"

@@ -306,8 +306,7 @@ class FrequencySplitViewer(io.ComfyNode):
     @classmethod
     def execute(cls, record, latent, vae=None, batch_index=0, settle_threshold=0.1,
                 cutoff_signal="x0") -> io.NodeOutput:
-        if not (isinstance(record, records.RecordHandle) and record.kind == "frequency"):
-            raise ValueError("record must be the record output of a FrequencySplitPreview node.")
+        records.RecordHandle.expect(record, "frequency", "FrequencySplitPreview")
         if not (math.isfinite(settle_threshold) and settle_threshold > 0):
             raise ValueError(f"settle_threshold must be > 0, got {settle_threshold}: it is a relative change "
                              f"(e.g. 0.1 = within 10 % of the final).")
