@@ -14,14 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
 
+def _reason(message: str) -> str:
+    """The why of a refusal: after the "X does not support ... (Model):" head, before the list of what is supported."""
+    why = message.split("): ", 1)[-1] if "): " in message else message.split(": ", 1)[-1]
+    for tail in (" Supported", " Use ", " Load the CLIP"):
+        why = why.split(tail)[0]
+    return why.strip()
+
+
 def matrix(data: dict) -> str:
     nodes = data["nodes"]
     lines = ["| family (config) | " + " | ".join(nodes) + " |", "|---|" + "---|" * len(nodes)]
     for family, row in data["families"].items():
         cells = ["✅" if row[n]["status"] == "works" else "✗" for n in nodes]
         lines.append(f"| {family} ({row['config']}) | " + " | ".join(cells) + " |")
-    reasons = sorted({r["reason"].split(":")[1].strip() if r["reason"].count(":") else r["reason"]
-                      for row in data["families"].values() for n, r in row.items()
+    reasons = sorted({_reason(r["reason"]) for row in data["families"].values() for n, r in row.items()
                       if n != "config" and r["status"] == "refused"})
     lines += ["", "✗ = refused with a ValueError; the reasons given:"] + [f"- {r}" for r in reasons]
     return "\n".join(lines)

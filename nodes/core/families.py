@@ -73,6 +73,7 @@ class Family:
     preset_arch: Callable | None = None  # (ModelPatcher, n text layers) -> is it that exact architecture?
     preset_start: float | None = None  # the paper's first patched step as a fraction of its sampling steps
     attention_name: str = ""  # what users call its text attention, e.g. "SD3's MMDiT"
+    no_attention_hook: str = ""  # why the attention techniques cannot reach this family's text attention (if so)
 
     @property
     def is_unet(self) -> bool:
@@ -141,6 +142,8 @@ SDXL_PAPER = (("output", 2, 1), ("output", 2, 2))
 SD3_PAPER = (("joint", 10),)
 
 PIXART_T5 = dataclasses.replace(T5XXL, attr="t5xxl")  # PixArt's T5 CLIP (also Chroma's): no padding
+PIXART_NO_HOOK = ("ComfyUI's PixArt drops transformer_options before its blocks and calls attention without them, and "
+                  "offers no block replace, so no ComfyUI hook sees its cross-attention")
 LLM = "llm"  # decoder-only LLM encoder behind a chat template (its [EOS] analogue is not defined yet)
 
 FAMILIES: tuple[Family, ...] = (
@@ -191,6 +194,11 @@ FAMILIES: tuple[Family, ...] = (
            _module_in_features("txt_in"),
            blocks=(BlockKind("double", "transformer_blocks", "double_block", ("transformer_blocks.{i}.attn.",),
                              "attn.heads"),), attention_name="Qwen-Image's joint blocks"),
+    *(Family(name, label, (config,), (DIT_CROSS,), (PIXART_T5,), _clip_is("PixArtT5XXL"),
+             "comfy.text_encoders.pixart_t5:PixArtTokenizer", "none (PixArt takes no pooled vector)", latent,
+             _module_in_features("y_embedder"), no_attention_hook=PIXART_NO_HOOK)
+      for name, label, config, latent in (("pixart_alpha", "PixArt α", "PixArtAlpha", "SD15"),
+                                          ("pixart_sigma", "PixArt Σ", "PixArtSigma", "SDXL"))),
     Family("auraflow", "AuraFlow", ("AuraFlow",), (JOINT, SINGLE),
            (EncoderSpec("pile_t5xl", "Pile-T5-XL", "t5", "pile_t5xl"),), _clip_is("AuraT5Model"),
            "comfy.text_encoders.aura_t5:AuraT5Tokenizer", "none (AuraFlow takes no pooled vector)", "SDXL",
@@ -267,6 +275,12 @@ def latent_patch(model_config=None, channels: int | None = None) -> int:
     packed = {f.latent_patch for f in all_families()
               if f.latent_patch > 1 and getattr(comfy.latent_formats, f.latent_format)().latent_channels == channels}
     return packed.pop() if len(packed) == 1 else 1
+
+
+def clip_families(clip) -> list[Family]:
+    """Every family whose text encoder this CLIP is (PixArt and Chroma share one T5)."""
+    csm = getattr(clip, "cond_stage_model", None)
+    return [f for f in tuple(_extra) + FAMILIES if csm is not None and f.clip_match(csm)]
 
 
 def lookup_clip(clip) -> Family | None:

@@ -144,6 +144,8 @@ def model_layers(model, what: str) -> ModelLayers:
     """The text-attention layers of a MODEL. ValueError (naming ``what``, the node) for families the registry
     does not know, or a model where none are found."""
     family = families.family_of(model, what)
+    if family.no_attention_hook:
+        raise families.unsupported(families.config_name(model), what, family.no_attention_hook + ".")
     dm = model.model.diffusion_model
     kind = "unet" if family.is_unet else "dit"
     layers = _unet_layers(dm) if kind == "unet" else _dit_layers(dm, family)

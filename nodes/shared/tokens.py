@@ -48,11 +48,12 @@ class EncoderPart:
 class Layout:
     family: families.Family
     parts: tuple[EncoderPart, ...]
+    families_label: str = ""  # every family this text encoder serves, e.g. "PixArt α/Σ / Chroma"
 
     @property
     def label(self) -> str:
         names = [e.label for e in sorted(self.family.encoders, key=lambda e: e.kind != "clip")]
-        return f"{self.family.label} ({' + '.join(names)})"
+        return f"{self.families_label or self.family.label} ({' + '.join(names)})"
 
     def part(self, key: str) -> EncoderPart:
         for p in self.parts:
@@ -123,7 +124,7 @@ def detect_layout(clip, what: str = "Prompt Anatomy") -> Layout:
         parts.append(_part(clip.tokenizer, spec, channels, sub is not None))
     if not any(p.in_context for p in parts):
         raise unsupported_clip(clip, what, f"this {family.label} CLIP has no text encoder loaded")
-    return Layout(family, tuple(parts))
+    return Layout(family, tuple(parts), " / ".join(f.label for f in families.clip_families(clip)))
 
 
 @functools.lru_cache(maxsize=16)

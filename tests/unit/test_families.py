@@ -96,6 +96,6 @@ def test_a_registered_family_is_picked_up_by_every_technique(sd1):
             cond, model_out, table = swap_conditioning(sd1.clip, "a red cat", "a blue dog", kv="key_only", model=m)
         finally:
             del sd1.clip.cond_stage_model.pa_fake
-        assert table.startswith("EOS Conditioning Swap · FakeUNet 1.0 (CLIP-L)") and model_out is not m
+        assert table.startswith("EOS Conditioning Swap · FakeUNet 1.0 / SD1.x (CLIP-L)") and model_out is not m
         assert torch.isfinite(ksample(model_out, cond, neg, steps=2)).all()
     assert families.lookup(m) is None
