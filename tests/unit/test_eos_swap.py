@@ -530,3 +530,44 @@ def test_node_schema_and_output(sd1):
     assert re.search(r"^\s+73–76\s+<\|endoftext\|>\s+padding\s+B 76 \(×4\)$", table, re.M)
     assert "repeat its last slot" in table
     assert es_nodes.EOSConditioningSwap in __import__("prompt_anatomy.nodes", fromlist=["all_nodes"]).all_nodes()
+
+
+@pytest.mark.parametrize("kv", ["key_only", "value_only"])
+def test_kv_swap_after_conditioning_concat_changes_only_the_constructed_chunk(sd1, kv):
+    """#16.1: ConditioningConcat appends a chunk ('…, high quality'); only the chunk the construction built gets
+    the constructed keys/values, the appended one passes through bit-identical (in either order of the concat)."""
+    import nodes as comfy_nodes
+
+    cond, patched, _ = swap(sd1, kv=kv, model=sd1.model)
+    extra = encode(sd1, "high quality")
+    neg = encode(sd1, "")
+    which = "k" if kv == "key_only" else "v"
+    for first, second, swapped_at in ((cond, extra, slice(0, 77)), (extra, cond, slice(77, 154))):
+        (concat,) = comfy_nodes.ConditioningConcat().concat(first, second)
+        (plain_concat,) = comfy_nodes.ConditioningConcat().concat(
+            *((encode(sd1, A_TEXT), extra) if first is cond else (extra, encode(sd1, A_TEXT))))
+        kept_at = slice(77, 154) if swapped_at.start == 0 else slice(0, 77)
+        m, seen = capture_attention(patched, 154)
+        runs.ensure_run_tracking(m)
+        ksample(m, concat, neg, steps=1)
+        m0, seen0 = capture_attention(sd1.model, 154)
+        runs.ensure_run_tracking(m0)
+        ksample(m0, plain_concat, neg, steps=1)
+        assert len(seen) == len(seen0) == len(attn2_modules(sd1.model))
+        for got, ref in zip(seen, seen0, strict=True):
+            pos = got["mask"]
+            assert torch.equal(got[which][pos][:, kept_at], ref[which][pos][:, kept_at])
+            assert not torch.allclose(got[which][pos][:, swapped_at], ref[which][pos][:, swapped_at], atol=1e-3)
+            other = "v" if which == "k" else "k"
+            assert torch.equal(got[other], ref[other])
+
+
+def test_find_chunks_lcm_repeat_and_concat():
+    from prompt_anatomy.nodes.eos_swap.kv import find_chunks
+
+    g = torch.Generator().manual_seed(0)
+    base, other = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    other[0] = base[0]  # every CLIP chunk starts with the same [SOS] state
+    assert find_chunks(torch.cat([base, base]), base) == [0, 4]
+    assert find_chunks(torch.cat([other, base, other]), base) == [4]
+    assert find_chunks(other, base) == []
