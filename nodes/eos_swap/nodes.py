@@ -15,6 +15,7 @@ from .construct import (
     SWAP_CONSTRUCTIONS,
     Construction,
     build_construction,
+    pooled_donor,
     range_sigmas,
     repeat_semantic_tokens,
     split_by_range,
@@ -94,7 +95,7 @@ def _positions_checked(layout: Layout, tokens: dict, which: str, text: str) -> d
 
 
 def swap_conditioning(clip, source_text: str, target_text: str, construction: str = "source_sem+target_eos",
-                      eos_scope: str = "all_eos_and_padding", pooled: str = "source", start_percent: float = 0.0,
+                      eos_scope: str = "all_eos_and_padding", pooled: str = "follow_eos", start_percent: float = 0.0,
                       end_percent: float = 1.0, kv: str = "key_and_value", seed: int = 0, repeat_count: int = 2,
                       model=None):
     """Everything the node does: returns (conditioning, model or None, token table)."""
@@ -111,7 +112,8 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         raise ValueError(f"kv={kv} patches the model's cross-attention: connect the MODEL input (and sample with "
                          f"the MODEL output), or use kv=key_and_value.")
     layout = detect_layout(clip, NODE_ID)
-    uses_b = construction in SWAP_CONSTRUCTIONS or pooled == "target"
+    donor = pooled_donor(construction, pooled)
+    uses_b = construction in SWAP_CONSTRUCTIONS or donor == "B"
 
     tokens_a = clip.tokenize(source_text)
     pos_a = _positions_checked(layout, tokens_a, "source_text", source_text)
@@ -142,7 +144,7 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
             layout_cond, d = cb, dict(db)
         else:
             layout_cond, d = cbase, dict(base_a[i][1] if construction == "repeat_sem" else da)
-        d["pooled_output"] = (db if pooled == "target" else da).get("pooled_output")
+        d["pooled_output"] = (db if donor == "B" else da).get("pooled_output")
         if kv == "key_and_value":
             constructed.append([result.context, d])
         else:  # the entry carries the unswapped context; the attention patch swaps keys or values
@@ -168,7 +170,8 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         f"B (target): {target_text!r}" + ("" if uses_b else " (not used by this construction)"),
         f"result laid out on {result.base}'s tokens; classes: [SOS] semantic [EOS] padding; from: A B zero noise",
     ]
-    pooled_line = f"pooled_output: {'B' if pooled == 'target' else 'A'}'s ({layout.family.pooled})"
+    why = " (follow_eos: the prompt that supplies the [EOS] slots)" if pooled == "follow_eos" else ""
+    pooled_line = f"pooled_output: {donor}'s{why} ({layout.family.pooled})"
     table = format_table(layout, header, result, pooled_line)
     LOG.debug("EOSConditioningSwap: %s", header[1])
     return conditioning, out_model, table
@@ -211,9 +214,12 @@ class EOSConditioningSwap(io.ComfyNode):
                                tooltip="Which slots count as [EOS] for the swap, zero and noise constructions: the "
                                "first [EOS] only, or it and every padding slot after it (SD1.x pads with [EOS]; "
                                "CLIP-G / OpenCLIP-H / T5 pad with token 0)."),
-                io.Combo.Input("pooled", options=list(POOLED_FROM), default="source",
+                io.Combo.Input("pooled", options=list(POOLED_FROM), default="follow_eos",
                                tooltip="Pooled vector (the [EOS] state of CLIP-L/CLIP-G; used by SDXL, SD3 and Flux, "
-                               "ignored by SD1.x/SD2.x) from the source or the target prompt."),
+                               "ignored by SD1.x/SD2.x). follow_eos (default of new nodes): from the prompt that "
+                               "supplies the [EOS] slots (B for source_sem+target_eos and repeat_sem, A otherwise), so "
+                               "the ADM/vector input agrees with the context. source / target: always A / always B "
+                               "(workflows saved before follow_eos existed keep their 'source')."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Start of the sampling range (0 = first step) where the constructed "
                                "conditioning is used; the plain source conditioning is used outside it."),
@@ -242,7 +248,7 @@ class EOSConditioningSwap(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, source_text, target_text, construction="source_sem+target_eos", repeat_count=2,
-                eos_scope="all_eos_and_padding", pooled="source", start_percent=0.0, end_percent=1.0,
+                eos_scope="all_eos_and_padding", pooled="follow_eos", start_percent=0.0, end_percent=1.0,
                 kv="key_and_value", seed=0, model=None) -> io.NodeOutput:
         if clip is None:
             raise ValueError("clip: no CLIP connected. Connect the CLIP output of your checkpoint or CLIP loader.")

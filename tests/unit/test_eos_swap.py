@@ -177,11 +177,32 @@ def test_target_sem_source_eos_is_laid_out_on_target(sd2):
 def test_pooled_source_or_target(sd3):
     (_, da), = encode(sd3, A_TEXT)
     (_, db), = encode(sd3, B_TEXT)
-    (_, d_src), = swap(sd3)[0]
+    (_, d_src), = swap(sd3, pooled="source")[0]
     (_, d_tgt), = swap(sd3, pooled="target")[0]
     assert d_src["pooled_output"].shape == (1, 128)  # CLIP-L ‖ CLIP-G [EOS] states
     assert torch.equal(d_src["pooled_output"], da["pooled_output"])
     assert torch.equal(d_tgt["pooled_output"], db["pooled_output"])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_pooled_follows_the_eos_by_default(family):
+    """#16.4: the pooled vector is an [EOS] state, so by default it comes from the prompt that supplies the [EOS]
+    slots: B for source_sem+target_eos / repeat_sem, A for target_sem+source_eos and the single-prompt ones."""
+    t = tiny(family)
+    (_, da), = encode(t, A_TEXT)
+    (_, db), = encode(t, B_TEXT)
+    want = {"source_sem+target_eos": db, "repeat_sem": db, "target_sem+source_eos": da, "sem+zero": da,
+            "eos_only": da}
+    for construction, d_want in want.items():
+        cond, _, table = swap(t, construction=construction)
+        (_, d), = cond
+        assert torch.equal(d["pooled_output"], d_want["pooled_output"]), construction
+        assert f"pooled_output: {'B' if d_want is db else 'A'}'s (follow_eos" in table
+    pooled_input = next(i for i in es_nodes.EOSConditioningSwap.define_schema().inputs if i.id == "pooled")
+    assert pooled_input.default == "follow_eos" and pooled_input.options == ["follow_eos", "source", "target"]
+    # source / target keep their meaning (saved workflows store 'source')
+    (_, d), = swap(t, pooled="source")[0]
+    assert torch.equal(d["pooled_output"], da["pooled_output"])
 
 
 # --------------------------------------------------------------------------- the other constructions
