@@ -8,6 +8,7 @@ import torch
 from ..core import families, hooks, runs
 from ..core.errors import InternalError
 from ..shared.tokens import Layout
+from .steps import in_window
 
 KV_HOOK_KEY = "prompt_anatomy.eos_swap.kv"
 
@@ -48,12 +49,14 @@ def find_chunks(row: torch.Tensor, base: torch.Tensor) -> list[int]:
     return found
 
 
-def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma_start: float, sigma_end: float):
+def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma_start: float, sigma_end: float,
+                  step_range: tuple[float, float] | None = None):
     """attn2_patch giving the cross-attention keys (key_only) or values (value_only) the constructed context
     on the positive rows, inside [sigma_end, sigma_start]; the other projection keeps seeing ``base``. Only the
     token chunks that equal ``base`` are replaced (by the constructed chunk): LCM repeats of it, and its place in
     a ConditioningConcat result; every other chunk of the row (e.g. an appended ", high quality") passes through
-    bit-identical. ``pairs``: (base, constructed), each (1, L, C)."""
+    bit-identical. ``pairs``: (base, constructed), each (1, L, C). ``step_range``: (start, end) fractions of the
+    sampler's steps (range_unit step_fraction) instead of the sigma bounds."""
     if kv not in ("key_only", "value_only"):
         raise InternalError(f"kv patch for {kv!r}")
     for base, cons in pairs:
@@ -74,6 +77,11 @@ def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma
         s = float(sig.reshape(-1)[0])
         if s > sigma_start or s < sigma_end:
             return n, context, value
+        if step_range is not None:
+            run, step = runs.run_state(extra_options), runs.current_step(extra_options)
+            if run is None or step is None or run.sample_sigmas is None or \
+                    not in_window(*step_range, step, run.sample_sigmas):
+                return n, context, value
         mask = runs.row_mask(extra_options, context.shape[0])
         new = None
         for r in torch.nonzero(mask).reshape(-1).tolist():

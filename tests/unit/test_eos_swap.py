@@ -541,7 +541,7 @@ def test_node_schema_and_output(sd1):
     schema = es_nodes.EOSConditioningSwap.define_schema()
     assert schema.node_id == "EOSConditioningSwap" and schema.category.startswith("prompt_anatomy/")
     assert all(i.tooltip for i in schema.inputs) and schema.description
-    assert [i.id for i in schema.inputs if i.optional] == ["model"]
+    assert [i.id for i in schema.inputs if i.optional] == ["model", "range_unit"]  # new inputs go last (widget order)
     res = es_nodes.EOSConditioningSwap.execute(sd1.clip, A_TEXT, B_TEXT)
     cond, model, table = res.args
     assert model is None and cond[0][0].shape == (1, 77, 64)
@@ -592,3 +592,41 @@ def test_find_chunks_lcm_repeat_and_concat():
     assert find_chunks(torch.cat([base, base]), base) == [0, 4]
     assert find_chunks(torch.cat([other, base, other]), base) == [4]
     assert find_chunks(other, base) == []
+
+
+@pytest.mark.parametrize("scheduler,want_timestep", [("normal", 10), ("exponential", 7)])
+def test_range_units_step_counts_20_steps(sd1, scheduler, want_timestep):
+    """#16.7: end 0.5 on 20 steps. timestep_percent (ComfyUI's sigma-based percents, the old meaning) covers 10
+    steps on 'normal' and 7 on 'exponential'; step_fraction covers the first 10 steps on both, as TextLayerPatch
+    (same two units there) and the guidance cutoff's 'fraction'."""
+    from prompt_anatomy.nodes.text_layers import patch as tl_patch
+
+    steps, neg = 20, encode(sd1, "")
+    (plain, _), = encode(sd1, A_TEXT)
+    (full, _), = swap(sd1)[0]
+    sigmas = comfy.samplers.calculate_sigmas(sd1.model.get_model_object("model_sampling"), scheduler, steps)
+    for unit, want in (("timestep_percent", want_timestep), ("step_fraction", 10)):
+        cond, patched, table = swap(sd1, end_percent=0.5, range_unit=unit, model=sd1.model)
+        m, calls = record_contexts(patched)
+        ksample(m, cond, neg, steps=steps, scheduler=scheduler)
+        assert [c["step"] for c in calls] == list(range(steps))
+        used = [torch.equal(c["pos"][0], full[0]) for c in calls]
+        assert all(u or torch.equal(c["pos"][0], plain[0]) for u, c in zip(used, calls, strict=True))
+        assert used == [True] * want + [False] * (steps - want), unit
+        assert unit in table
+        s = tl_patch.PatchSettings(("x",), 0.0, 0.5, range_unit=unit, sigmas=None if unit == "step_fraction" else (
+            float(sd1.model.get_model_object("model_sampling").percent_to_sigma(0.0)),
+            float(sd1.model.get_model_object("model_sampling").percent_to_sigma(0.5))))
+        assert tl_patch.step_window(s, sigmas) == (0, want), unit
+    with pytest.raises(ValueError, match="step_fraction.*MODEL input"):
+        swap(sd1, end_percent=0.5, range_unit="step_fraction")
+
+
+def test_step_fraction_without_the_wrapper_never_averages(sd1):
+    """Sampled with a MODEL lacking the step wrapper, a step_fraction conditioning is the construction on every step
+    (the plain entries outside the range are off for ComfyUI itself), never two entries averaged."""
+    cond, _, _ = swap(sd1, start_percent=0.25, end_percent=0.5, range_unit="step_fraction", model=sd1.model)
+    (full, _), = swap(sd1)[0]
+    m, calls = record_contexts(sd1.model)
+    ksample(m, cond, encode(sd1, ""), steps=4)
+    assert all(torch.equal(c["pos"][0], full[0]) and len(c["pos"]) == 1 for c in calls)
