@@ -45,7 +45,19 @@ SWAP_CONSTRUCTIONS = ("source_sem+target_eos", "target_sem+source_eos", "repeat_
 CONSTRUCTIONS = ("source_sem+target_eos", "target_sem+source_eos", "sem+zero", "sem+noise", "zero+eos",
                  "noise+eos", "sos_only", "eos_only", "repeat_sem")
 EOS_SCOPES = ("first_eos", "all_eos_and_padding")
-POOLED_FROM = ("source", "target")
+POOLED_FROM = ("follow_eos", "source", "target")
+# which prompt supplies the [EOS] slots of each construction ("B": target, "A": source; sem+zero/sem+noise have no
+# prompt's [EOS], so their pooled vector stays A's, the only prompt they read)
+EOS_DONOR = {"source_sem+target_eos": "B", "repeat_sem": "B", "target_sem+source_eos": "A", "sem+zero": "A",
+             "sem+noise": "A", "zero+eos": "A", "noise+eos": "A", "sos_only": "A", "eos_only": "A"}
+
+
+def pooled_donor(construction: str, pooled: str) -> str:
+    """'A' or 'B': the prompt whose pooled vector the result carries. follow_eos: the prompt that supplies the
+    [EOS] slots (the pooled vector *is* an [EOS] state, so the ADM/vector input then agrees with the context)."""
+    if pooled == "follow_eos":
+        return EOS_DONOR[construction]
+    return "B" if pooled == "target" else "A"
 KV_MODES = ("key_and_value", "key_only", "value_only")
 
 # The step-range boundaries are moved by this many percent (outwards, so the constructed range keeps both

@@ -8,6 +8,7 @@ import torch
 from ..core import families, hooks, runs
 from ..core.errors import InternalError
 from ..shared.tokens import Layout
+from .steps import in_window
 
 KV_HOOK_KEY = "prompt_anatomy.eos_swap.kv"
 
@@ -31,12 +32,36 @@ def check_model(layout: Layout, model, kv: str, channels: int) -> None:
             f"whose keys and values could be split. Use kv=key_and_value with this model.")
 
 
-def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma_start: float, sigma_end: float):
+def find_chunks(row: torch.Tensor, base: torch.Tensor) -> list[int]:
+    """Token offsets where ``base`` (L, C) occurs in ``row`` (N, C), non-overlapping, in order: the chunks of a
+    context that are ``base`` itself — its LCM repeats (batched with a longer cond) and its place inside a
+    ConditioningConcat result, wherever it sits. Candidates are the offsets whose first token equals base's first
+    token (cheap), then the whole chunk is compared exactly."""
+    length = base.shape[0]
+    if row.shape[0] < length:
+        return []
+    starts = torch.nonzero((row[: row.shape[0] - length + 1] == base[0]).all(dim=-1)).reshape(-1).tolist()
+    found, free = [], 0
+    for o in starts:
+        if o >= free and torch.equal(row[o:o + length], base):
+            found.append(o)
+            free = o + length
+    return found
+
+
+def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma_start: float, sigma_end: float,
+                  step_range: tuple[float, float] | None = None):
     """attn2_patch giving the cross-attention keys (key_only) or values (value_only) the constructed context
-    on the positive rows that carry ``base`` (their context starts with it; LCM repeats are matched), inside
-    [sigma_end, sigma_start]; the other projection keeps seeing ``base``. ``pairs``: (base, constructed)."""
+    on the positive rows, inside [sigma_end, sigma_start]; the other projection keeps seeing ``base``. Only the
+    token chunks that equal ``base`` are replaced (by the constructed chunk): LCM repeats of it, and its place in
+    a ConditioningConcat result; every other chunk of the row (e.g. an appended ", high quality") passes through
+    bit-identical. ``pairs``: (base, constructed), each (1, L, C). ``step_range``: (start, end) fractions of the
+    sampler's steps (range_unit step_fraction) instead of the sigma bounds."""
     if kv not in ("key_only", "value_only"):
         raise InternalError(f"kv patch for {kv!r}")
+    for base, cons in pairs:
+        if base.shape != cons.shape:
+            raise InternalError(f"kv pair of shapes {tuple(base.shape)} / {tuple(cons.shape)}")
     cache: dict = {}
 
     def cast(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -52,22 +77,27 @@ def make_kv_patch(kv: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], sigma
         s = float(sig.reshape(-1)[0])
         if s > sigma_start or s < sigma_end:
             return n, context, value
+        if step_range is not None:
+            run, step = runs.run_state(extra_options), runs.current_step(extra_options)
+            if run is None or step is None or run.sample_sigmas is None or \
+                    not in_window(*step_range, step, run.sample_sigmas):
+                return n, context, value
         mask = runs.row_mask(extra_options, context.shape[0])
         new = None
         for r in torch.nonzero(mask).reshape(-1).tolist():
             row = context[r]
             for base, cons in pairs:
-                length = base.shape[1]
-                if row.shape[0] % length or not torch.equal(row[:length], cast(base, row)):
+                offsets = find_chunks(row, cast(base, row))
+                if not offsets:
                     continue
                 if new is None:
                     new = (context if kv == "key_only" else value).clone()
-                new[r] = cast(cons, row).repeat(row.shape[0] // length, 1)
+                c, length = cast(cons, row), base.shape[1]
+                for o in offsets:
+                    new[r, o:o + length] = c
                 break
         if new is None:
             return n, context, value
         return (n, new, value) if kv == "key_only" else (n, context, new)
 
     return patch
-
-

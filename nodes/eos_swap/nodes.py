@@ -15,12 +15,15 @@ from .construct import (
     SWAP_CONSTRUCTIONS,
     Construction,
     build_construction,
+    pooled_donor,
     range_sigmas,
     repeat_semantic_tokens,
     split_by_range,
     validate_range,
 )
 from .kv import KV_HOOK_KEY, check_model, make_kv_patch
+from .steps import RANGE_UNITS, split_by_steps
+from .steps import install as install_step_windows
 
 NODE_ID = "EOSConditioningSwap"
 
@@ -94,9 +97,9 @@ def _positions_checked(layout: Layout, tokens: dict, which: str, text: str) -> d
 
 
 def swap_conditioning(clip, source_text: str, target_text: str, construction: str = "source_sem+target_eos",
-                      eos_scope: str = "all_eos_and_padding", pooled: str = "source", start_percent: float = 0.0,
+                      eos_scope: str = "all_eos_and_padding", pooled: str = "follow_eos", start_percent: float = 0.0,
                       end_percent: float = 1.0, kv: str = "key_and_value", seed: int = 0, repeat_count: int = 2,
-                      model=None):
+                      model=None, range_unit: str = "timestep_percent"):
     """Everything the node does: returns (conditioning, model or None, token table)."""
     if construction not in CONSTRUCTIONS:
         raise ValueError(f"construction must be one of {', '.join(CONSTRUCTIONS)}, got {construction!r}.")
@@ -107,11 +110,19 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
     if kv not in KV_MODES:
         raise ValueError(f"kv must be one of {', '.join(KV_MODES)}, got {kv!r}.")
     validate_range(start_percent, end_percent)
+    if range_unit not in RANGE_UNITS:
+        raise ValueError(f"range_unit must be one of {', '.join(RANGE_UNITS)}, got {range_unit!r}.")
+    by_steps = range_unit == "step_fraction" and (start_percent > 0.0 or end_percent < 1.0)
+    if by_steps and model is None:
+        raise ValueError("range_unit=step_fraction: a fraction of the sampler's steps is known only while sampling, "
+                         "so the MODEL input is needed (it is patched to pick the entry of each step). Connect the "
+                         "MODEL and sample with the node's MODEL output, or use range_unit=timestep_percent.")
     if kv != "key_and_value" and model is None:
         raise ValueError(f"kv={kv} patches the model's cross-attention: connect the MODEL input (and sample with "
                          f"the MODEL output), or use kv=key_and_value.")
     layout = detect_layout(clip, NODE_ID)
-    uses_b = construction in SWAP_CONSTRUCTIONS or pooled == "target"
+    donor = pooled_donor(construction, pooled)
+    uses_b = construction in SWAP_CONSTRUCTIONS or donor == "B"
 
     tokens_a = clip.tokenize(source_text)
     pos_a = _positions_checked(layout, tokens_a, "source_text", source_text)
@@ -142,33 +153,44 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
             layout_cond, d = cb, dict(db)
         else:
             layout_cond, d = cbase, dict(base_a[i][1] if construction == "repeat_sem" else da)
-        d["pooled_output"] = (db if pooled == "target" else da).get("pooled_output")
+        d["pooled_output"] = (db if donor == "B" else da).get("pooled_output")
         if kv == "key_and_value":
             constructed.append([result.context, d])
         else:  # the entry carries the unswapped context; the attention patch swaps keys or values
             constructed.append([layout_cond, d])
             pairs.append((layout_cond, result.context))
-    conditioning = split_by_range(constructed, [[c, dict(d)] for c, d in conds_a], start_percent, end_percent)
+    plain = [[c, dict(d)] for c, d in conds_a]
+    conditioning = split_by_steps(constructed, plain, start_percent, end_percent) if by_steps else \
+        split_by_range(constructed, plain, start_percent, end_percent)
 
     out_model = model
-    if kv != "key_and_value":
-        ms = model.get_model_object("model_sampling")
-        sig_start, sig_end = range_sigmas(ms, start_percent, end_percent)
+    if kv != "key_and_value" or by_steps:
         out_model = model.clone()
         runs.ensure_run_tracking(out_model)
-        hooks.set_attn2_patches(out_model, KV_HOOK_KEY, make_kv_patch(kv, pairs, sig_start, sig_end))
+    if by_steps:
+        install_step_windows(out_model)
+    if kv != "key_and_value":
+        if by_steps:
+            sig_start, sig_end, window = float("inf"), 0.0, (start_percent, end_percent)
+        else:
+            ms = model.get_model_object("model_sampling")
+            (sig_start, sig_end), window = range_sigmas(ms, start_percent, end_percent), None
+        hooks.set_attn2_patches(out_model, KV_HOOK_KEY, make_kv_patch(kv, pairs, sig_start, sig_end, window))
 
     header = [
         f"EOS Conditioning Swap · {layout.label}",
         f"construction {construction}" + (f" (×{repeat_count})" if construction == "repeat_sem" else "")
         + f" · eos_scope {eos_scope} · pooled {pooled} · kv {kv}",
-        f"steps: constructed conditioning from {start_percent:.3f} to {end_percent:.3f} of sampling"
+        f"steps: constructed conditioning from {start_percent:.3f} to {end_percent:.3f} "
+        + ("of the sampler's steps (step_fraction)" if range_unit == "step_fraction" else
+           "of ComfyUI's timestep range (timestep_percent: sigma-based, the step count depends on the scheduler)")
         + (", plain source outside" if (start_percent > 0 or end_percent < 1) else " (every step)"),
         f"A (source): {source_text!r}",
         f"B (target): {target_text!r}" + ("" if uses_b else " (not used by this construction)"),
         f"result laid out on {result.base}'s tokens; classes: [SOS] semantic [EOS] padding; from: A B zero noise",
     ]
-    pooled_line = f"pooled_output: {'B' if pooled == 'target' else 'A'}'s ({layout.family.pooled})"
+    why = " (follow_eos: the prompt that supplies the [EOS] slots)" if pooled == "follow_eos" else ""
+    pooled_line = f"pooled_output: {donor}'s{why} ({layout.family.pooled})"
     table = format_table(layout, header, result, pooled_line)
     LOG.debug("EOSConditioningSwap: %s", header[1])
     return conditioning, out_model, table
@@ -211,9 +233,12 @@ class EOSConditioningSwap(io.ComfyNode):
                                tooltip="Which slots count as [EOS] for the swap, zero and noise constructions: the "
                                "first [EOS] only, or it and every padding slot after it (SD1.x pads with [EOS]; "
                                "CLIP-G / OpenCLIP-H / T5 pad with token 0)."),
-                io.Combo.Input("pooled", options=list(POOLED_FROM), default="source",
+                io.Combo.Input("pooled", options=list(POOLED_FROM), default="follow_eos",
                                tooltip="Pooled vector (the [EOS] state of CLIP-L/CLIP-G; used by SDXL, SD3 and Flux, "
-                               "ignored by SD1.x/SD2.x) from the source or the target prompt."),
+                               "ignored by SD1.x/SD2.x). follow_eos (default of new nodes): from the prompt that "
+                               "supplies the [EOS] slots (B for source_sem+target_eos and repeat_sem, A otherwise), so "
+                               "the ADM/vector input agrees with the context. source / target: always A / always B "
+                               "(workflows saved before follow_eos existed keep their 'source')."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Start of the sampling range (0 = first step) where the constructed "
                                "conditioning is used; the plain source conditioning is used outside it."),
@@ -227,8 +252,16 @@ class EOSConditioningSwap(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the Gaussian noise of sem+noise and noise+eos."),
                 io.Model.Input("model", optional=True,
-                               tooltip="Optional. Needed for kv key_only / value_only (patched and returned); "
-                               "otherwise passed through unchanged, after checking it matches the CLIP."),
+                               tooltip="Optional. Needed for kv key_only / value_only and for range_unit "
+                               "step_fraction (patched and returned); otherwise passed through unchanged, after "
+                               "checking it matches the CLIP."),
+                io.Combo.Input("range_unit", options=list(RANGE_UNITS), default="timestep_percent", optional=True,
+                               tooltip="Unit of start_percent/end_percent. timestep_percent: ComfyUI's timestep "
+                               "percents (as ConditioningSetTimestepRange; sigma-based, so on 20 steps end 0.5 covers "
+                               "10 steps with 'normal' but 7 with 'exponential'). step_fraction: a fraction of the "
+                               "steps the sampler runs, as Text Layer Patch and the guidance cutoff (end 0.5 = the "
+                               "first 10 of 20 on any scheduler; needs the MODEL input). With KSamplerAdvanced a "
+                               "fraction counts the steps that sampler runs, not the whole base + refiner run."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="conditioning",
@@ -242,14 +275,14 @@ class EOSConditioningSwap(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, source_text, target_text, construction="source_sem+target_eos", repeat_count=2,
-                eos_scope="all_eos_and_padding", pooled="source", start_percent=0.0, end_percent=1.0,
-                kv="key_and_value", seed=0, model=None) -> io.NodeOutput:
+                eos_scope="all_eos_and_padding", pooled="follow_eos", start_percent=0.0, end_percent=1.0,
+                kv="key_and_value", seed=0, model=None, range_unit="timestep_percent") -> io.NodeOutput:
         if clip is None:
             raise ValueError("clip: no CLIP connected. Connect the CLIP output of your checkpoint or CLIP loader.")
         conditioning, out_model, table = swap_conditioning(
             clip, source_text, target_text, construction=construction, eos_scope=eos_scope, pooled=pooled,
             start_percent=start_percent, end_percent=end_percent, kv=kv, seed=seed, repeat_count=repeat_count,
-            model=model)
+            model=model, range_unit=range_unit)
         return io.NodeOutput(conditioning, out_model, table, ui=ui.PreviewText(table))
 
 

@@ -64,6 +64,8 @@ class CutoffRun:
     cfg_calls: int = 0  # two-branch calls seen (before the switch)
     cut_calls: int = 0  # calls reduced to one branch
     single_calls: int = 0  # calls that came with one branch already (cfg 1, guidance-distilled models)
+    split_calls: int = 0  # of those, negative-only calls: another node ran the branches as separate calls (SLG)
+    split_steps: set = dataclasses.field(default_factory=set)  # steps where that happened
     rows: int = 0  # batch rows that reached the diffusion model
     prev_low: torch.Tensor | None = None  # low-frequency part of the last CFG prediction (adaptive)
     last_step_seen: int | None = None
@@ -164,6 +166,12 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
         if len(conds) != 2 or not all(present) or sorted(r or "" for r in roles) != ["negative", "positive"]:
             if sum(present) == 1:
                 rec.single_calls += 1
+                if "negative" in roles and "positive" not in roles:
+                    # a negative-only call: the guider's branches were split into separate calls by another node
+                    # (SkipLayerGuidanceDiTSimple's calc_cond_batch function: positive, then negative with skipped
+                    # layers); the cutoff can only drop a branch inside one two-branch call
+                    rec.split_calls += 1
+                    rec.split_steps.add(step)
             return executor(model, conds, x_in, timestep, model_options)
         i_pos, i_neg = roles.index("positive"), roles.index("negative")
         if _after_switch(rec, step):
@@ -203,24 +211,37 @@ def apply_cutoff(model, settings: CutoffSettings, on_report=None):
 
 def format_report(rec: CutoffRun, settings: CutoffSettings, seconds: float | None = None,
                   batch: int | None = None) -> str:
-    evals = rec.cfg_calls + rec.cut_calls + rec.single_calls
+    evals = rec.cfg_calls + rec.cut_calls + rec.single_calls - rec.split_calls  # a split pair is one evaluation
     lines = []
+    split = ""
+    if rec.split_calls:
+        split = (f"On {len(rec.split_steps)} of {rec.steps} steps another node ran the positive and negative branches "
+                 f"as separate model calls (e.g. SkipLayerGuidanceDiTSimple, whose negative pass skips layers): the "
+                 f"cutoff drops a branch only inside one two-branch call, so those steps kept both branches and full "
+                 f"guidance whatever the cutoff, and saved nothing ({rec.split_calls} negative-only calls).")
     if rec.cfg_calls + rec.cut_calls == 0:
-        lines.append("Nothing to cut: every model call had a single branch (cfg 1, or a guidance-distilled model "
-                     "such as Flux). The output equals KSampler's.")
+        if rec.split_calls:
+            lines.append(f"Nothing was cut. {split} The output equals the same workflow without the cutoff.")
+            split = ""
+        else:
+            lines.append("Nothing to cut: every model call had a single branch (cfg 1, or a guidance-distilled model "
+                         "such as Flux). The output equals KSampler's.")
     else:
         b = batch or 1
-        plain = 2 * (rec.cfg_calls + rec.cut_calls) * b
+        plain = 2 * (rec.cfg_calls + rec.cut_calls + rec.split_calls) * b
         lines.append(f"Model rows evaluated: {rec.rows} (plain CFG: {plain}; "
                      f"{100.0 * (1 - rec.rows / plain) if plain else 0.0:.1f} % fewer).")
         lines.append(f"Sampler evaluations: {evals} — {rec.cfg_calls} with both branches, {rec.cut_calls} single-branch "
-                     f"(kept: {settings.keep}).")
+                     f"(kept: {settings.keep})" + (f", {rec.split_calls} with the branches in separate calls" if
+                                                   rec.split_calls else "") + ".")
         if rec.switched_at is not None and rec.cut_calls:
             lines.append(f"Guidance stopped at step {rec.switched_at} of {rec.steps}"
                          + (f" ({rec.reason})." if rec.reason else f" (cutoff {settings.cutoff} {settings.cutoff_unit})."))
         else:
             lines.append(f"Guidance ran on every step (cutoff {settings.cutoff} {settings.cutoff_unit} is at or beyond "
                          f"the last of {rec.steps} steps).")
+        if split:
+            lines.append(split)
     if seconds is not None:
         lines.append(f"Sampling time: {seconds:.2f} s.")
     return "\n".join(lines)

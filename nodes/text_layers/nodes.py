@@ -13,7 +13,7 @@ from ..core import LOG
 from ..core.layers import GRAMMAR
 from .localize import localize, render_chart
 from .lora import load_text_layer_lora
-from .patch import ROW_MODES, apply_text_layer_patch
+from .patch import RANGE_UNITS, ROW_MODES, apply_text_layer_patch
 from .words import encode_text, parse_replacements, substitute_words
 
 LAYERS_TOOLTIP = ("Which attention layers see the edited prompt: " + GRAMMAR + " Paper 2's presets: 'sdxl_paper' "
@@ -60,6 +60,13 @@ class TextLayerPatch(io.ComfyNode):
                                tooltip="Which batch rows are patched: the positive prompt's only (the negative keeps "
                                        "its own text), or the negative's too. Rows are found by the conditioning's "
                                        "identity, so any batch size works."),
+                io.Combo.Input("range_unit", options=list(RANGE_UNITS), default="step_fraction", optional=True,
+                               tooltip="Unit of start_percent/end_percent. step_fraction: a fraction of the steps the "
+                                       "sampler runs (end 0.5 = the first 10 of 20 steps on any scheduler; with "
+                                       "KSamplerAdvanced it counts the steps that sampler runs, not the whole base + "
+                                       "refiner run). timestep_percent: ComfyUI's timestep percents, as "
+                                       "ConditioningSetTimestepRange and EOS Conditioning Swap's default (sigma-based: "
+                                       "end 0.5 covers 10 of 20 steps with 'normal', 7 with 'exponential')."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched model."),
@@ -69,8 +76,9 @@ class TextLayerPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, target, layers="auto", start_percent=0.0, end_percent=1.0, heads="", strength=1.0,
-                rows="positive") -> io.NodeOutput:
-        m, report = apply_text_layer_patch(model, target, layers, start_percent, end_percent, heads, strength, rows)
+                rows="positive", range_unit="step_fraction") -> io.NodeOutput:
+        m, report = apply_text_layer_patch(model, target, layers, start_percent, end_percent, heads, strength, rows,
+                                           range_unit)
         return io.NodeOutput(m, report, ui=_ui(report))
 
 

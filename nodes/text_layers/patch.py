@@ -58,6 +58,7 @@ from ..core.layers import (
 )
 
 ROW_MODES = ("positive", "positive_and_negative")
+RANGE_UNITS = ("step_fraction", "timestep_percent")  # unit of start_percent / end_percent (see PatchSettings)
 ROW_ROLES = {"positive": ("positive",), "positive_and_negative": ("positive", "negative")}
 
 ACTIVE_KEY = f"{PACK}.text_layers.active"  # token of the TextLayerPatch in force on a model
@@ -173,8 +174,15 @@ class PatchSettings:
     strength: float = 1.0
     heads: tuple[int, ...] | None = None
     rows: str = "positive"
+    # step_fraction: fractions of the steps the sampler runs (steps ceil(start·n) .. ceil(end·n) - 1);
+    # timestep_percent: ComfyUI's timestep percents, as ConditioningSetTimestepRange: the steps whose schedule sigma
+    # lies in [sigmas[1], sigmas[0]] = (percent_to_sigma(end), percent_to_sigma(start)), closed
+    range_unit: str = "step_fraction"
+    sigmas: tuple[float, float] | None = None
 
     def validate(self) -> None:
+        if self.range_unit not in RANGE_UNITS:
+            raise ValueError(f"range_unit must be one of {', '.join(RANGE_UNITS)}, got {self.range_unit!r}.")
         for name in ("start_percent", "end_percent", "strength"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -201,8 +209,18 @@ def _step_window(to: dict, s: PatchSettings) -> tuple[int, int] | None:
         ss = run.sample_sigmas if run is not None else None
     if ss is None:
         return None
-    return (runs.resolve_cutoff_step(s.start_percent, "fraction", ss),
-            runs.resolve_cutoff_step(s.end_percent, "fraction", ss))
+    return step_window(s, ss)
+
+
+def step_window(s: PatchSettings, ss: torch.Tensor) -> tuple[int, int]:
+    """First patched step and one past the last, of the schedule ``ss`` the sampler runs."""
+    if s.range_unit == "step_fraction" or s.sigmas is None:
+        return (runs.resolve_cutoff_step(s.start_percent, "fraction", ss),
+                runs.resolve_cutoff_step(s.end_percent, "fraction", ss))
+    hi_sigma, lo_sigma = s.sigmas
+    n = len(ss) - 1
+    inside = [i for i in range(n) if lo_sigma * (1 - 1e-5) <= float(ss[i]) <= hi_sigma * (1 + 1e-5)]
+    return (inside[0], inside[-1] + 1) if inside else (n, n)
 
 
 def _is_active(to: dict, s: PatchSettings, token: str) -> bool:
@@ -442,13 +460,19 @@ def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str
 
 
 def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: float = 0.0, end_percent: float = 1.0,
-                           heads: str | tuple | None = "", strength: float = 1.0, rows: str = "positive"):
+                           heads: str | tuple | None = "", strength: float = 1.0, rows: str = "positive",
+                           range_unit: str = "step_fraction"):
     """Clone ``model`` and patch the selected text layers with ``target`` (a CONDITIONING or TargetText).
     ``layers``: a layer string or a tuple of resolved layers. Returns (model, report)."""
     ml = model_layers(model, "TextLayerPatch")
     resolved = parse_layers(layers, ml) if isinstance(layers, str) else tuple(layers)
     head_sel = parse_heads(heads) if (heads is None or isinstance(heads, str)) else tuple(heads)
-    s = PatchSettings(resolved, float(start_percent), float(end_percent), float(strength), head_sel, rows)
+    sigmas = None
+    if range_unit == "timestep_percent":
+        ms = model.get_model_object("model_sampling")
+        sigmas = (float(ms.percent_to_sigma(float(start_percent))), float(ms.percent_to_sigma(float(end_percent))))
+    s = PatchSettings(resolved, float(start_percent), float(end_percent), float(strength), head_sel, rows,
+                      range_unit, sigmas)
     s.validate()
     tgt = target if isinstance(target, TargetText) else TargetText.from_conditioning(target)
     pad = ml.family.text_pad
@@ -503,7 +527,9 @@ def format_report(ml: ModelLayers, s: PatchSettings, target: TargetText, noop: b
         lines.append(f"layers: {names} of {len(ml.layers)} {ml.unit}.")
     else:
         lines.append("layers: none selected.")
-    lines.append(f"steps: from {s.start_percent:.3f} to {s.end_percent:.3f} of the sampling steps; rows: {s.rows}; "
+    unit = ("of the sampler's steps (step_fraction)" if s.range_unit == "step_fraction" else
+            "of ComfyUI's timestep range (timestep_percent: sigma-based, the step count depends on the scheduler)")
+    lines.append(f"steps: from {s.start_percent:.3f} to {s.end_percent:.3f} {unit}; rows: {s.rows}; "
                  f"heads: {'all' if s.heads is None else ','.join(map(str, s.heads))}; strength {s.strength:.2f}.")
     lines.append(f"target: {target.tokens} tokens × {target.channels} channels"
                  + ("" if target.pooled is None or ml.kind == "unet" else " (its pooled vector drives the target rows)")

@@ -177,11 +177,32 @@ def test_target_sem_source_eos_is_laid_out_on_target(sd2):
 def test_pooled_source_or_target(sd3):
     (_, da), = encode(sd3, A_TEXT)
     (_, db), = encode(sd3, B_TEXT)
-    (_, d_src), = swap(sd3)[0]
+    (_, d_src), = swap(sd3, pooled="source")[0]
     (_, d_tgt), = swap(sd3, pooled="target")[0]
     assert d_src["pooled_output"].shape == (1, 128)  # CLIP-L ‖ CLIP-G [EOS] states
     assert torch.equal(d_src["pooled_output"], da["pooled_output"])
     assert torch.equal(d_tgt["pooled_output"], db["pooled_output"])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_pooled_follows_the_eos_by_default(family):
+    """#16.4: the pooled vector is an [EOS] state, so by default it comes from the prompt that supplies the [EOS]
+    slots: B for source_sem+target_eos / repeat_sem, A for target_sem+source_eos and the single-prompt ones."""
+    t = tiny(family)
+    (_, da), = encode(t, A_TEXT)
+    (_, db), = encode(t, B_TEXT)
+    want = {"source_sem+target_eos": db, "repeat_sem": db, "target_sem+source_eos": da, "sem+zero": da,
+            "eos_only": da}
+    for construction, d_want in want.items():
+        cond, _, table = swap(t, construction=construction)
+        (_, d), = cond
+        assert torch.equal(d["pooled_output"], d_want["pooled_output"]), construction
+        assert f"pooled_output: {'B' if d_want is db else 'A'}'s (follow_eos" in table
+    pooled_input = next(i for i in es_nodes.EOSConditioningSwap.define_schema().inputs if i.id == "pooled")
+    assert pooled_input.default == "follow_eos" and pooled_input.options == ["follow_eos", "source", "target"]
+    # source / target keep their meaning (saved workflows store 'source')
+    (_, d), = swap(t, pooled="source")[0]
+    assert torch.equal(d["pooled_output"], da["pooled_output"])
 
 
 # --------------------------------------------------------------------------- the other constructions
@@ -520,7 +541,7 @@ def test_node_schema_and_output(sd1):
     schema = es_nodes.EOSConditioningSwap.define_schema()
     assert schema.node_id == "EOSConditioningSwap" and schema.category.startswith("prompt_anatomy/")
     assert all(i.tooltip for i in schema.inputs) and schema.description
-    assert [i.id for i in schema.inputs if i.optional] == ["model"]
+    assert [i.id for i in schema.inputs if i.optional] == ["model", "range_unit"]  # new inputs go last (widget order)
     res = es_nodes.EOSConditioningSwap.execute(sd1.clip, A_TEXT, B_TEXT)
     cond, model, table = res.args
     assert model is None and cond[0][0].shape == (1, 77, 64)
@@ -530,3 +551,82 @@ def test_node_schema_and_output(sd1):
     assert re.search(r"^\s+73–76\s+<\|endoftext\|>\s+padding\s+B 76 \(×4\)$", table, re.M)
     assert "repeat its last slot" in table
     assert es_nodes.EOSConditioningSwap in __import__("prompt_anatomy.nodes", fromlist=["all_nodes"]).all_nodes()
+
+
+@pytest.mark.parametrize("kv", ["key_only", "value_only"])
+def test_kv_swap_after_conditioning_concat_changes_only_the_constructed_chunk(sd1, kv):
+    """#16.1: ConditioningConcat appends a chunk ('…, high quality'); only the chunk the construction built gets
+    the constructed keys/values, the appended one passes through bit-identical (in either order of the concat)."""
+    import nodes as comfy_nodes
+
+    cond, patched, _ = swap(sd1, kv=kv, model=sd1.model)
+    extra = encode(sd1, "high quality")
+    neg = encode(sd1, "")
+    which = "k" if kv == "key_only" else "v"
+    for first, second, swapped_at in ((cond, extra, slice(0, 77)), (extra, cond, slice(77, 154))):
+        (concat,) = comfy_nodes.ConditioningConcat().concat(first, second)
+        (plain_concat,) = comfy_nodes.ConditioningConcat().concat(
+            *((encode(sd1, A_TEXT), extra) if first is cond else (extra, encode(sd1, A_TEXT))))
+        kept_at = slice(77, 154) if swapped_at.start == 0 else slice(0, 77)
+        m, seen = capture_attention(patched, 154)
+        runs.ensure_run_tracking(m)
+        ksample(m, concat, neg, steps=1)
+        m0, seen0 = capture_attention(sd1.model, 154)
+        runs.ensure_run_tracking(m0)
+        ksample(m0, plain_concat, neg, steps=1)
+        assert len(seen) == len(seen0) == len(attn2_modules(sd1.model))
+        for got, ref in zip(seen, seen0, strict=True):
+            pos = got["mask"]
+            assert torch.equal(got[which][pos][:, kept_at], ref[which][pos][:, kept_at])
+            assert not torch.allclose(got[which][pos][:, swapped_at], ref[which][pos][:, swapped_at], atol=1e-3)
+            other = "v" if which == "k" else "k"
+            assert torch.equal(got[other], ref[other])
+
+
+def test_find_chunks_lcm_repeat_and_concat():
+    from prompt_anatomy.nodes.eos_swap.kv import find_chunks
+
+    g = torch.Generator().manual_seed(0)
+    base, other = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    other[0] = base[0]  # every CLIP chunk starts with the same [SOS] state
+    assert find_chunks(torch.cat([base, base]), base) == [0, 4]
+    assert find_chunks(torch.cat([other, base, other]), base) == [4]
+    assert find_chunks(other, base) == []
+
+
+@pytest.mark.parametrize("scheduler,want_timestep", [("normal", 10), ("exponential", 7)])
+def test_range_units_step_counts_20_steps(sd1, scheduler, want_timestep):
+    """#16.7: end 0.5 on 20 steps. timestep_percent (ComfyUI's sigma-based percents, the old meaning) covers 10
+    steps on 'normal' and 7 on 'exponential'; step_fraction covers the first 10 steps on both, as TextLayerPatch
+    (same two units there) and the guidance cutoff's 'fraction'."""
+    from prompt_anatomy.nodes.text_layers import patch as tl_patch
+
+    steps, neg = 20, encode(sd1, "")
+    (plain, _), = encode(sd1, A_TEXT)
+    (full, _), = swap(sd1)[0]
+    sigmas = comfy.samplers.calculate_sigmas(sd1.model.get_model_object("model_sampling"), scheduler, steps)
+    for unit, want in (("timestep_percent", want_timestep), ("step_fraction", 10)):
+        cond, patched, table = swap(sd1, end_percent=0.5, range_unit=unit, model=sd1.model)
+        m, calls = record_contexts(patched)
+        ksample(m, cond, neg, steps=steps, scheduler=scheduler)
+        assert [c["step"] for c in calls] == list(range(steps))
+        used = [torch.equal(c["pos"][0], full[0]) for c in calls]
+        assert all(u or torch.equal(c["pos"][0], plain[0]) for u, c in zip(used, calls, strict=True))
+        assert used == [True] * want + [False] * (steps - want), unit
+        assert unit in table
+        s = tl_patch.PatchSettings(("x",), 0.0, 0.5, range_unit=unit, sigmas=None if unit == "step_fraction" else (
+            float(sd1.model.get_model_object("model_sampling").percent_to_sigma(0.0)),
+            float(sd1.model.get_model_object("model_sampling").percent_to_sigma(0.5))))
+        assert tl_patch.step_window(s, sigmas) == (0, want), unit
+    with pytest.raises(ValueError, match="step_fraction.*MODEL input"):
+        swap(sd1, end_percent=0.5, range_unit="step_fraction")
+
+
+def test_step_fraction_without_the_wrapper_never_averages(sd1):
+    """Sampled with a MODEL lacking the step wrapper, a step_fraction conditioning is the construction on every step
+    (the plain entries outside the range are off for ComfyUI itself), never two entries averaged."""
+    cond, _, _ = swap(sd1, start_percent=0.25, end_percent=0.5, range_unit="step_fraction", model=sd1.model)
+    (full, _), = swap(sd1)[0]
+    m, calls = record_contexts(sd1.model)
+    ksample(m, cond, encode(sd1, ""), steps=4)
+    assert all(torch.equal(c["pos"][0], full[0]) and len(c["pos"]) == 1 for c in calls)

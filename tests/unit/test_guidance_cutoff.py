@@ -254,3 +254,30 @@ def test_adaptive_low_frequency_switches_when_shape_settles(sd1, conds):
 def test_bad_input_raises_clear_value_error(sd1, conds, kw, msg):
     with pytest.raises(ValueError, match=msg):
         run_node(sd1.model, *conds, steps=10, **kw)
+
+
+def test_skip_layer_guidance_simple_with_cutoff_report_tells_the_truth(sd3):
+    """#16.8: SkipLayerGuidanceDiTSimple replaces calc_cond_batch and runs the positive and the (layer-skipped)
+    negative branch as two separate calls per step. The cutoff can only drop a branch inside one two-branch call,
+    so with SLG over the whole run nothing is cut: the output equals SLG without the cutoff, every step runs
+    two rows, and the report says why (not 'cfg 1')."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
+
+    pos, neg = sd3.encode("a cat"), sd3.encode("")
+    latent = empty_latent(channels=sd3.latent_channels)
+    slg = SkipLayerGuidanceDiTSimple.execute(sd3.model, 0.0, 1.0, double_layers="0", single_layers="").args[0]
+    ref = ksample(slg, pos, neg, steps=4, channels=sd3.latent_channels)
+    m, counter = count_rows(slg)
+    out, report = run_node(m, pos, neg, steps=4, cutoff=0.5, latent=latent)
+    assert torch.equal(out, ref)
+    assert counter == {"rows": 8, "calls": 8}
+    assert report.startswith("Nothing was cut. On 4 of 4 steps another node ran the positive and negative branches "
+                             "as separate model calls")
+    assert "cfg 1" not in report
+    # SLG only on the first half (its own timestep percents): the second half is cut as usual, the report says both
+    slg_half = SkipLayerGuidanceDiTSimple.execute(sd3.model, 0.0, 0.5, double_layers="0", single_layers="").args[0]
+    m, counter = count_rows(slg_half)
+    _, report = run_node(m, pos, neg, steps=4, cutoff=0.5, latent=latent)
+    assert "Guidance stopped at step 2 of 4" in report and "another node ran the positive and negative" in report
+    assert counter["rows"] == 2 * 2 + 2 * 1, report  # SLG steps 0-1: two single-row calls each; steps 2-3 cut
+    assert "Model rows evaluated: 6 (plain CFG: 8; 25.0 % fewer)" in report and "2 with the branches in separate" in report
