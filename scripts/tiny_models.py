@@ -91,22 +91,9 @@ def load_by_path(name: str, path: Path, package_dir: Path | None = None):
 
 
 def bootstrap_comfy() -> None:
-    """Make ``import comfy`` work in a plain Python process (CPU, no CLI args of ours)."""
-    comfy_dir = str(load_by_path("comfy_path", ROOT / "scripts" / "comfy_path.py").comfy_dir())
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    if "comfy.cli_args" in sys.modules:
-        return
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "python", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses --cpu now)
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = saved
+    """Make ``import comfy`` work in a plain Python process (CPU, no CLI args of ours): scripts/comfy_path.py's,
+    which honours PROMPT_ANATOMY_COMFYUI."""
+    load_by_path("comfy_path", ROOT / "scripts" / "comfy_path.py").bootstrap_comfy()
 
 
 @dataclasses.dataclass
