@@ -11,9 +11,9 @@ from comfy_api.latest import io, ui
 
 from ..core import LOG
 from ..core.layers import GRAMMAR
-from .localize import localize, render_chart
+from .localize import SCORES, localize, render_chart
 from .lora import load_text_layer_lora
-from .patch import RANGE_UNITS, ROW_MODES, apply_text_layer_patch
+from .patch import RANGE_UNITS, ROW_MODES, START_MODES, apply_text_layer_patch
 from .words import encode_text, parse_replacements, substitute_words
 
 LAYERS_TOOLTIP = ("Which attention layers see the edited prompt: " + GRAMMAR + " Paper 2's presets: 'sdxl_paper' "
@@ -67,6 +67,10 @@ class TextLayerPatch(io.ComfyNode):
                                        "refiner run). timestep_percent: ComfyUI's timestep percents, as "
                                        "ConditioningSetTimestepRange and EOS Conditioning Swap's default (sigma-based: "
                                        "end 0.5 covers 10 of 20 steps with 'normal', 7 with 'exponential')."),
+                io.Combo.Input("start_mode", options=list(START_MODES), default="start_percent", optional=True,
+                               tooltip="start_percent: the patch starts at start_percent. paper: at paper 2's start "
+                                       "for this model family from the registry (step 4 of 50 = 0.08 on SDXL, 2 of 28 "
+                                       "≈ 0.07 on SD3 Medium); an error names the families that have one."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched model."),
@@ -76,9 +80,9 @@ class TextLayerPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, target, layers="auto", start_percent=0.0, end_percent=1.0, heads="", strength=1.0,
-                rows="positive", range_unit="step_fraction") -> io.NodeOutput:
+                rows="positive", range_unit="step_fraction", start_mode="start_percent") -> io.NodeOutput:
         m, report = apply_text_layer_patch(model, target, layers, start_percent, end_percent, heads, strength, rows,
-                                           range_unit)
+                                           range_unit, start_mode)
         return io.NodeOutput(m, report, ui=_ui(report))
 
 
@@ -178,9 +182,11 @@ class TextLayerLocalize(io.ComfyNode):
             category="prompt_anatomy/text_layers",
             description="Finds the attention layers that write the text in an image (paper 2, Algorithm 1) on your "
                         "model: samples the source prompt once per candidate layer with only that layer fed the target "
-                        "prompt, and ranks the candidates by how far the image moved toward the target's where the "
-                        "text is and how little elsewhere (a latent-space score; the paper used OCR). The best layers "
-                        "go straight into Text Layer Patch.",
+                        "prompt, and ranks the candidates. score=latent (default): by how far the image moved toward "
+                        "the target's where the text is and how little elsewhere (no extra model). score=ocr: as the "
+                        "paper, by reading the decoded images with OCR (needs the VAE, the target words and the "
+                        "optional package rapidocr-onnxruntime). Optionally searches the patch's start step too. The "
+                        "best layers go straight into Text Layer Patch.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to localize (not modified)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt, e.g. a sign that says \"HELLO\"."),
@@ -211,6 +217,23 @@ class TextLayerLocalize(io.ComfyNode):
                 io.Int.Input("top_k", default=1, min=1, max=64,
                              tooltip="How many of the best candidates form the 'layers' output (paper: 2 layers for "
                                      "SDXL, 1 block for SD3)."),
+                io.Combo.Input("score", options=list(SCORES), default="latent", optional=True,
+                               tooltip="latent: the latent-space score (toward − moved; no OCR, no VAE). ocr: paper 2's "
+                                       "Algorithm 1 — decode every image with the VAE and read it with OCR: (word F1 + "
+                                       "1 − normalised Levenshtein) / 2 against the target words × background SSIM "
+                                       "against the source. Needs vae, target_text and the optional package "
+                                       "rapidocr-onnxruntime (the error says how to install it; no silent fallback)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="score=ocr only: the VAE of this model, to decode the test images for OCR."),
+                io.String.Input("target_text", default="", optional=True,
+                                tooltip="score=ocr only: the words the image should show. The quoted parts are used "
+                                        "when there are quotes (so TextLayerWordSubstitute's target_text output can be "
+                                        "wired here), else the whole text, e.g. WORLD."),
+                io.String.Input("start_search", default="", optional=True,
+                                tooltip="Optional start fractions to test, e.g. '0, 0.04, 0.08, 0.12': the best top_k "
+                                        "candidates are re-run from each (end at end_percent) and the best start of "
+                                        "the best candidate goes to 'best_start'. Empty: no search (best_start = "
+                                        "start_percent). Paper 2 starts at 0.08 (SDXL) and ≈0.07 (SD3)."),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar chart of the scores in forward order (best in "
@@ -220,16 +243,21 @@ class TextLayerLocalize(io.ComfyNode):
                                                                 "Patch's 'layers' (convert the widget to an input)."),
                 io.Latent.Output(display_name="latents", tooltip="Source, target, then each candidate's result, in "
                                                                  "candidate order (VAE Decode to look at them)."),
+                io.Float.Output(display_name="best_start", tooltip="The best start fraction of the start search (or "
+                                                                   "start_percent without a search): wire into Text "
+                                                                   "Layer Patch's start_percent."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, target, negative, latent_image, seed=0, steps=6, cfg=5.0, sampler_name="euler",
                 scheduler="normal", candidates="", start_percent=0.0, end_percent=1.0, region_threshold=0.5,
-                top_k=1) -> io.NodeOutput:
+                top_k=1, score="latent", vae=None, target_text="", start_search="") -> io.NodeOutput:
+        details: dict = {}
         scores, src, tgt, patched, table, best, k = localize(
             model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, candidates,
-            start_percent, end_percent, region_threshold, top_k)
+            start_percent, end_percent, region_threshold, top_k, score=score, vae=vae, target_text=target_text,
+            start_search=start_search, details=details)
         chart = render_chart(scores, k, f"TextLayerLocalize: {len(scores)} candidates, best: {best}"[:90])
         latents = dict(latent_image)
         latents.pop("noise_mask", None)
@@ -238,7 +266,7 @@ class TextLayerLocalize(io.ComfyNode):
         out_ui = ui.PreviewImage(chart, cls=cls).as_dict()
         out_ui.update(ui.PreviewText(table).as_dict())
         LOG.info("TextLayerLocalize: best layers %s", best)
-        return io.NodeOutput(chart, table, best, latents, ui=out_ui)
+        return io.NodeOutput(chart, table, best, latents, details["best_start"], ui=out_ui)
 
 
 NODES = [TextLayerPatch, TextLayerWordSubstitute, LoraLoaderTextLayers, TextLayerLocalize]
