@@ -14,6 +14,8 @@ from ..core.layers import GRAMMAR
 from .localize import SCORES, localize, render_chart
 from .lora import load_text_layer_lora
 from .patch import RANGE_UNITS, ROW_MODES, START_MODES, apply_text_layer_patch
+from .train_node import TARGET_MODES
+from .train_node import train as train_lora
 from .words import encode_text, parse_replacements, substitute_words
 
 LAYERS_TOOLTIP = ("Which attention layers see the edited prompt: " + GRAMMAR + " Paper 2's presets: 'sdxl_paper' "
@@ -269,4 +271,61 @@ class TextLayerLocalize(io.ComfyNode):
         return io.NodeOutput(chart, table, best, latents, details["best_start"], ui=out_ui)
 
 
-NODES = [TextLayerPatch, TextLayerWordSubstitute, LoraLoaderTextLayers, TextLayerLocalize]
+class TextLayerLoraTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TextLayerLoraTrain",
+            display_name="Train LoRA (Text Layers Only)",
+            category="prompt_anatomy/text_layers",
+            description="Trains a LoRA on the selected text layers only (paper 2, Sec. 5: fine-tuning just the "
+                        "localized cross-attention layers improves text rendering with less damage to the rest of the "
+                        "image). Everything else stays frozen and is absent from the saved file; the base model is not "
+                        "changed. Uses ComfyUI's own trainer (TrainSampler). Saves to models/loras, so LoraLoader and "
+                        "Load LoRA (Text Layers Only) load it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train the LoRA for (left unchanged)."),
+                io.Latent.Input("latents", tooltip="The training images as a LATENT batch (VAE Encode of images with "
+                                                   "the text rendered the way you want)."),
+                io.Conditioning.Input("positive", tooltip="Their caption(s): one conditioning for every latent, or one "
+                                                          "per latent."),
+                io.String.Input("layers", default="auto", tooltip="The text layers to train (everything else frozen). "
+                                                                  + LAYERS_TOOLTIP),
+                io.Int.Input("steps", default=200, min=1, max=100000,
+                             tooltip="Training steps (one latent and one random noise level per step)."),
+                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank (alpha 1, as core TrainLoraNode)."),
+                io.Float.Input("learning_rate", default=1e-3, min=0.0, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (0 trains nothing: a control run)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the noise, noise levels and batch order (the run is deterministic)."),
+                io.String.Input("lora_name", default="text_layers/text_layer_lora",
+                                tooltip="File name under models/loras (no extension; '/' for a subfolder). An existing "
+                                        "file is never overwritten: a counter is appended."),
+                io.Combo.Input("targets", options=list(TARGET_MODES), default="q_k_v_out",
+                               tooltip="UNet layers: which projections of each cross-attention layer get a LoRA — all "
+                                       "four (q, k, v, out; the paper tunes the layers as a whole) or only the "
+                                       "text-side k, v. DiT blocks always train every attention weight of the block."),
+                io.Boolean.Input("apply_lora", default=True,
+                                 tooltip="On: the MODEL output has the new LoRA applied (strength 1) to these layers. "
+                                         "Off: the input model is passed through."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA applied (or unchanged)."),
+                io.String.Output(display_name="lora_name", tooltip="The saved file, relative to models/loras."),
+                io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean."),
+                io.String.Output(display_name="report", tooltip="Layers, weights, time, steps/s and the loss."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, layers="auto", steps=200, rank=4, learning_rate=1e-3, seed=0,
+                lora_name="text_layers/text_layer_lora", targets="q_k_v_out", apply_lora=True) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("loras")[0]
+        m, rel, plot, report, _ = train_lora(model, latents, positive, layers, steps, rank, learning_rate, seed,
+                                          lora_name, folder, targets, apply_lora)
+        out_ui = ui.PreviewImage(plot, cls=cls).as_dict()
+        out_ui.update(ui.PreviewText(report).as_dict())
+        return io.NodeOutput(m, rel, plot, report, ui=out_ui)
+
+
+NODES = [TextLayerPatch, TextLayerWordSubstitute, LoraLoaderTextLayers, TextLayerLocalize, TextLayerLoraTrain]

@@ -799,7 +799,8 @@ def test_localize_on_dit(flux, conds):
 def test_node_schemas_are_registered_with_tooltips():
     import prompt_anatomy.nodes as pack
 
-    mine = [tl_nodes.TextLayerPatch, tl_nodes.TextLayerWordSubstitute, tl_nodes.LoraLoaderTextLayers, tl_nodes.TextLayerLocalize]
+    mine = [tl_nodes.TextLayerPatch, tl_nodes.TextLayerWordSubstitute, tl_nodes.LoraLoaderTextLayers, tl_nodes.TextLayerLocalize,
+            tl_nodes.TextLayerLoraTrain]
     assert all(node in pack.all_nodes() for node in mine)
     for node in mine:
         schema = node.define_schema()
