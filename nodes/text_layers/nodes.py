@@ -11,9 +11,11 @@ from comfy_api.latest import io, ui
 
 from ..core import LOG
 from ..core.layers import GRAMMAR
-from .localize import localize, render_chart
+from .localize import SCORES, localize, render_chart
 from .lora import load_text_layer_lora
-from .patch import RANGE_UNITS, ROW_MODES, apply_text_layer_patch
+from .patch import RANGE_UNITS, ROW_MODES, START_MODES, apply_text_layer_patch
+from .train_node import TARGET_MODES
+from .train_node import train as train_lora
 from .words import encode_text, parse_replacements, substitute_words
 
 LAYERS_TOOLTIP = ("Which attention layers see the edited prompt: " + GRAMMAR + " Paper 2's presets: 'sdxl_paper' "
@@ -67,6 +69,10 @@ class TextLayerPatch(io.ComfyNode):
                                        "refiner run). timestep_percent: ComfyUI's timestep percents, as "
                                        "ConditioningSetTimestepRange and EOS Conditioning Swap's default (sigma-based: "
                                        "end 0.5 covers 10 of 20 steps with 'normal', 7 with 'exponential')."),
+                io.Combo.Input("start_mode", options=list(START_MODES), default="start_percent", optional=True,
+                               tooltip="start_percent: the patch starts at start_percent. paper: at paper 2's start "
+                                       "for this model family from the registry (step 4 of 50 = 0.08 on SDXL, 2 of 28 "
+                                       "≈ 0.07 on SD3 Medium); an error names the families that have one."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched model."),
@@ -76,9 +82,9 @@ class TextLayerPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, target, layers="auto", start_percent=0.0, end_percent=1.0, heads="", strength=1.0,
-                rows="positive", range_unit="step_fraction") -> io.NodeOutput:
+                rows="positive", range_unit="step_fraction", start_mode="start_percent") -> io.NodeOutput:
         m, report = apply_text_layer_patch(model, target, layers, start_percent, end_percent, heads, strength, rows,
-                                           range_unit)
+                                           range_unit, start_mode)
         return io.NodeOutput(m, report, ui=_ui(report))
 
 
@@ -178,9 +184,11 @@ class TextLayerLocalize(io.ComfyNode):
             category="prompt_anatomy/text_layers",
             description="Finds the attention layers that write the text in an image (paper 2, Algorithm 1) on your "
                         "model: samples the source prompt once per candidate layer with only that layer fed the target "
-                        "prompt, and ranks the candidates by how far the image moved toward the target's where the "
-                        "text is and how little elsewhere (a latent-space score; the paper used OCR). The best layers "
-                        "go straight into Text Layer Patch.",
+                        "prompt, and ranks the candidates. score=latent (default): by how far the image moved toward "
+                        "the target's where the text is and how little elsewhere (no extra model). score=ocr: as the "
+                        "paper, by reading the decoded images with OCR (needs the VAE, the target words and the "
+                        "optional package rapidocr-onnxruntime). Optionally searches the patch's start step too. The "
+                        "best layers go straight into Text Layer Patch.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to localize (not modified)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt, e.g. a sign that says \"HELLO\"."),
@@ -211,6 +219,23 @@ class TextLayerLocalize(io.ComfyNode):
                 io.Int.Input("top_k", default=1, min=1, max=64,
                              tooltip="How many of the best candidates form the 'layers' output (paper: 2 layers for "
                                      "SDXL, 1 block for SD3)."),
+                io.Combo.Input("score", options=list(SCORES), default="latent", optional=True,
+                               tooltip="latent: the latent-space score (toward − moved; no OCR, no VAE). ocr: paper 2's "
+                                       "Algorithm 1 — decode every image with the VAE and read it with OCR: (word F1 + "
+                                       "1 − normalised Levenshtein) / 2 against the target words × background SSIM "
+                                       "against the source. Needs vae, target_text and the optional package "
+                                       "rapidocr-onnxruntime (the error says how to install it; no silent fallback)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="score=ocr only: the VAE of this model, to decode the test images for OCR."),
+                io.String.Input("target_text", default="", optional=True,
+                                tooltip="score=ocr only: the words the image should show. The quoted parts are used "
+                                        "when there are quotes (so TextLayerWordSubstitute's target_text output can be "
+                                        "wired here), else the whole text, e.g. WORLD."),
+                io.String.Input("start_search", default="", optional=True,
+                                tooltip="Optional start fractions to test, e.g. '0, 0.04, 0.08, 0.12': the best top_k "
+                                        "candidates are re-run from each (end at end_percent) and the best start of "
+                                        "the best candidate goes to 'best_start'. Empty: no search (best_start = "
+                                        "start_percent). Paper 2 starts at 0.08 (SDXL) and ≈0.07 (SD3)."),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar chart of the scores in forward order (best in "
@@ -220,16 +245,21 @@ class TextLayerLocalize(io.ComfyNode):
                                                                 "Patch's 'layers' (convert the widget to an input)."),
                 io.Latent.Output(display_name="latents", tooltip="Source, target, then each candidate's result, in "
                                                                  "candidate order (VAE Decode to look at them)."),
+                io.Float.Output(display_name="best_start", tooltip="The best start fraction of the start search (or "
+                                                                   "start_percent without a search): wire into Text "
+                                                                   "Layer Patch's start_percent."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, target, negative, latent_image, seed=0, steps=6, cfg=5.0, sampler_name="euler",
                 scheduler="normal", candidates="", start_percent=0.0, end_percent=1.0, region_threshold=0.5,
-                top_k=1) -> io.NodeOutput:
+                top_k=1, score="latent", vae=None, target_text="", start_search="") -> io.NodeOutput:
+        details: dict = {}
         scores, src, tgt, patched, table, best, k = localize(
             model, positive, target, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, candidates,
-            start_percent, end_percent, region_threshold, top_k)
+            start_percent, end_percent, region_threshold, top_k, score=score, vae=vae, target_text=target_text,
+            start_search=start_search, details=details)
         chart = render_chart(scores, k, f"TextLayerLocalize: {len(scores)} candidates, best: {best}"[:90])
         latents = dict(latent_image)
         latents.pop("noise_mask", None)
@@ -238,7 +268,64 @@ class TextLayerLocalize(io.ComfyNode):
         out_ui = ui.PreviewImage(chart, cls=cls).as_dict()
         out_ui.update(ui.PreviewText(table).as_dict())
         LOG.info("TextLayerLocalize: best layers %s", best)
-        return io.NodeOutput(chart, table, best, latents, ui=out_ui)
+        return io.NodeOutput(chart, table, best, latents, details["best_start"], ui=out_ui)
 
 
-NODES = [TextLayerPatch, TextLayerWordSubstitute, LoraLoaderTextLayers, TextLayerLocalize]
+class TextLayerLoraTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TextLayerLoraTrain",
+            display_name="Train LoRA (Text Layers Only)",
+            category="prompt_anatomy/text_layers",
+            description="Trains a LoRA on the selected text layers only (paper 2, Sec. 5: fine-tuning just the "
+                        "localized cross-attention layers improves text rendering with less damage to the rest of the "
+                        "image). Everything else stays frozen and is absent from the saved file; the base model is not "
+                        "changed. Uses ComfyUI's own trainer (TrainSampler). Saves to models/loras, so LoraLoader and "
+                        "Load LoRA (Text Layers Only) load it.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train the LoRA for (left unchanged)."),
+                io.Latent.Input("latents", tooltip="The training images as a LATENT batch (VAE Encode of images with "
+                                                   "the text rendered the way you want)."),
+                io.Conditioning.Input("positive", tooltip="Their caption(s): one conditioning for every latent, or one "
+                                                          "per latent."),
+                io.String.Input("layers", default="auto", tooltip="The text layers to train (everything else frozen). "
+                                                                  + LAYERS_TOOLTIP),
+                io.Int.Input("steps", default=200, min=1, max=100000,
+                             tooltip="Training steps (one latent and one random noise level per step)."),
+                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank (alpha 1, as core TrainLoraNode)."),
+                io.Float.Input("learning_rate", default=1e-3, min=0.0, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (0 trains nothing: a control run)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the noise, noise levels and batch order (the run is deterministic)."),
+                io.String.Input("lora_name", default="text_layers/text_layer_lora",
+                                tooltip="File name under models/loras (no extension; '/' for a subfolder). An existing "
+                                        "file is never overwritten: a counter is appended."),
+                io.Combo.Input("targets", options=list(TARGET_MODES), default="q_k_v_out",
+                               tooltip="UNet layers: which projections of each cross-attention layer get a LoRA — all "
+                                       "four (q, k, v, out; the paper tunes the layers as a whole) or only the "
+                                       "text-side k, v. DiT blocks always train every attention weight of the block."),
+                io.Boolean.Input("apply_lora", default=True,
+                                 tooltip="On: the MODEL output has the new LoRA applied (strength 1) to these layers. "
+                                         "Off: the input model is passed through."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA applied (or unchanged)."),
+                io.String.Output(display_name="lora_name", tooltip="The saved file, relative to models/loras."),
+                io.Image.Output(display_name="loss_plot", tooltip="Loss per step and its running mean."),
+                io.String.Output(display_name="report", tooltip="Layers, weights, time, steps/s and the loss."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, layers="auto", steps=200, rank=4, learning_rate=1e-3, seed=0,
+                lora_name="text_layers/text_layer_lora", targets="q_k_v_out", apply_lora=True) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("loras")[0]
+        m, rel, plot, report, _ = train_lora(model, latents, positive, layers, steps, rank, learning_rate, seed,
+                                          lora_name, folder, targets, apply_lora)
+        out_ui = ui.PreviewImage(plot, cls=cls).as_dict()
+        out_ui.update(ui.PreviewText(report).as_dict())
+        return io.NodeOutput(m, rel, plot, report, ui=out_ui)
+
+
+NODES = [TextLayerPatch, TextLayerWordSubstitute, LoraLoaderTextLayers, TextLayerLocalize, TextLayerLoraTrain]

@@ -459,14 +459,39 @@ def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str
     return apply_model, override
 
 
+START_MODES = ("start_percent", "paper")
+
+
+def paper_start(family) -> float | None:
+    """Paper 2's start fraction of the steps for the family's preset (registry field ``preset_start``: step 4 of 50
+    on SDXL = 0.08, step 2 of 28 on SD3 Medium ≈ 0.07); None where the registry has none."""
+    value = getattr(family, "preset_start", None)
+    return None if value is None else float(value)
+
+
+def resolve_start(ml: ModelLayers, start_percent: float, start_mode: str) -> float:
+    if start_mode not in START_MODES:
+        raise ValueError(f"start_mode must be one of {', '.join(START_MODES)}, got {start_mode!r}.")
+    if start_mode == "start_percent":
+        return float(start_percent)
+    value = paper_start(ml.family)
+    if value is None:
+        raise ValueError(f"start_mode=paper: the model-family registry has no paper 2 start step for {ml.label} (the "
+                         f"paper gives one for the architectures it localized: SDXL base, step 4 of 50 = 0.08, and SD3 "
+                         f"Medium, step 2 of 28 ≈ 0.07). Use start_mode=start_percent and set start_percent, or "
+                         f"TextLayerLocalize's best_start.")
+    return value
+
+
 def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: float = 0.0, end_percent: float = 1.0,
                            heads: str | tuple | None = "", strength: float = 1.0, rows: str = "positive",
-                           range_unit: str = "step_fraction"):
+                           range_unit: str = "step_fraction", start_mode: str = "start_percent"):
     """Clone ``model`` and patch the selected text layers with ``target`` (a CONDITIONING or TargetText).
     ``layers``: a layer string or a tuple of resolved layers. Returns (model, report)."""
     ml = model_layers(model, "TextLayerPatch")
     resolved = parse_layers(layers, ml) if isinstance(layers, str) else tuple(layers)
     head_sel = parse_heads(heads) if (heads is None or isinstance(heads, str)) else tuple(heads)
+    start_percent = resolve_start(ml, start_percent, start_mode)
     sigmas = None
     if range_unit == "timestep_percent":
         ms = model.get_model_object("model_sampling")
@@ -491,11 +516,13 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
                                  f"{n_heads} heads (0-{n_heads - 1}).")
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    hooks.remove_attn2_patches(m, HOOK_KEY)  # re-applying replaces the earlier TextLayerPatch
+    hooks.remove_attn2_patches(m, HOOK_KEY)
+    note = f"start: paper 2's {start_percent:.3f} of the steps for {ml.label} (start_mode=paper)." \
+        if start_mode == "paper" else ""  # re-applying replaces the earlier TextLayerPatch
     if s.is_noop():
         to.pop(ACTIVE_KEY, None)
         m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-        return m, format_report(ml, s, tgt, noop=True)
+        return m, _with_note(format_report(ml, s, tgt, noop=True), note)
     token = uuid.uuid4().hex
     to[ACTIVE_KEY] = token
     runs.ensure_run_tracking(m)
@@ -513,7 +540,11 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
         wrapper, override = _make_dit_hooks(s, tgt, token, ml.label)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
         hooks.chain_attention_override(m, override)
-    return m, format_report(ml, s, tgt)
+    return m, _with_note(format_report(ml, s, tgt), note)
+
+
+def _with_note(report: str, note: str) -> str:
+    return f"{report}\n{note}" if note else report
 
 
 def format_report(ml: ModelLayers, s: PatchSettings, target: TargetText, noop: bool = False) -> str:

@@ -4,6 +4,8 @@ model's bit-identity, and loading through core's LoRA loader."""
 
 from __future__ import annotations
 
+import re
+
 import comfy.lora
 import comfy.sd
 import comfy.utils
@@ -124,3 +126,91 @@ def test_clear_errors(demo):
         lt.train_text_layer_lora(model, latent, pos * 3, BLOCKS, steps=1)
     with pytest.raises(ValueError, match="at least 1"):
         lt.train_text_layer_lora(model, latent, pos, BLOCKS, steps=0)
+
+
+# ------------------------------------------------------------------ the TextLayerLoraTrain node
+NODE_LAYERS = "output.4.0, output.5.0"  # = BLOCKS
+
+
+@pytest.fixture(scope="module")
+def node_runs(demo, tmp_path_factory):
+    import folder_paths
+    from prompt_anatomy.nodes.text_layers import nodes as tl_nodes
+    from prompt_anatomy.nodes.text_layers import train_node
+
+    model, pos, _, latent = demo
+    folder = tmp_path_factory.mktemp("loras")
+    weights, grads = _snapshot(model)
+    calls = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], {".safetensors"})
+    folder_paths.filename_list_cache.pop("loras", None)
+    try:
+        out = tl_nodes.TextLayerLoraTrain.execute(model, latent, pos, NODE_LAYERS, STEPS, 4, 3e-2, 0, "tl/sign")
+        progress = list(calls)
+        # the control run (learning rate 0, same seed: same noise levels and batches) through the same function
+        base = train_node.train(model, latent, pos, NODE_LAYERS, STEPS, 4, 0.0, 0, "tl/sign", str(folder),
+                                apply=False)
+        lora_out = tl_nodes.LoraLoaderTextLayers.execute(model, out.args[1], 1.0, NODE_LAYERS)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        folder_paths.folder_names_and_paths["loras"] = saved
+        folder_paths.filename_list_cache.pop("loras", None)
+    return out, base, lora_out, progress, folder, weights, grads
+
+
+def test_node_trains_only_the_chosen_layers_and_saves_under_loras(node_runs, demo):
+    out, base, _, progress, folder, _, _ = node_runs
+    model_out, name, plot, report = out.args
+    assert name == "tl/sign.safetensors" and base[1] == "tl/sign_00001.safetensors"  # never overwrites
+    lora = comfy.utils.load_torch_file(str(folder / name), safe_load=True)
+    assert lt.lora_keys_outside(lora, BLOCKS) == [] and len(lora) == 3 * len(BLOCKS) * len(lt.ATTENTION_TARGETS)
+    with safetensors.safe_open(str(folder / name), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["layers"] == '["output.4.0", "output.5.0"]' and meta["prompt_anatomy.node"] == "TextLayerLoraTrain"
+    assert progress[-1] == (STEPS, STEPS) and len(progress) == STEPS  # core TrainSampler's bar, one tick per step
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert "8 weight matrices (to_q/to_k/to_v/to_out.0), rank 4" in report and "steps/s" in report
+    assert out.ui["text"] == (report,) and len(out.ui["images"]) == 1
+
+
+def _windows(report):
+    """(mean loss of the first and of the last quarter of the steps) as the node's report gives them."""
+    m = re.search(r"mean of the first \d+ steps ([\d.]+), of the last \d+ ([\d.]+)", report)
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_node_loss_falls_against_the_learning_rate_0_control(node_runs):
+    """Same trick as test_loss_falls: the control run has identical noise levels and batches, so the ratio of the
+    windows isolates learning (the node's losses are read from its report; the control's agree with its list)."""
+    out, base = node_runs[0], node_runs[1]
+    (first, last), (base_first, base_last) = _windows(out.args[3]), _windows(base[3])
+    window = STEPS // 4
+    assert base_first == pytest.approx(sum(base[4][:window]) / window, abs=1e-4)
+    assert abs(first / base_first - 1) < 0.1 and last / base_last < 0.9, (out.args[3], base[3])
+
+
+def test_node_leaves_the_base_model_bit_identical_and_the_file_loads(node_runs, demo):
+    out, _, lora_out, _, _, weights, grads = node_runs
+    model, pos, neg, _ = demo
+    now = model.model.state_dict()
+    assert all(torch.equal(now[k], weights[k]) for k in weights)
+    assert {n: p.requires_grad for n, p in model.model.named_parameters()} == grads
+    assert not model.weight_wrapper_patches and not model.patches
+    loaded_model, loaded_report = lora_out.args
+    assert "kept 8 of 8 diffusion-model weights" in loaded_report
+    # the node's MODEL output = the saved file through LoraLoaderTextLayers' logic
+    assert sorted(out.args[0].patches) == sorted(loaded_model.patches) == sorted(
+        p + t + ".weight" for p in BLOCKS for t in lt.ATTENTION_TARGETS)
+
+
+def test_node_errors(demo, tmp_path):
+    from prompt_anatomy.nodes.text_layers import train_node
+
+    model, pos, _, latent = demo
+    with pytest.raises(ValueError, match="layers: empty"):
+        train_node.train(model, latent, pos, "", 1, 4, 1e-3, 0, "x", str(tmp_path))
+    with pytest.raises(ValueError, match="lora_name: '../x' is not a usable file name"):
+        train_node.train(model, latent, pos, NODE_LAYERS, 1, 4, 1e-3, 0, "../x", str(tmp_path))

@@ -776,7 +776,8 @@ def test_localize_runs_algorithm_1(sd1, conds):
                                             candidates="each 5-6; 0-6", top_k=2)
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
-    chart, table, best, latents = out.args
+    chart, table, best, latents, best_start = out.args
+    assert best_start == 0.0  # no start search: start_percent
     assert calls == [(i, 5) for i in range(1, 6)]  # one bar over source, target and the 3 candidates
     assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3 and 0 <= chart.min() <= chart.max() <= 1
     samples = latents["samples"]
@@ -822,7 +823,8 @@ def test_localize_on_dit(flux, conds):
 def test_node_schemas_are_registered_with_tooltips():
     import prompt_anatomy.nodes as pack
 
-    mine = [tl_nodes.TextLayerPatch, tl_nodes.TextLayerWordSubstitute, tl_nodes.LoraLoaderTextLayers, tl_nodes.TextLayerLocalize]
+    mine = [tl_nodes.TextLayerPatch, tl_nodes.TextLayerWordSubstitute, tl_nodes.LoraLoaderTextLayers, tl_nodes.TextLayerLocalize,
+            tl_nodes.TextLayerLoraTrain]
     assert all(node in pack.all_nodes() for node in mine)
     for node in mine:
         schema = node.define_schema()
@@ -830,3 +832,114 @@ def test_node_schemas_are_registered_with_tooltips():
         assert all(i.tooltip for i in schema.inputs), schema.node_id
         info = node.GET_NODE_INFO_V1()  # what /object_info serves
         assert info["name"] == schema.node_id
+
+
+# ============================================================================== Algorithm 1 with OCR
+OCR_FONTS = ["/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+             "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf"]
+OCR_FONT = next((p for p in OCR_FONTS if __import__("os").path.exists(p)), None)
+
+
+def word_image(text, *, shift=0.0, size=64):
+    """[1, size, size, 3] IMAGE: ``text`` in black on a smooth gradient (``shift`` changes the background)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    rgb = torch.stack([0.6 + 0.3 * x, 0.7 + 0.2 * y - shift, 0.9 - 0.2 * x * y], -1).clamp(0, 1)
+    img = Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.truetype(OCR_FONT, 14)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), text, font=font, fill=(10, 10, 10))
+    return torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(1, size, size, 3) / 255
+
+
+class WordVAE:
+    """A stand-in VAE whose decode() returns a PIL-rendered word image chosen by the latent (exact match), and
+    the source's image for any latent it does not know; counts decoded images."""
+
+    def __init__(self, table, fallback):
+        self.table, self.fallback, self.decoded = table, fallback, 0
+
+    def decode(self, samples):
+        out = []
+        for row in samples:
+            hit = next((img for lat, img in self.table if torch.equal(lat[0], row)), self.fallback)
+            out.append(hit)
+            self.decoded += 1
+        return torch.cat(out)
+
+
+needs_ocr = pytest.mark.skipif(not __import__("prompt_anatomy.nodes.shared.ocr", fromlist=["x"]).available()
+                               or OCR_FONT is None, reason="rapidocr-onnxruntime or a TTF font missing")
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_localize_ocr_ranks_by_read_text_and_background(sd1, conds):
+    """Paper 2's Algorithm 1 with the real OCR: the candidate whose image reads the target word with the background
+    unchanged ranks first; the target word on a changed background ranks below it; the unchanged 'HELLO' last."""
+    pos, neg, tgt = conds(sd1)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    kw = dict(seed=1, steps=2, cfg=5.0, candidates="each 0-3", top_k=1)
+    _, src, tgt_l, patched, _, _, _ = tll.localize(sd1.model, pos, tgt, neg, latent, **kw)
+    words = [("HELLO", 0.0), ("WORLD", 0.0), ("WORLD", 0.35), ("WORD", 0.0)]  # candidates 0..3
+    source_img = word_image("HELLO")
+    vae = WordVAE([(src, source_img), (tgt_l, word_image("WORLD"))] +
+                  [(p, word_image(w, shift=sh)) for p, (w, sh) in zip(patched, words, strict=True)], source_img)
+    details = {}
+    scores, *_, table, best, _ = tll.localize(sd1.model, pos, tgt, neg, latent, **kw, score="ocr", vae=vae,
+                                              target_text=TARGET, start_search="0, 0.5", details=details)
+    by_word = {w + ("/bg" if sh else ""): c for c, (w, sh) in zip(scores, words, strict=True)}
+    assert [c.ocr["text"] for c in scores] == ["HELLO", "WORLD", "WORLD", "WORD"]
+    assert by_word["WORLD"].ocr["f1"] == 1.0 and by_word["WORLD"].ocr["bg_ssim"] > 0.99
+    assert by_word["WORLD/bg"].ocr["f1"] == 1.0 and by_word["WORLD/bg"].ocr["bg_ssim"] < by_word["WORLD"].ocr["bg_ssim"]
+    assert by_word["HELLO"].ocr["f1"] == 0.0 and by_word["HELLO"].ocr["lev"] == 0.8  # hello -> world: 4 of 5
+    order = [c.ocr["text"] + ("/bg" if c is by_word["WORLD/bg"] else "") for c in tll.rank(scores)]
+    assert order[0] == "WORLD" and order[-1] == "HELLO"
+    best_label = by_word["WORLD"].label
+    assert best == best_label
+    assert details["score"] == "ocr" and details["target_words"] == "WORLD"
+    # start search on the best candidate: start 0 repeats its run ("WORLD"), start 0.5 gives a latent the VAE maps
+    # to the source image, so 0 wins
+    assert [(c.label, c.start) for c in details["search"]] == [(best_label, 0.0), (best_label, 0.5)]
+    assert details["search"][0].ocr == by_word["WORLD"].ocr and details["search"][1].ocr["text"] == "HELLO"
+    assert details["best_start"] == 0.0 and f"best start for {best_label}: 0.000" in table
+    assert "score = OCR" in table and "'WORLD'" in table
+    assert vae.decoded == 1 + 4 + 2  # the source, every candidate and the search runs (the target is not read)
+
+
+def test_localize_ocr_errors(sd1, conds, monkeypatch):
+    from prompt_anatomy.nodes.shared import ocr as pa_ocr
+
+    pos, neg, tgt = conds(sd1)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    with pytest.raises(ValueError, match="vae: score=ocr decodes"):
+        tll.localize(sd1.model, pos, tgt, neg, latent, steps=1, candidates="0", score="ocr", target_text="WORLD")
+    with pytest.raises(ValueError, match="target_text: score=ocr needs the words"):
+        tll.localize(sd1.model, pos, tgt, neg, latent, steps=1, candidates="0", score="ocr", vae=object())
+    with pytest.raises(ValueError, match="start_search: 'x' is not a number"):
+        tll.localize(sd1.model, pos, tgt, neg, latent, steps=1, candidates="0", start_search="0, x")
+    monkeypatch.setattr(pa_ocr, "available", lambda: False)
+    with pytest.raises(ValueError, match="TextLayerLocalize score=ocr reads the rendered text with OCR.*pip install "
+                                         "rapidocr-onnxruntime"):
+        tll.localize(sd1.model, pos, tgt, neg, latent, steps=1, candidates="0", score="ocr", vae=object(),
+                     target_text="WORLD")
+    assert tll.target_words(TARGET) == "WORLD" and tll.target_words("WORLD") == "WORLD"
+
+
+def test_start_mode_paper_reads_the_registry(sdxl, sd1, conds, monkeypatch):
+    """auto's start at the paper's value: start_mode=paper takes the family's registry field preset_start (read with
+    getattr until the registry has it); without one, a ValueError says what to do."""
+    from prompt_anatomy.nodes.core import families
+
+    _, _, tgt = conds(sd1)
+    with pytest.raises(ValueError, match="start_mode=paper: the model-family registry has no paper 2 start step for "
+                                         "SD1.x"):
+        tl.apply_text_layer_patch(sd1.model, tgt, "0", start_mode="paper")
+    monkeypatch.setattr(families.Family, "preset_start", 0.08, raising=False)
+    _, _, tgt = conds(sdxl)
+    m, report = tl.apply_text_layer_patch(sdxl.model, tgt, "output.2.0", start_mode="paper")  # tiny: no layer 55
+    assert "steps: from 0.080 to 1.000" in report and "start: paper 2's 0.080 of the steps for SDXL" in report
+    _, report = tl.apply_text_layer_patch(sdxl.model, tgt, "output.2.0", start_percent=0.3)
+    assert "steps: from 0.300" in report
