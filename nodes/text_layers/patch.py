@@ -465,8 +465,7 @@ START_MODES = ("start_percent", "paper")
 def paper_start(family) -> float | None:
     """Paper 2's start fraction of the steps for the family's preset (registry field ``preset_start``: step 4 of 50
     on SDXL = 0.08, step 2 of 28 on SD3 Medium ≈ 0.07); None where the registry has none."""
-    value = getattr(family, "preset_start", None)
-    return None if value is None else float(value)
+    return None if family.preset_start is None else float(family.preset_start)
 
 
 def resolve_start(ml: ModelLayers, start_percent: float, start_mode: str) -> float:

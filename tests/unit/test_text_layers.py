@@ -928,16 +928,14 @@ def test_localize_ocr_errors(sd1, conds, monkeypatch):
     assert tll.target_words(TARGET) == "WORLD" and tll.target_words("WORLD") == "WORLD"
 
 
-def test_start_mode_paper_reads_the_registry(sdxl, sd1, conds, monkeypatch):
-    """auto's start at the paper's value: start_mode=paper takes the family's registry field preset_start (read with
-    getattr until the registry has it); without one, a ValueError says what to do."""
-    from prompt_anatomy.nodes.core import families
-
+def test_start_mode_paper_reads_the_registry(sdxl, sd1, conds):
+    """auto's start at the paper's value: start_mode=paper takes the family's registry field preset_start (SDXL: step 4
+    of 50 = 0.08); without one, a ValueError says what to do."""
     _, _, tgt = conds(sd1)
     with pytest.raises(ValueError, match="start_mode=paper: the model-family registry has no paper 2 start step for "
                                          "SD1.x"):
         tl.apply_text_layer_patch(sd1.model, tgt, "0", start_mode="paper")
-    monkeypatch.setattr(families.Family, "preset_start", 0.08, raising=False)
+    assert families.by_name("sdxl").preset_start == 0.08
     _, _, tgt = conds(sdxl)
     m, report = tl.apply_text_layer_patch(sdxl.model, tgt, "output.2.0", start_mode="paper")  # tiny: no layer 55
     assert "steps: from 0.080 to 1.000" in report and "start: paper 2's 0.080 of the steps for SDXL" in report
