@@ -28,8 +28,9 @@ class CrossAttentionCapture(io.ComfyNode):
                 "Records the text cross-attention maps (softmax(QKᵀ/√d), averaged over heads) of the chosen layers "
                 "while any sampler runs with the returned MODEL — for CrossAttentionMapViewer (paper 1, Fig. 1 and "
                 "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
-                "the sampled image is bit-identical to an uncaptured run. SD1.x, SD2.x, SDXL (cross-attention) and "
-                "SD3, Flux.1 (image queries against the text keys of the joint attention)."),
+                "the sampled image is bit-identical to an uncaptured run. UNets (SD1.x, SD2.x, SDXL: cross-attention) and "
+                "the joint-attention DiTs of the family registry (SD3, Flux.1, Flux.2, Chroma, Qwen-Image, AuraFlow: "
+                "image queries against the text keys)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
                                                 "with the MODEL output."),

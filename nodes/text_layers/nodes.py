@@ -37,9 +37,9 @@ class TextLayerPatch(io.ComfyNode):
             description="Edits the text rendered in an image (paper 2): only the few attention layers that write "
                         "the text see the edited prompt, the rest of the model keeps the original prompt, so the "
                         "words on a sign change and the image stays. UNet models (SD1.x/SD2.x/SDXL) get the target's "
-                        "keys/values in the selected cross-attention layers; SD3/Flux run the target prompt as one "
-                        "extra batch row per image on patched steps and swap its text keys/values into the selected "
-                        "blocks.",
+                        "keys/values in the selected cross-attention layers; joint-attention DiTs (SD3, Flux.1, Flux.2, "
+                        "Chroma, Qwen-Image, AuraFlow) run the target prompt as one extra batch row per image on "
+                        "patched steps and swap its text keys/values into the selected blocks.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
                 io.Conditioning.Input("target", tooltip="The edited prompt (e.g. the same prompt with 'HELLO' replaced "
