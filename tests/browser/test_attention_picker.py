@@ -127,8 +127,15 @@ def changed_fraction(a: np.ndarray, b: np.ndarray, tolerance: int = PIXEL_TOLERA
     return float((np.abs(a - b).max(axis=-1) > tolerance).mean())
 
 
+# Measured 2026-11-29: in the pinned frontend's experimental Nodes 2.0 the viewer node resizes its preview between
+# runs (160 vs 165 px high), so before/after screenshots cannot be compared pixel for pixel; 1.58.1 passes.
+VUE_PREVIEW_RESIZES = {"1.32.9"}
+
+
 def test_token_picker_changes_preview_and_survives_reload(app_page, comfy_server, load_workflow, queue_and_wait):
     page = app_page
+    if getattr(page, "renderer", "classic") == "vue" and page.frontend_version in VUE_PREVIEW_RESIZES:
+        pytest.skip(f"frontend {page.frontend_version}'s experimental Nodes 2.0 resizes the preview between runs")
     harness.BROWSER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for stale in harness.BROWSER_ARTIFACTS.glob(f"{SHOT}*.png"):
         stale.unlink()
