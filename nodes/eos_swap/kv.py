@@ -10,7 +10,7 @@ from ..core.errors import InternalError
 from ..shared.tokens import Layout
 from .steps import in_window
 
-KV_HOOK_KEY = "prompt_anatomy.eos_swap.kv"
+KV_HOOK_KEY = "prompt_anatomy.eos_swap.kv"  # + one suffix per swap: two swaps on one model both apply
 
 
 def check_model(layout: Layout, model, kv: str, channels: int) -> None:

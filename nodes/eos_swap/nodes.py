@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from comfy_api.latest import io, ui
 
 from ..core import LOG, hooks, runs
@@ -175,7 +177,8 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         else:
             ms = model.get_model_object("model_sampling")
             (sig_start, sig_end), window = range_sigmas(ms, start_percent, end_percent), None
-        hooks.set_attn2_patches(out_model, KV_HOOK_KEY, make_kv_patch(kv, pairs, sig_start, sig_end, window))
+        key = f"{KV_HOOK_KEY}.{uuid.uuid4().hex}"  # each swap's patch only acts on rows carrying its own context
+        hooks.set_attn2_patches(out_model, key, make_kv_patch(kv, pairs, sig_start, sig_end, window))
 
     header = [
         f"EOS Conditioning Swap · {layout.label}",

@@ -630,3 +630,13 @@ def test_step_fraction_without_the_wrapper_never_averages(sd1):
     m, calls = record_contexts(sd1.model)
     ksample(m, cond, encode(sd1, ""), steps=4)
     assert all(torch.equal(c["pos"][0], full[0]) and len(c["pos"]) == 1 for c in calls)
+
+
+def test_two_kv_swaps_on_one_model_both_stay(sd1):
+    """Each key_only/value_only swap installs its own keyed attn2 patch (it acts only on rows that carry its own
+    context), so chaining a second swap's MODEL keeps the first one's patch."""
+    _, m1, _ = es_nodes.swap_conditioning(sd1.clip, "a red cube", "a blue sphere", kv="key_only", model=sd1.model)
+    _, m2, _ = es_nodes.swap_conditioning(sd1.clip, "a green cone", "a yellow star", kv="value_only", model=m1)
+    mine = [p for p in m2.model_options["transformer_options"]["patches"]["attn2_patch"]
+            if str(getattr(p, hooks.KEY_ATTR, "")).startswith("prompt_anatomy.eos_swap.kv.")]
+    assert len(mine) == 2
