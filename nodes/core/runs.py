@@ -280,6 +280,11 @@ def validate_cutoff(cutoff: float, unit: str, steps: int | None = None) -> None:
                          f"below it, and every sigma of a schedule but the final 0 is positive.")
 
 
+def fraction_window(start: float, end: float, sample_sigmas: torch.Tensor) -> tuple[int, int]:
+    """First step and one past the last step of [start, end), given as fractions of the sampled steps."""
+    return (resolve_cutoff_step(start, "fraction", sample_sigmas), resolve_cutoff_step(end, "fraction", sample_sigmas))
+
+
 def resolve_cutoff_step(cutoff: float, unit: str, sample_sigmas: torch.Tensor) -> int:
     """First step index (0..steps) at or after the cutoff; ``steps`` means "never"."""
     n = len(sample_sigmas) - 1

@@ -25,14 +25,8 @@ STEP_KEY = f"{PACK}.eos_swap.step_window"  # conditioning-entry key: (start, end
 WRAPPER_KEY = f"{PACK}.eos_swap.step_window"
 
 
-def step_window(start: float, end: float, sample_sigmas) -> tuple[int, int]:
-    """First step and one past the last step of [start, end) (fractions of the sampled steps)."""
-    return (runs.resolve_cutoff_step(start, "fraction", sample_sigmas),
-            runs.resolve_cutoff_step(end, "fraction", sample_sigmas))
-
-
 def in_window(start: float, end: float, step: int, sample_sigmas) -> bool:
-    lo, hi = step_window(start, end, sample_sigmas)
+    lo, hi = runs.fraction_window(start, end, sample_sigmas)
     # end 1.0 reaches step n (past the last step): the last step is inside
     return lo <= step < hi
 

@@ -215,8 +215,7 @@ def _step_window(to: dict, s: PatchSettings) -> tuple[int, int] | None:
 def step_window(s: PatchSettings, ss: torch.Tensor) -> tuple[int, int]:
     """First patched step and one past the last, of the schedule ``ss`` the sampler runs."""
     if s.range_unit == "step_fraction" or s.sigmas is None:
-        return (runs.resolve_cutoff_step(s.start_percent, "fraction", ss),
-                runs.resolve_cutoff_step(s.end_percent, "fraction", ss))
+        return runs.fraction_window(s.start_percent, s.end_percent, ss)
     hi_sigma, lo_sigma = s.sigmas
     n = len(ss) - 1
     inside = [i for i in range(n) if lo_sigma * (1 - 1e-5) <= float(ss[i]) <= hi_sigma * (1 + 1e-5)]
