@@ -68,6 +68,7 @@ CHECKPOINT_NAME = "prompt_anatomy_random_sd15.safetensors"
 LORA_NAME = "prompt_anatomy_random_lora.safetensors"
 CHECKPOINT_PATH = MODELS_DIR / "checkpoints" / CHECKPOINT_NAME
 LORA_PATH = MODELS_DIR / "loras" / LORA_NAME
+TRAINED_LORA_DIR = "text_layers"  # where the workflows' TextLayerLoraTrain nodes save (its default subfolder)
 
 SDXL_CHECKPOINT_NAME = "prompt_anatomy_random_sdxl.safetensors"
 # Models a shipped workflow may use that the test machines do not make: such a workflow must still load
@@ -367,6 +368,18 @@ def model_patch_nodes(object_info: dict, exclude=()) -> dict[str, dict]:
     return out
 
 
+def remove_trained_loras(since: float | None) -> None:
+    """Delete the LoRAs that TextLayerLoraTrain wrote under the test models' loras/text_layers/ since ``since``
+    (the shipped workflows train into that subfolder; it never holds a file the tests need)."""
+    folder = MODELS_DIR / "loras" / TRAINED_LORA_DIR
+    if since is None or not folder.is_dir():
+        return
+    for f in folder.glob("*.safetensors"):
+        if f.stat().st_mtime >= since - 1:
+            f.unlink()
+            LOG.info("removed the trained LoRA %s", f)
+
+
 def missing_optional_models(base_url: str, values) -> list[str]:
     """'folder/file: why' for every OPTIONAL_MODELS file named among ``values`` (a workflow's widget values or
     a prompt's inputs) that the server does not have (GET /models/<folder>)."""
@@ -501,6 +514,7 @@ class ComfyServer:
             raise ServerError(f"${comfy_path.FRONTEND_ENV}={FRONTEND_ROOT} has no index.html (want a frontend's "
                               "static folder, e.g. scripts/newest_frontend.py's output)")
         self.workdir = Path(tempfile.mkdtemp(prefix="prompt-anatomy-comfy-"))
+        self.started_at = time.time()
         for sub in ("input", "output", "temp", "user", "custom_nodes"):
             (self.workdir / sub).mkdir()
         # the base directory: only this pack in custom_nodes, the test models through a link
@@ -579,6 +593,7 @@ class ComfyServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        remove_trained_loras(getattr(self, "started_at", None))
         if self.workdir is not None and not os.environ.get("PROMPT_ANATOMY_KEEP_SERVER_DIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -92,6 +92,27 @@ def _attach_adapters(mp, modules, rank, alpha, lora_dtype) -> dict[str, torch.nn
     return params
 
 
+def _copy_weight(weight: torch.Tensor) -> torch.Tensor:
+    return weight  # a weight wrapper makes ComfyUI's ops cast a copy, which autograd may save
+
+
+def _wrap_inference_weights(mp, adapted) -> dict[str, torch.nn.Module]:
+    """Weights loaded while ComfyUI executes a prompt are inference tensors, which autograd refuses to save for
+    the backward pass through the frozen layers after the adapters. A no-op weight wrapper on each such module
+    (the training clone only) makes ComfyUI's ops use normal-tensor copies of weight and bias in every forward."""
+    wrapped = {}
+    for name, m in mp.model.named_modules():
+        weight = getattr(m, "weight", None)
+        if name in adapted or not hasattr(m, "weight_function") or not torch.is_tensor(weight):
+            continue
+        if weight.is_inference():  # norms save their bias for backward too
+            for param in ("weight", "bias"):
+                if torch.is_tensor(getattr(m, param, None)):
+                    mp.add_weight_wrapper(f"{name}.{param}", _copy_weight)
+            wrapped[name] = m
+    return wrapped
+
+
 def _unload(mp, modules) -> None:
     """Unload the training clone and take its adapters off the shared modules (ComfyUI would only do so at
     the next load), so no trace of training stays on the base model."""
@@ -107,14 +128,16 @@ def _unload(mp, modules) -> None:
 
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module):
-    """requires_grad off on every base parameter for the run, restored afterwards."""
+    """requires_grad off on every base parameter for the run, restored afterwards. Weights loaded while ComfyUI
+    executes a prompt are inference tensors, whose flag torch lets change only inside inference mode."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
     try:
         yield
     finally:
         for p, flag in flags:
-            p.requires_grad_(flag)
+            with torch.inference_mode(p.is_inference()):
+                p.requires_grad_(flag)
 
 
 def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: list[str], *, steps: int = 40,
@@ -141,6 +164,7 @@ def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: lis
         mp.set_model_compute_dtype(training_dtype)
         modules = select_modules(mp, weight_prefixes, targets)
         params = _attach_adapters(mp, modules, rank, alpha, lora_dtype)
+        wrapped = _wrap_inference_weights(mp, modules)
         trainable = [p for p in params.values() if p.requires_grad]
         losses: list[float] = []
         sampler = TrainSampler(torch.nn.MSELoss(), torch.optim.AdamW(trainable, lr=learning_rate),
@@ -158,7 +182,7 @@ def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: lis
                 guider.sample(noise.generate_noise({"samples": samples}), samples, sampler,
                               torch.arange(samples.shape[0]), seed=seed)
         finally:
-            _unload(mp, modules)
+            _unload(mp, {**modules, **wrapped})
     LOG.info("text-layer LoRA: %d weights under %d prefixes, %d steps, loss %.4f -> %.4f", len(modules),
              len(weight_prefixes), steps, losses[0], losses[-1])
     return {k: p.detach().to(lora_dtype).clone() for k, p in params.items()}, losses

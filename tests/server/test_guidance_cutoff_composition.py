@@ -28,6 +28,9 @@ ROWS = 2 * 2 + 2 * 1  # euler, 4 steps, cutoff 0.5, batch 1: steps 0-1 with both
 # patch nodes with required inputs harness.model_patch_nodes cannot fill generically (a CONDITIONING; a widget whose
 # default does not fit SD1.x): filled here. "cond:<text>" is a CLIPTextEncode of <text> on the LoRA's CLIP.
 EXPLICIT = {"TextLayerPatch": {"target": f"cond:{TARGET}", "layers": "middle.0.0, output.11.0"}}
+# MODEL -> MODEL nodes that are not sampling-time patches, with the reason they stay out of the chain
+NOT_CHAINED = {"TextLayerLoraTrain": "a trainer: it writes a LoRA file and applies it the way LoraLoaderTextLayers "
+                                    "(chained here) does; its own tests train and check the file"}
 # viewers of the recorders' second output ("record"): (viewer, its other inputs, index of its JSON output)
 VIEWERS = {
     "FrequencySplitPreview": ("FrequencySplitViewer", {}, 2),
@@ -60,13 +63,13 @@ def defaults(object_info: dict, name: str) -> dict:
 
 def patch_chain(object_info: dict) -> dict[str, dict]:
     """Every MODEL -> MODEL node of the pack but this technique's, with its inputs (MODEL = None)."""
-    chain = harness.model_patch_nodes(object_info, exclude=OWN)
+    chain = harness.model_patch_nodes(object_info, exclude=OWN + tuple(NOT_CHAINED))
     for name, extra in EXPLICIT.items():
         if name in harness.pack_nodes(object_info):
             chain[name] = {**defaults(object_info, name), "model": None, **extra}
     patches = {name for name, info in harness.pack_nodes(object_info).items()
                if (info.get("output") or [None])[0] == "MODEL"
-               and "model" in (info["input"].get("required") or {}) and name not in OWN}
+               and "model" in (info["input"].get("required") or {}) and name not in OWN and name not in NOT_CHAINED}
     assert patches <= set(chain), (f"pack patch nodes {sorted(patches - set(chain))} need inputs this test cannot fill "
                                    f"generically: add them to EXPLICIT")
     return dict(sorted(chain.items()))

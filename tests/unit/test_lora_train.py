@@ -116,6 +116,26 @@ def test_saved_file_loads_through_core_and_changes_output_only_with_strength(tra
     assert torch.equal(sample(model), base)  # the LoRA clone left the base model alone
 
 
+def test_trains_a_model_loaded_as_the_server_loads_it():
+    """ComfyUI executes prompts under torch.inference_mode, so a loaded model's weights are inference tensors;
+    training must work on them and give back their requires_grad flags."""
+    with torch.inference_mode():
+        model, clip, vae = dm.load_demo_model()
+        (pos,) = comfy_nodes.CLIPTextEncode().encode(clip, "a red star")
+        (latent,) = comfy_nodes.VAEEncode().encode(vae, torch.full((1, 64, 64, 3), 0.5))
+    params = list(model.model.parameters())
+    assert params[0].is_inference()
+    flags = [p.requires_grad for p in params]
+    weights, _ = _snapshot(model)
+    with torch.inference_mode():  # as the node runs
+        lora, losses = lt.train_text_layer_lora(model, latent, pos, BLOCKS[:1], steps=2, rank=2, seed=0)
+    assert len(losses) == 2 and lora
+    assert [p.requires_grad for p in model.model.parameters()] == flags
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights.items())
+    assert not [n for n, m in model.model.named_modules() if getattr(m, "weight_function", None)
+                or getattr(m, "bias_function", None)], "a weight wrapper stayed on the shared modules"
+
+
 def test_clear_errors(demo):
     model, pos, _, latent = demo
     with pytest.raises(ValueError, match="weight_prefixes: none of"):
