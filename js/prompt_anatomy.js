@@ -4,6 +4,21 @@ import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const WIDGET = "prompt_anatomy_report";
+const MAX_GROWTH = 600; // px a report may add to its node; a longer one scrolls inside the text box
+
+// Grow the node by the part of the report its text box hides (up to MAX_GROWTH), so a short report is read
+// whole without resizing by hand; the node never shrinks, so a size the user chose stays.
+// Returns false while the text box is not laid out (node off screen), to be tried again when drawn.
+function fitReport(node, widget) {
+  const el = widget.element ?? widget.inputEl;
+  if (!el?.isConnected || el.clientHeight === 0) return false;
+  const hidden = el.scrollHeight - el.clientHeight;
+  if (hidden > 1) {
+    node.setSize([node.size[0], node.size[1] + Math.min(hidden, MAX_GROWTH)]);
+    node.setDirtyCanvas?.(true, true);
+  }
+  return true;
+}
 
 app.registerExtension({
   name: "prompt_anatomy.report",
@@ -20,9 +35,10 @@ app.registerExtension({
       widget.serialize = false;
       widget.options.serialize = false;
       widget.options.read_only = true;
-      if (widget.inputEl) {
-        widget.inputEl.readOnly = true;
-        widget.inputEl.placeholder = "report appears here after a run";
+      const el = widget.element ?? widget.inputEl;
+      if (el) {
+        el.readOnly = true;
+        el.placeholder = "report appears here after a run";
       }
       return r;
     };
@@ -33,7 +49,20 @@ app.registerExtension({
       const text = message?.text;
       if (text == null) return;
       const widget = this.widgets?.find((w) => w.name === WIDGET);
-      if (widget) widget.value = Array.isArray(text) ? text.join("\n") : String(text);
+      if (!widget) return;
+      widget.value = Array.isArray(text) ? text.join("\n") : String(text);
+      this.paFitPending = true;
+      requestAnimationFrame(() => { if (fitReport(this, widget)) this.paFitPending = false; });
+    };
+
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function () {
+      const r = onDrawForeground?.apply(this, arguments);
+      if (this.paFitPending) {
+        const widget = this.widgets?.find((w) => w.name === WIDGET);
+        if (!widget || fitReport(this, widget)) this.paFitPending = false;
+      }
+      return r;
     };
   },
 });

@@ -13,10 +13,12 @@ location as ComfyUI loads it, and every node of the extension that ``comfy_entry
 its own V1 node info (what /object_info sends the frontend). Nothing here knows the pack's module layout.
 Other languages are written by hand; ``missing_entries`` lists what one lacks (a unit test keeps both honest).
 
-No main.json: the only other translatable strings of the pack are its category segments ("prompt_anatomy",
-"guidance", "loaders", ...), and ``nodeCategories`` keys are one namespace shared with core ComfyUI and every
-other pack (translating "loaders" would retranslate core's), while a translated "prompt_anatomy" would change the
-``nodeData.category`` that js/prompt_anatomy.js matches on.
+main.json (written by hand, en and zh) holds only the template browser's label for the pack's workflows,
+``templateWorkflows.category.<custom_nodes folder>``: the one template string a pack can set in frontends
+1.32.9 and 1.58.1 (card titles are the file names there). Category segments are not translated:
+``nodeCategories`` keys are one namespace shared with core ComfyUI and every other pack (translating "loaders"
+would retranslate core's), and a translated "prompt_anatomy" would change the ``nodeData.category`` that
+js/prompt_anatomy.js matches on.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ while time.monotonic() < deadline:
         with urllib.request.urlopen(url + "/object_info", timeout=10) as r:
             if r.status == 200:
                 print(f"\n==> Prompt Anatomy is running: {url}  (Ctrl-C to stop)\n"
-                      "==> Start with the demo tour: Workflow > Browse Templates > comfyui-prompt-anatomy > demo_tour\n"
+                      "==> Start with the demo tour: Workflow > Browse Templates > Prompt Anatomy > demo_tour\n"
                       "    (every node of the pack on the demo model; demo_* are the other workflows on it)\n",
                       file=sys.stderr, flush=True)
                 sys.exit(0)
@@ -48,5 +48,9 @@ COMFY="$("$PY" scripts/comfy_path.py comfy_dir)"
 EXTRA=()
 [ "$("$PY" scripts/comfy_path.py is_external)" = 1 ] && EXTRA+=(--base-directory "$("$PY" scripts/comfy_path.py base_dir)")
 [ -n "${PROMPT_ANATOMY_FRONTEND_ROOT:-}" ] && EXTRA+=(--front-end-root "$PROMPT_ANATOMY_FRONTEND_ROOT")
+if ! "$PY" -c "import torchaudio" 2>/dev/null; then
+  echo "==> Note: ComfyUI will print 'IMPORT FAILED' for its audio nodes (nodes_audio, ...): no torchaudio build" \
+       "matches the pinned torch here. Prompt Anatomy does not use them; everything else works." >&2
+fi
 cd "$COMFY"
 exec "$PY" main.py --cpu --listen "$LISTEN" --port "$PORT" --disable-auto-launch "${EXTRA[@]}" "$@"

@@ -4,8 +4,10 @@ Every family gets a factory that returns a :class:`TinyModel` with a real ``Mode
 point and sampler is ComfyUI's) and a real ``comfy.sd.CLIP``. Both are built the way ComfyUI builds a
 checkpoint's: the family's config class from ``comfy.supported_models`` gets a ``unet_config`` dict (only
 dicts: ComfyUI's ``*Params`` dataclasses are never touched, their required fields change between versions),
-then ``get_model({})``; the text side is the config class's ``clip_target()`` (or the family's ComfyUI text
-encoder module where the config class has none) made small through ComfyUI's ``"<name>_model_config"``
+then ``get_model({})``, with any config field a newer ComfyUI requires filled by that ComfyUI's own model
+detection on the tiny model's recorded state-dict shapes (``tiny_model_shapes.json``, ``--write-shapes``);
+the text side is the config class's ``clip_target()`` (or the family's ComfyUI text encoder module where the
+config class has none) made small through ComfyUI's ``"<name>_model_config"``
 model options, behind the tokenizers that ship with ComfyUI or, where the real one ships only inside
 checkpoints, a small stand-in of the same kind with the same special-token ids.
 
@@ -69,6 +71,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -216,7 +219,7 @@ def _diffusion(config_class: str, unet_config: dict, seed: int, dtype):
     import torch
 
     cls = getattr(comfy.supported_models, config_class)
-    full = {**cls.unet_config, **unet_config}
+    full = {**_detected_config(config_class), **cls.unet_config, **unet_config}
     cfg = cls(dict(full))
     cfg.unet_config.update(unet_config)  # the family's unet_extra_config must not override the tiny sizes
     cfg.set_inference_dtype(dtype or torch.float32, None)
@@ -228,6 +231,42 @@ def _diffusion(config_class: str, unet_config: dict, seed: int, dtype):
 
 
 _init_weights = _init_module  # the name other tests and benchmarks use
+
+SHAPES_FILE = Path(__file__).with_name("tiny_model_shapes.json")
+
+
+@functools.cache
+def _shape_table() -> dict:
+    return json.loads(SHAPES_FILE.read_text()) if SHAPES_FILE.is_file() else {}
+
+
+def _detected_config(config_class: str) -> dict:
+    """What the running ComfyUI's own model detection reads from the tiny model's state dict (key -> shape,
+    recorded in tiny_model_shapes.json; meta tensors, no weights). The factories' sizes override it; it fills
+    the fields a newer ComfyUI added to its configs (e.g. 0.8.0's Flux ``txt_ids_dims``, Chroma ``vec_in_dim``)
+    with the values it gives an old checkpoint, so the factories need not know them."""
+    import comfy.model_detection
+    import torch
+
+    shapes = _shape_table().get(config_class)
+    if not shapes:
+        return {}
+    state_dict = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    return dict(comfy.model_detection.detect_unet_config(state_dict, "") or {})
+
+
+def write_shapes(path: Path = SHAPES_FILE) -> dict:
+    """Record every factory's diffusion-model state-dict shapes by config class (run on the pinned ComfyUI)."""
+    import comfyui_version
+
+    table = {"comfyui": comfyui_version.__version__}
+    for family in FACTORIES:
+        tiny = make(family)
+        sd = tiny.model.model.diffusion_model.state_dict()
+        table[tiny.config_class] = {k: list(v.shape) for k, v in sorted(sd.items())}
+    path.write_text(json.dumps(table, separators=(",", ":"), sort_keys=True) + "\n")
+    _shape_table.cache_clear()
+    return table
 
 
 def _clip(tokenizer_cls, clip_cls, seed, dtype, model_options_extra=None):
@@ -727,6 +766,11 @@ def main(argv: list[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="[tiny_models] %(message)s")
+    if argv[:1] == ["--write-shapes"]:
+        bootstrap_comfy()
+        table = write_shapes()
+        logging.info("%d config classes -> %s", len(table) - 1, SHAPES_FILE)
+        return 0
     out_dir = Path(argv[0]) if argv else ROOT / ".models" / "tiny"
     bootstrap_comfy()
     import safetensors.torch

@@ -173,10 +173,12 @@ class _Pending:
 class CaptureRun:
     """Working state of one sampling run (in the RunState store)."""
 
-    def __init__(self, cfg: CaptureConfig, lengths: dict, latent_shape, n_steps: int):
+    def __init__(self, cfg: CaptureConfig, lengths: dict, latent_shape, n_steps: int, prints: dict | None = None):
         self.cfg = cfg
         self.by_key = cfg.by_key
         self.lengths = lengths  # cond uuid -> text token count
+        self.prints = prints or {}  # cond uuid -> context fingerprint (see context_print)
+        self.captured_prints: dict[int, dict] = {}  # text token count -> {uuid: fingerprint} of captured rows
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.batch = self.latent_shape[0]
         self.n_steps = max(1, int(n_steps))
@@ -227,6 +229,8 @@ class CaptureRun:
                 self._skip("calls whose batch is not the latent batch")
                 continue
             out.append((slice(c * per, (c + 1) * per), length))
+            if uuids[c] in self.prints:
+                self.captured_prints.setdefault(length, {})[uuids[c]] = self.prints[uuids[c]]
         return out
 
     def _sums(self, length: int, device) -> MapSums:
@@ -372,7 +376,8 @@ class CaptureRun:
             skipped=dict(self.skipped), errors=list(self.errors), n_steps=self.n_steps,
             buckets=bucket_ranges(self.n_steps, self.n_buckets), ref_hw=self.ref_hw,
             sums={k: v.to_cpu() for k, v in self.sums.items()}, final=self.final, latent_format=latent_format,
-            sampler=sampler_name, peak_bytes=self.persistent_bytes() + self.peak_transient)
+            sampler=sampler_name, peak_bytes=self.persistent_bytes() + self.peak_transient,
+            contexts={k: list(v.values()) for k, v in self.captured_prints.items()})
 
 
 @dataclasses.dataclass
@@ -397,6 +402,8 @@ class AttentionRun:
     latent_format: object
     sampler: str | None
     peak_bytes: int  # accumulators + the largest temporaries of one layer evaluation
+    # text token count -> fingerprints of the captured prompts' contexts (context_print), to check viewer labels
+    contexts: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -414,6 +421,28 @@ def _cond_lengths(guider) -> dict:
         for entry in entries or []:
             if isinstance(entry, dict) and "uuid" in entry and isinstance(entry.get("cross_attn"), torch.Tensor):
                 out[entry["uuid"]] = int(entry["cross_attn"].shape[1])
+    return out
+
+
+PRINT_CHANNELS = 64
+
+
+def context_print(context: torch.Tensor) -> torch.Tensor:
+    """A small fingerprint of a prompt's text context (first batch row, at most PRINT_CHANNELS evenly spaced
+    channels, fp32 CPU): a CONDITIONING carries no token ids, so the viewer checks its text by re-encoding it
+    and comparing these values position by position."""
+    ctx = context[0].detach()
+    idx = torch.linspace(0, ctx.shape[-1] - 1, min(ctx.shape[-1], PRINT_CHANNELS)).round().long()
+    return ctx[:, idx.to(ctx.device)].to("cpu", torch.float32, copy=True)
+
+
+def _cond_prints(guider) -> dict:
+    """context_print of every cond entry, by uuid."""
+    out = {}
+    for entries in (getattr(guider, "conds", None) or {}).values():
+        for entry in entries or []:
+            if isinstance(entry, dict) and "uuid" in entry and isinstance(entry.get("cross_attn"), torch.Tensor):
+                out[entry["uuid"]] = context_print(entry["cross_attn"])
     return out
 
 
@@ -454,7 +483,8 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         if run is None:
             return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         n_steps = int(sigmas.shape[-1]) - 1
-        state = run.store(store, lambda: CaptureRun(cfg, _cond_lengths(guider), noise.shape, n_steps))
+        state = run.store(store, lambda: CaptureRun(cfg, _cond_lengths(guider), noise.shape, n_steps,
+                                                          _cond_prints(guider)))
         fn = getattr(sampler, "sampler_function", None)
         sampler_name = getattr(fn, "__name__", None) or type(sampler).__name__
 

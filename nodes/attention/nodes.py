@@ -86,8 +86,10 @@ class CrossAttentionMapViewer(io.ComfyNode):
                                tooltip="The decoded image, for the overlays and the Canny edges. Without it the latent's "
                                        "approximate colours are used."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="The CLIP that encoded the prompt (exact tokens, embeddings, weights). Without it "
-                                      "the stock tokenizer of the model family is used."),
+                              tooltip="The CLIP that encoded the prompt (exact tokens, embeddings, weights): the text "
+                                      "is re-encoded and must match the recorded prompt token by token (an error says "
+                                      "where it differs). Without it the stock tokenizer of the model family is used "
+                                      "and only the token count is checked."),
                 io.String.Input("tokens", default="auto",
                                 tooltip="Which maps to show: context positions ('1, 2, 5'), ranges summed into one map "
                                         "('8-76'), class words sos / eos / sem / pad, img (SD3/Flux: weight on image "

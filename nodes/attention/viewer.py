@@ -63,7 +63,7 @@ from ..shared.tokens import (
     token_positions,
     token_text,
 )
-from .capture import OTHER_LABEL, AttentionRun, MapSums
+from .capture import OTHER_LABEL, AttentionRun, MapSums, context_print
 
 NODE_ID = "CrossAttentionMapViewer"
 CLASSES = ("[SOS]", "semantic", "[EOS]", "padding")
@@ -155,6 +155,43 @@ def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
     raise ValueError(
         f"text tokenizes to {got} context positions, but the record holds maps for prompts of {lengths} tokens: "
         f"give the text of the conditioning that was recorded (the {run.rows} prompt), and the CLIP that encoded it.")
+
+
+LABEL_RTOL = 1e-3  # re-encoding on the same device gives the same values; this absorbs dtype round trips
+
+
+def _mismatch(mine: torch.Tensor, recorded: torch.Tensor, keep: list[int]) -> int | None:
+    """The first of the ``keep`` positions where the two fingerprints differ (None: they agree)."""
+    if mine.shape != recorded.shape:
+        return keep[0] if keep else 0
+    tol = LABEL_RTOL * (1.0 + float(recorded[keep].abs().max())) if keep else 0.0
+    bad = [i for i in keep if float((mine[i] - recorded[i]).abs().max()) > tol]
+    return bad[0] if bad else None
+
+
+def check_labels(run: AttentionRun, table: list[TokenInfo], text: str, clip=None) -> str:
+    """Check that ``text`` is the prompt the capture saw: re-encode it with ``clip`` and compare its [SOS] and
+    semantic positions (the ones every [EOS]/padding construction keeps) with the recorded fingerprints. Returns
+    a note for the summary ('' when checked); raises ValueError on a different prompt."""
+    prints = run.contexts.get(len(table)) or []
+    if not prints or table[0].text == "#0":
+        return ""
+    if clip is None:
+        return ("labels checked by token count only: connect the CLIP that encoded the prompt to check them "
+                "token by token")
+    mine = context_print(clip.encode_from_tokens(clip.tokenize(text)))
+    keep = [t.pos for t in table if t.klass in ("[SOS]", "semantic")]
+    firsts = [_mismatch(mine, p, keep) for p in prints]
+    if any(f is None for f in firsts):
+        return ""
+    k = max(firsts)
+    listed = " ".join(f"{t.pos}:{t.text}" for t in table if t.klass != "padding")
+    raise ValueError(
+        f"text: {text!r} is not the prompt the capture recorded ({run.rows} rows). Both have {len(table)} context "
+        f"positions, but they differ from position {k} ({table[k].text!r} in this text) on. This text's tokens: "
+        f"{listed}. A CONDITIONING carries no token ids, so the recorded prompt's words cannot be listed: give the "
+        f"text of the conditioning the capture saw (and the CLIP that encoded it). If that conditioning was changed "
+        f"after encoding (e.g. ConditioningAverage), disconnect clip to label the maps by token count only.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +489,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
         raise ValueError(f"batch_index {batch_index} is out of range: the recorded run has {run.batch} image(s) "
                          f"(use 0..{run.batch - 1}).")
     table = prompt_tokens(run, text, clip)
+    label_note = check_labels(run, table, text, clip)
     sums: MapSums = run.sums[len(table)]
     extra = sums.extra
     items = parse_items(tokens, table, extra)
@@ -530,7 +568,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     if run.missing:
         layer_note.append(f"{len(run.missing)} chosen layer(s) were never seen during sampling and are not in the "
                           f"maps: {', '.join(run.missing)}")
-    notes = list(layer_note)
+    notes = list(layer_note) + ([label_note] if label_note else [])
     if table[0].text == "#0":
         notes.append(f"token labels are positions only: the registry has no token rules for "
                      f"{families.by_name(run.family).label}'s chat-template encoder yet, so the class plot shows them "

@@ -11,6 +11,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
 WORKFLOWS = harness.workflow_files()
 REPORT_WIDGET = "prompt_anatomy_report"  # js/prompt_anatomy.js
+FIT_LINES = 12  # reports this short must show whole (the widget grows its node by up to 600 px)
 
 # For each node id: centre the node at zoom 1 (so either renderer draws its widgets), then report the value of its
 # report widget and the text a person sees: the widget's own element (classic canvas: a textarea laid over the
@@ -25,15 +26,20 @@ REPORT_WIDGETS_JS = """async ([ids, name, vue]) => {
     app.canvas.setDirty(true, true);
     await new Promise(r => setTimeout(r, 250));
     const w = (n.widgets || []).find(w => w.name === name);
-    let shown = [];
+    await new Promise(r => setTimeout(r, 250));  // the report box grows on the draw after it is laid out
+    app.canvas.setDirty(true, true);
+    await new Promise(r => setTimeout(r, 250));
+    let boxes = [];
     if (vue) {
       const el = document.querySelector(`[data-node-id="${n.id}"]`);
-      shown = el ? [...el.querySelectorAll('textarea')].map(t => t.value) : [];
+      boxes = el ? [...el.querySelectorAll('textarea')] : [];
     } else {
       const el = w?.element ?? w?.inputEl;
-      shown = el && el.isConnected ? [el.value] : [];
+      boxes = el && el.isConnected ? [el] : [];
     }
-    out[id] = {type: n.type, widget: !!w, value: w?.value ?? null, shown};
+    const shown = boxes.map(t => t.value);
+    const hidden = boxes.filter(t => t.value === w?.value).map(t => t.scrollHeight - t.clientHeight);
+    out[id] = {type: n.type, widget: !!w, value: w?.value ?? null, shown, hidden};
   }
   return out;
 }"""
@@ -55,6 +61,11 @@ def check_reports(page, entry: dict, name: str) -> int:
             wrong[nid] = {"type": got.get("type"), "want": text[:200], "value": (got["value"] or "")[:200],
                           "shown": [t[:200] for t in got["shown"]]}
     assert not wrong, f"{name}: report widgets do not show the run's reports:\n{json.dumps(wrong, indent=1)}"
+    # a report of up to FIT_LINES lines is read whole: its box hides nothing (js/prompt_anatomy.js grows the node)
+    clipped = {nid: {"type": seen[nid].get("type"), "lines": text.count("\n") + 1, "hidden_px": seen[nid]["hidden"]}
+               for nid, text in texts.items() if seen[nid].get("widget") and text.count("\n") < FIT_LINES
+               and any(h > 2 for h in seen[nid].get("hidden") or [])}
+    assert not clipped, f"{name}: report boxes clip short reports:\n{json.dumps(clipped, indent=1)}"
     return len(texts)
 
 

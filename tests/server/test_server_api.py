@@ -86,6 +86,15 @@ def test_workflow_templates_list_pack(base_url):
         assert json.loads(body) == json.loads(wf.read_text()), path
 
 
+def test_template_category_label_is_served_in_both_languages(base_url):
+    """The frontend names the pack's template group by ``templateWorkflows.category.<folder>`` from /i18n (the
+    only template string a pack can set; the cards show file names)."""
+    messages = harness.get_json(base_url, "/i18n")
+    for lang in ("en", "zh"):
+        label = messages[lang]["templateWorkflows"]["category"][harness.PACK_NAME]
+        assert label.startswith("Prompt Anatomy"), (lang, label)
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS or [pytest.param(None, marks=pytest.mark.skip(
     reason="the pack has no workflows/*.json yet"))], ids=lambda p: p.stem if p else "none")
 def test_workflow_node_types_exist(workflow, object_info):

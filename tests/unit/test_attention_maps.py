@@ -484,6 +484,37 @@ def test_viewer_node_end_to_end(sd1):
     assert not torch.equal(res2.args[1][0], overlays[0]) and torch.equal(res2.args[1][1], overlays[1])
 
 
+def _with_rows(cond, rows: torch.Tensor):
+    return [[rows, dict(cond[0][1])]]
+
+
+def test_viewer_checks_the_text_token_by_token(sd1):
+    """Issue 16.5: a text of the same token count that is not the recorded prompt is an error naming where it
+    differs; the recorded text, and a construction that keeps its [SOS] + semantic rows, pass."""
+    pos, neg, other = sd1.encode(PROMPT), sd1.encode(""), sd1.encode("a red circle on a blue background")
+    eos = 1 + len(PROMPT.split())  # [SOS] + 7 one-token words
+    assert sd1.clip.tokenize(PROMPT)["l"][0][eos][0] == 49407  # CLIP's end token
+    swapped = pos[0][0].clone()
+    swapped[:, eos:] = other[0][0][:, eos:]  # [SOS] + semantic of PROMPT, [EOS] + padding of the other prompt
+    for cond in (pos, _with_rows(pos, swapped)):
+        out, run, _, handle = captured(sd1.model, cond, neg, steps=2, size=32, buckets=2)
+        assert len(run.contexts[77]) == 1 and run.contexts[77][0].shape == (77, 64)
+        summary = json.loads(_view(handle, {"samples": out}, clip=sd1.clip, tokens="2").args[6])
+        assert not any("labels" in n for n in summary["notes"])
+    with pytest.raises(ValueError, match=r"differ from position 3 \('circle' in this text\).*0:\[SOS\] 1:a 2:red "
+                                         r"3:circle"):
+        _view(handle, {"samples": out}, text="a red circle on a blue background", clip=sd1.clip)
+    # without a CLIP only the token count can be checked, and the summary says so
+    summary = json.loads(_view(handle, {"samples": out}, text="a red circle on a blue background").args[6])
+    assert any(n.startswith("labels checked by token count only") for n in summary["notes"])
+    # a conditioning changed after encoding (here: averaged) fails the check; without clip it is labelled by count
+    mixed = _with_rows(pos, 0.5 * (pos[0][0] + other[0][0]))
+    out, _, _, handle = captured(sd1.model, mixed, neg, steps=2, size=32, buckets=2)
+    with pytest.raises(ValueError, match="disconnect clip"):
+        _view(handle, {"samples": out}, clip=sd1.clip)
+    _view(handle, {"samples": out})
+
+
 def test_viewer_flux_image_keys(flux):
     pos = flux.encode("a cat")
     out, run, _, handle = captured(flux.model, pos, pos, steps=2, channels=16, cfg=1.0, size=32, buckets=2)

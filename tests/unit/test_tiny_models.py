@@ -140,3 +140,32 @@ def test_factories_never_construct_params_dataclasses():
     source = Path(tiny_models.__file__).read_text()
     assert not re.search(r"\b\w*Params\s*\(", source)
     assert not re.search(r"^\s*(import|from) comfy\.ldm", source, re.M)  # no direct model classes either
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_shapes_are_the_models(family):
+    """tiny_model_shapes.json is what ComfyUI's model detection reads to fill config fields a newer ComfyUI
+    requires: it must be this factory's state dict, key for key (regenerate: tiny_models.py --write-shapes)."""
+    import comfyui_version
+
+    table = tiny_models._shape_table()
+    if table.get("comfyui") != comfyui_version.__version__:  # another tree may change parameter shapes
+        pytest.skip(f"the table records ComfyUI {table.get('comfyui')}'s shapes; this is {comfyui_version.__version__}")
+    t = S.tiny(family)
+    recorded = table.get(t.config_class)
+    assert recorded, f"{t.config_class} has no entry: run scripts/tiny_models.py --write-shapes"
+    sd = t.model.model.diffusion_model.state_dict()
+    assert {k: list(v.shape) for k, v in sd.items()} == recorded
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux", "chroma", "wan21_t2v"])
+def test_detection_reads_the_recorded_shapes(family):
+    """The detected config agrees with the factory on what a state dict can tell (depths, widths, channels)."""
+    t = S.tiny(family)
+    detected = tiny_models._detected_config(t.config_class)
+    assert detected, "ComfyUI's detection found no model in the recorded shapes"
+    built = t.model.model.model_config.unet_config
+    for key in ("in_channels", "depth", "depth_single_blocks", "hidden_size", "num_layers", "dim",
+                "context_dim", "model_channels"):
+        if key in detected and key in built:
+            assert detected[key] == built[key], key
