@@ -37,7 +37,7 @@ hunyuan_image21  HunyuanImage21   HunyuanVideo 2-D patches        Qwen2.5-VL h16
 lumina2          Lumina2          NextDiT dim 64                  Gemma-2 h16; Gemma SPM **stand-in**       16 ch, /8
 zimage           ZImage           NextDiT dim 256, Z-Image mod.   Qwen3 h16; Qwen2 BPE (shipped)            16 ch, /8
 wan21_t2v        WAN21_T2V        WanModel dim 64, 2 layers       UMT5 d64; UMT5 SPM **stand-in**           16 ch 5-D
-wan22_t2v        WAN22_T2V        WanModel dim 64, 2 layers        UMT5 d64; UMT5 SPM **stand-in**           48 ch 5-D, /16
+wan22_t2v        WAN22_T2V        WanModel dim 64, 2 layers       UMT5 d64; UMT5 SPM **stand-in**           48 ch 5-D, /16
 hunyuan_video15  HunyuanVideo15   HunyuanVideo 3-D patches        Qwen2.5-VL h16 + ByT5 d64; Qwen2 BPE,     32 ch 5-D
                                   (glyph mapper left out)         ByT5 bytes (shipped)
 ===============  ===============  ==============================  ========================================  ==============

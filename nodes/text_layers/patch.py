@@ -19,6 +19,12 @@ cross-/joint-attention layers that decide *what text* is rendered, and four node
     and a chained attention override swaps the text part of K/V of the source rows for the target rows' in
     the selected blocks. Nothing is cached across calls; outside [start, end] nothing is added.
     Text comes first in both sequences: Flux q,k,v are (B, H, L, D); SD3 q,k are (B, L, H·D), v (B, L, H, D).
+  - Wan (DiT cross-attention) — "injection", as on UNets: every block's cross-attention reads the same text
+    stream (the encoder's context through the model's per-token ``text_embedding``, the registry's
+    ``text_embedder``), so a chained ``patches_replace["dit"][("double_block", i)]`` on each selected block
+    calls the block (or the replacement installed before) with the text stream of the selected rows swapped
+    for the target prompt's, embedded by the same module (blended with ``strength``). No extra batch row; the
+    other blocks, rows and steps get the untouched arguments. A ``heads`` subset is refused on Wan.
 
 * **TextLayerWordSubstitute** builds the target conditioning from a prompt and a "word => replacement" list
   (paper 2's toxic-text application: only the text layers see the replacement).
@@ -47,6 +53,7 @@ from ..core.layers import (
     TXT_LEN_KEY,
     Marker,
     ModelLayers,
+    block_kind,
     current_attn2_layer,
     ensure_layer_tracking,
     int_range,
@@ -370,6 +377,32 @@ def swap_text(t: torch.Tensor, plan: _DitPlan, txt_len: int, layout: str, heads:
     return out
 
 
+def _make_cross_replace(s: PatchSettings, target: TargetText, token: str, embedder, layer, previous):
+    """The ("double_block", i) replace of one selected DiT cross-attention block: the block runs with the text
+    stream of the selected rows taken from the target prompt (``embedder`` = the model's per-token text
+    embedding), on the patched steps only; ``previous`` (a replacement installed before) keeps running."""
+
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def replace(args, extra):
+        to = args.get("transformer_options") or {}
+        txt = args.get("txt")
+        if txt is None or not _is_active(to, s, token):
+            return run(args, extra)
+        rows = runs.row_mask(to, txt.shape[0], s.roles, device=txt.device)
+        if not bool(rows.any()):
+            return run(args, extra)
+        tgt = embedder(hooks.like(target.context, txt)).to(txt.dtype)
+        length = match_token_lengths(txt.shape[1], tgt.shape[1])
+        src = repeat_tokens(txt, length)
+        tgt = repeat_tokens(tgt, length).expand(src.shape[0], -1, -1)
+        args = dict(args, txt=torch.where(rows[:, None, None], blend(src, tgt, s.strength), src))
+        return run(args, extra)
+
+    return hooks.keyed(replace, f"{HOOK_KEY}.{layer_label(layer)}")
+
+
 def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str):
     layer_set = frozenset(s.layers)
     roles = s.roles
@@ -505,6 +538,9 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
     if expected is not None and tgt.channels != expected:
         raise ValueError(f"target: the edited prompt's embedding has {tgt.channels} channels but this {ml.label} "
                          f"model takes {expected}: encode the target with this model's CLIP.")
+    if s.heads is not None and ml.family.is_dit_cross:
+        raise ValueError(f"heads: a heads subset is not available on {ml.label} yet (its text enters through the "
+                         f"cross-attention of every block, patched as a whole). Leave 'heads' empty.")
     if s.heads is not None:
         for layer in s.layers:
             n_heads = layer_heads(model, ml, layer)
@@ -534,6 +570,14 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
             m.model_options["transformer_options"][MARK_KEY] = Marker()
             hooks.chain_attention_override(m, heads_override)
             hooks.set_attn2_patches(m, HOOK_KEY, patch, output_patch)
+    elif ml.family.is_dit_cross:
+        embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
+        replaces = to.get("patches_replace", {}).get("dit", {})
+        for layer in s.layers:
+            kind = block_kind(ml, layer)
+            previous = replaces.get((kind.replace, layer[1]))  # an earlier TextLayerPatch's stays inert (ACTIVE_KEY)
+            m.set_model_patch_replace(_make_cross_replace(s, tgt, token, embedder, layer, previous), "dit",
+                                      kind.replace, layer[1])
     else:
         wrapper, override = _make_dit_hooks(s, tgt, token, ml.label)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
@@ -548,6 +592,8 @@ def _with_note(report: str, note: str) -> str:
 def format_report(ml: ModelLayers, s: PatchSettings, target: TargetText, noop: bool = False) -> str:
     method = ("UNet injection: the selected cross-attention layers take the target's keys/values"
               if ml.kind == "unet" else
+              "DiT cross-attention injection: the selected blocks' cross-attention reads the target's text stream"
+              if ml.family.is_dit_cross else
               "MMDiT/Flux patching: the target prompt runs as one extra batch row per image on patched steps and "
               "gives its text keys/values to the selected blocks")
     lines = [f"TextLayerPatch · {ml.label} · {method}."]
