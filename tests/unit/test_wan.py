@@ -278,3 +278,15 @@ def test_t2v_variants_share_the_entry(config):
     t = tiny("wan21_t2v")
     m = _renamed(t, getattr(comfy.supported_models, config))
     assert families.lookup(m).name == "wan21"
+
+
+def test_eos_swap_on_wan():
+    """The registry entry gives the EOS swap UMT5's token rules (T5 kind: no [SOS], end token 1, pad 0 to 512); the
+    key/value split stays UNet-only and says why."""
+    from prompt_anatomy.nodes.eos_swap import swap_conditioning
+
+    t = tiny("wan21_t2v")
+    cond, _, table = swap_conditioning(t.clip, PROMPT, TARGET)
+    assert "UMT5-XXL" in table and cond[0][0].shape == (1, 512, 64)
+    with pytest.raises(ValueError, match="kv=key_only needs a UNet model.*Wan 2.1 / 2.2 A14B's cross-attention blocks"):
+        swap_conditioning(t.clip, PROMPT, TARGET, kv="key_only", model=t.model)
