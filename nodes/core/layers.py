@@ -22,8 +22,9 @@ from .errors import InternalError
 
 GRAMMAR = ("'all'; a preset ('auto' = the paper's layers where the paper localized this architecture); forward-order "
            "indices and ranges ('55', '54-56'); a group ('input', 'middle', 'output' on UNets; 'joint', 'double', "
-           "'single' on DiTs); UNet 'output.2.1' (block.id.depth), 'output.2' (every depth of that block), "
-           "'output.2.0-1'; DiT 'joint.10', 'double.3-5'. Separate several with commas. Empty = no layer.")
+           "'single' on DiTs; 'cross' on Wan); UNet 'output.2.1' (block.id.depth), 'output.2' (every depth of that "
+           "block), 'output.2.0-1'; DiT 'joint.10', 'double.3-5', Wan 'cross.12'. Separate several with commas. "
+           "Empty = no layer.")
 
 
 class Layer(tuple):
