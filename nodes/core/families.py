@@ -93,10 +93,6 @@ class Family:
         return self.text_entry == (DIT_CROSS,)
 
     @property
-    def video(self) -> bool:
-        return self.patch is not None and len(self.patch) == 3
-
-    @property
     def context_encoders(self) -> tuple[EncoderSpec, ...]:
         return tuple(e for e in self.encoders if e.in_context)
 
