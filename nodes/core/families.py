@@ -51,6 +51,7 @@ class BlockKind:
     text_call: int | None = None  # blocks whose text attention is one of several attention calls (DiT cross-
     #                               attention): the 0-based ordinal of the call that attends to the text
     #                               (Wan: self-attention 0, cross-attention 1); None: the block's first call
+    text_attn: str | None = None  # attribute path from a block to its text attention module (DiT cross-attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ WAN_NO_HOOK = {
 UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
 # Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
 WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
-                        text_call=1),)
+                        text_call=1, text_attn="cross_attn"),)
 LLM = "llm"  # decoder-only LLM encoder behind a chat template (its [EOS] analogue is not defined yet)
 
 FAMILIES: tuple[Family, ...] = (

@@ -222,10 +222,26 @@ def test_patch_chains_a_previous_block_replace_and_the_capture():
     assert handle.runs[0].seen == {"cross.0": 4, "cross.1": 4}
 
 
+def test_patch_heads_subset_on_wan():
+    """heads: the projected keys/values of the chosen heads only; every head = the all-heads patch (up to rounding:
+    there the block projects the swapped stream of the whole batch, here the target alone); heads out of range."""
+    t = tiny("wan21_t2v")
+    pos, neg, tgt = t.encode(PROMPT), t.encode(""), t.encode(TARGET)
+    ref = sample(t, t.model, pos, neg)
+    whole = sample(t, apply_text_layer_patch(t.model, tgt, "cross.1")[0], pos, neg)
+    both = sample(t, apply_text_layer_patch(t.model, tgt, "cross.1", heads="0-1")[0], pos, neg)
+    head0 = sample(t, apply_text_layer_patch(t.model, tgt, "cross.1", heads="0")[0], pos, neg)
+    assert torch.allclose(both, whole, atol=1e-5) and not torch.equal(both, ref)
+    assert not torch.allclose(head0, whole, atol=1e-4) and not torch.allclose(head0, ref, atol=1e-4)
+    # strength 0 with a heads subset: an exact no-op
+    zero = sample(t, apply_text_layer_patch(t.model, tgt, "cross.1", heads="0", strength=0.0)[0], pos, neg)
+    assert torch.equal(zero, ref)
+    with pytest.raises(ValueError, match=r"heads: 2 out of range: layer cross.0 has 2 heads \(0-1\)"):
+        apply_text_layer_patch(t.model, tgt, "cross.0", heads="2")
+
+
 def test_patch_errors_on_wan():
     t = tiny("wan21_t2v")
-    with pytest.raises(ValueError, match="heads: a heads subset is not available on Wan"):
-        apply_text_layer_patch(t.model, t.encode(TARGET), "cross.0", heads="0")
     with pytest.raises(ValueError, match=r"layers: 'cross.2' is out of range: cross blocks run from 0 to 1"):
         apply_text_layer_patch(t.model, t.encode(TARGET), "cross.2")
 
