@@ -38,8 +38,8 @@ hunyuan_image21  HunyuanImage21   HunyuanVideo 2-D patches        Qwen2.5-VL h16
                                   (glyph mapper left out)         ByT5 bytes (shipped)
 lumina2          Lumina2          NextDiT dim 64                  Gemma-2 h16; Gemma SPM **stand-in**       16 ch, /8
 zimage           ZImage           NextDiT dim 256, Z-Image mod.   Qwen3 h16; Qwen2 BPE (shipped)            16 ch, /8
-wan21_t2v        WAN21_T2V        WanModel dim 64, 1 layer        UMT5 d64; UMT5 SPM **stand-in**           16 ch 5-D
-wan22_t2v        WAN22_T2V        WanModel dim 64, 48 ch          UMT5 d64; UMT5 SPM **stand-in**           48 ch 5-D, /16
+wan21_t2v        WAN21_T2V        WanModel dim 64, 2 layers       UMT5 d64; UMT5 SPM **stand-in**           16 ch 5-D
+wan22_t2v        WAN22_T2V        WanModel dim 64, 2 layers       UMT5 d64; UMT5 SPM **stand-in**           48 ch 5-D, /16
 hunyuan_video15  HunyuanVideo15   HunyuanVideo 3-D patches        Qwen2.5-VL h16 + ByT5 d64; Qwen2 BPE,     32 ch 5-D
                                   (glyph mapper left out)         ByT5 bytes (shipped)
 ===============  ===============  ==============================  ========================================  ==============
@@ -725,7 +725,7 @@ def make_zimage(seed: int = 0, dtype=None) -> TinyModel:
 def _wan(family, config_class, channels, seed, dtype):
     cfg, model = _diffusion(config_class, {
         "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 512, "in_dim": channels, "dim": 64, "ffn_dim": 128,
-        "freq_dim": 256, "text_dim": T5_SMALL["d_model"], "out_dim": channels, "num_heads": 2, "num_layers": 1,
+        "freq_dim": 256, "text_dim": T5_SMALL["d_model"], "out_dim": channels, "num_heads": 2, "num_layers": 2,
         "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
     }, seed, dtype)
     clip = _text_encoder(cfg.clip_target(), seed + 1, dtype, {"umt5xxl_model_config": dict(T5_SMALL, vocab_size=SPIECE_VOCAB)},

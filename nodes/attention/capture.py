@@ -12,13 +12,18 @@ queries and heads, and averaged over heads:
                                rows against *all* keys (text first, then image); the text columns keep the
                                full-row normaliser, and one extra channel holds the weight on every
                                non-text key ("[image]"), so text + [image] sums to 1 per pixel.
+    Wan (DiT cross-attention)  the cross-attention of each block (its second attention call, after the
+                               self-attention: the registry's ``BlockKind.text_call``): video queries x text
+                               keys, each row sums to 1 over the text tokens. Maps are kept PER LATENT FRAME:
+                               (frames, h, w) per token, frames = the latent's T (patch 1 in time).
 
 A context repeated to the LCM of two lengths (ComfyUI batches a 77- and a 154-token prompt that way) is
 folded back: token t of the repeated context is token t mod L of the prompt, and the repeats are summed.
 
 **Where it goes.** Running sums with a fixed size, so memory does not grow with the number of steps:
-per layer on its own grid (whole-run mean), and averaged over layers on one reference grid (the largest
-grid of the captured layers) for each of ``buckets`` step buckets (bucket j holds steps
+per layer on its own grid (whole-run mean; for video the mean over the frames, so the per-layer sums do not
+grow with the frame count), and averaged over layers on one reference grid (the largest
+grid of the captured layers; for video every frame's grid) for each of ``buckets`` step buckets (bucket j holds steps
 [ceil(j·n/b), ceil((j+1)·n/b)) of the n steps); the whole-run mean is the sum of the buckets. Per step
 only each token's spatial mean is kept (tokens x steps numbers, for the class-share plot). Accumulators are
 grouped by the prompt's token count, so timestep-ranged entries of one prompt add up and the viewer picks
@@ -50,7 +55,17 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..core import LOG, PACK, hooks, records, runs
-from ..core.layers import LAYER_KEY, TXT_LEN_KEY, Layer, current_attn2_layer, ensure_layer_tracking, model_layers, parse_layers
+from ..core.layers import (
+    LAYER_KEY,
+    TXT_LEN_KEY,
+    CallCounter,
+    Layer,
+    current_attn2_layer,
+    ensure_layer_tracking,
+    model_layers,
+    parse_layers,
+    text_call,
+)
 from .probs import (
     attention_probs,
     bucket_of,
@@ -78,12 +93,12 @@ OTHER_LABEL = "[image]"  # the extra DiT channel: weight on every non-text key
 class MapSums:
     """Running sums of the maps of one conditioning group (prompts of one token count) for a run."""
 
-    def __init__(self, length: int, extra: bool, batch: int, ref_hw: tuple[int, int], n_steps: int,
+    def __init__(self, length: int, extra: bool, batch: int, ref_hw: tuple[int, ...], n_steps: int,
                  n_buckets: int, device):
         self.length = length  # text tokens of the prompt
         self.extra = extra  # one more channel: weight on non-text keys (DiT)
         self.batch = batch
-        self.ref_hw = tuple(ref_hw)
+        self.ref_hw = tuple(ref_hw)  # (h, w), or (frames, h, w) for video
         channels = length + (1 if extra else 0)
         self.bucket_sum = torch.zeros(n_buckets, batch, channels, *ref_hw, device=device)
         self.bucket_count = torch.zeros(n_buckets, dtype=torch.int64)
@@ -96,18 +111,24 @@ class MapSums:
     def channels(self) -> int:
         return self.length + (1 if self.extra else 0)
 
+    @property
+    def video(self) -> bool:
+        return len(self.ref_hw) == 3
+
     def add(self, layer: str, step: int, bucket: int, maps: torch.Tensor) -> int:
-        """Add maps (batch, channels, h, w) of one layer evaluation; returns bytes of the temporaries."""
+        """Add maps (batch, channels, h, w) — video: (batch, channels, frames, h, w) — of one layer evaluation;
+        returns bytes of the temporaries."""
+        per_layer = maps.mean(dim=2) if self.video else maps  # video: per-layer sums keep the frame mean
         total = self.layer_sum.get(layer)
         if total is None:
-            self.layer_sum[layer] = maps.clone()
+            self.layer_sum[layer] = per_layer.clone()
             self.layer_count[layer] = 1
         else:
-            total += maps
+            total += per_layer
             self.layer_count[layer] += 1
-        self.step_sum[step] += maps.mean(dim=(-2, -1))
+        self.step_sum[step] += maps.mean(dim=tuple(range(2, maps.ndim)))
         self.step_count[step] += 1
-        ref = resize_maps(maps, self.ref_hw)
+        ref = maps if self.video else resize_maps(maps, self.ref_hw)
         self.bucket_sum[bucket] += ref
         self.bucket_count[bucket] += 1
         return ref.numel() * 4 if ref is not maps else 0
@@ -120,7 +141,7 @@ class MapSums:
 
     # ---- views used by the viewer and the tests
     def mean(self) -> torch.Tensor:
-        """Whole-run mean on the reference grid (batch, channels, H, W)."""
+        """Whole-run mean on the reference grid (batch, channels, H, W); video: (batch, channels, frames, H, W)."""
         n = int(self.bucket_count.sum())
         return self.bucket_sum.sum(0) / max(1, n)
 
@@ -145,17 +166,18 @@ class MapSums:
 
 @dataclasses.dataclass
 class CaptureConfig:
-    arch: str  # "unet" / "dit"
+    arch: str  # "unet" / "dit" (joint attention) / "cross" (DiT cross-attention, Wan)
     family: str
     layers: list[Layer]  # chosen
     all_layers: int
     rows: str  # "positive" / "negative"
     buckets: int
     ref_level: int  # UNet: level of the largest chosen grid
-    patch_size: int  # DiT
+    patch: tuple[int, ...]  # DiT token patch: (h, w), or (t, h, w) for video
     register_length: int  # register tokens in front of the text (SD3, AuraFlow)
     text_pad: int | None  # the model left-pads the text to this length (Flux.2)
     modules: dict  # UNet: attn2 key -> module (fallback projections)
+    text_calls: dict = dataclasses.field(default_factory=dict)  # cross: layer key -> ordinal of its text attention call
 
     @property
     def by_key(self) -> dict[tuple, Layer]:
@@ -187,15 +209,17 @@ class CaptureRun:
         if cfg.arch == "unet":
             for _ in range(cfg.ref_level):
                 h, w = math.ceil(h / 2), math.ceil(w / 2)
-        else:
-            h, w = math.ceil(h / cfg.patch_size), math.ceil(w / cfg.patch_size)
-        self.ref_hw = (h, w)
+            self.ref_hw = (h, w)
+        else:  # the DiT pads the latent to its patch, so partial patches count
+            dims = self.latent_shape[-len(cfg.patch):]
+            self.ref_hw = tuple(math.ceil(d / p) for d, p in zip(dims, cfg.patch, strict=True))
         self.sums: dict[int, MapSums] = {}
         self.seen: dict[str, int] = {}  # layer label -> model calls with captured rows, through the override
         self.fallback: dict[str, int] = {}  # ... recomputed from to_q / to_k (attn2 replace present)
         self.skipped: dict[str, int] = {}
         self.errors: list[str] = []  # the first error stops the capture for the rest of the run
         self.pending: _Pending | None = None
+        self.calls = CallCounter()  # cross: which attention call of the running block this is
         self.peak_transient = 0
         self.final: torch.Tensor | None = None
 
@@ -348,6 +372,40 @@ class CaptureRun:
         if added:
             self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
 
+    # ---- DiT cross-attention (Wan)
+    def cross_override(self, args, kwargs, to) -> None:
+        key = to.get(LAYER_KEY)
+        layer = self.by_key.get(key)
+        if key is None:
+            return
+        ordinal = self.calls.next(to)
+        if layer is None or ordinal != self.cfg.text_calls.get(layer.key, 0):
+            return  # another block, or the block's self-attention
+        q, k = args[0], args[1]
+        skip_reshape = bool(kwargs.get("skip_reshape", False))
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        q4, k4 = heads_first(q, int(heads), skip_reshape), heads_first(k, int(heads), skip_reshape)
+        n_img = math.prod(self.ref_hw)
+        if q4.shape[2] < n_img:
+            self._skip("area-conditioned calls (cropped latent)")
+            return
+        step = self._step(to)
+        if step is None:
+            return
+        first = q4.shape[2] - n_img  # tokens in front of the video (Wan 2.2's reference latent): not mapped
+        added = 0
+        for rows, length in self._groups(to, q4.shape[0]):
+            if k4.shape[2] % length:
+                self._skip("contexts that are not a repeat of the prompt")
+                continue
+            stats: dict = {}
+            p = attention_probs(q4[rows], k4[rows], queries=(first, first + n_img), stats=stats)
+            maps = fold_repeats(p, length).transpose(1, 2).reshape(p.shape[0], length, *self.ref_hw)
+            self._add(layer, step, length, maps, stats.get("transient", 0))
+            added += 1
+        if added:
+            self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
+
     def _prompt_start(self, txt_len: int, length: int) -> int | None:
         """Where the prompt's ``length`` tokens start in a text stream of ``txt_len``: after the family's register
         tokens, or at the end of a zero-padded stream (Flux.2); None when the stream does not hold the prompt."""
@@ -396,7 +454,7 @@ class AttentionRun:
     errors: list[str]
     n_steps: int
     buckets: list[tuple[int, int]]
-    ref_hw: tuple[int, int]
+    ref_hw: tuple[int, ...]  # (h, w), or (frames, h, w) for video records
     sums: dict[int, MapSums]  # by text token count
     final: torch.Tensor  # the sampler's output latent (CPU fp32)
     latent_format: object
@@ -408,6 +466,10 @@ class AttentionRun:
     @property
     def batch(self) -> int:
         return int(self.final.shape[0])
+
+    @property
+    def video(self) -> bool:
+        return len(self.ref_hw) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +513,14 @@ def _count(value) -> int:
     return int(value.shape[1]) if torch.is_tensor(value) and value.ndim == 3 else int(value or 0)
 
 
+def _patch(family, dm) -> tuple[int, ...]:
+    """The DiT's token patch: the registry's, else the diffusion model's ``patch_size`` (an int: square)."""
+    if family.patch is not None:
+        return tuple(family.patch)
+    size = int(getattr(dm, "patch_size", 2) or 2)
+    return (size, size)
+
+
 def install_capture(model, layers: str = "all", rows: str = "positive", buckets: int = DEFAULT_BUCKETS):
     """Clone ``model`` with the capture installed; returns (patched model, record handle)."""
     if rows not in ROW_ROLES:
@@ -465,11 +535,13 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
     dm = model.model.diffusion_model
     modules = {layer.key: dm.get_submodule(layer.module) for layer in chosen} if ml.kind == "unet" else {}
     register = ml.family.register_tokens
-    cfg = CaptureConfig(arch=ml.kind, family=ml.family.name, layers=list(chosen), all_layers=len(ml.layers),
+    arch = "cross" if ml.family.is_dit_cross else ml.kind
+    cfg = CaptureConfig(arch=arch, family=ml.family.name, layers=list(chosen), all_layers=len(ml.layers),
                         rows=rows, buckets=int(buckets), ref_level=min(x.level for x in chosen),
-                        patch_size=int(getattr(dm, "patch_size", 2) or 2),
+                        patch=_patch(ml.family, dm),
                         register_length=_count(getattr(dm, register, 0)) if register else 0,
-                        text_pad=ml.family.text_pad, modules=modules)
+                        text_pad=ml.family.text_pad, modules=modules,
+                        text_calls={layer.key: text_call(ml, layer) for layer in chosen} if arch == "cross" else {})
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"
 
@@ -511,8 +583,10 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         if state is not None:
             try:
                 with torch.no_grad():
-                    if ml.kind == "unet":
+                    if arch == "unet":
                         state.unet_override(args, kwargs, to)
+                    elif arch == "cross":
+                        state.cross_override(args, kwargs, to)
                     else:
                         state.dit_override(args, kwargs, to)
             except Exception as e:  # the maps may be incomplete; the image must not suffer

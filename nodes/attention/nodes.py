@@ -28,16 +28,17 @@ class CrossAttentionCapture(io.ComfyNode):
                 "Records the text cross-attention maps (softmax(QKᵀ/√d), averaged over heads) of the chosen layers "
                 "while any sampler runs with the returned MODEL — for CrossAttentionMapViewer (paper 1, Fig. 1 and "
                 "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
-                "the sampled image is bit-identical to an uncaptured run. UNets (SD1.x, SD2.x, SDXL: cross-attention) and "
+                "the sampled image is bit-identical to an uncaptured run. UNets (SD1.x, SD2.x, SDXL: cross-attention), "
                 "the joint-attention DiTs of the family registry (SD3, Flux.1, Flux.2, Chroma, Qwen-Image, AuraFlow: "
-                "image queries against the text keys)."),
+                "image queries against the text keys) and the cross-attention of Wan 2.1 / 2.2 text-to-video "
+                "models (video queries against the text keys, maps kept per latent frame)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
                                                 "with the MODEL output."),
                 io.String.Input("layers", default="all",
                                 tooltip="Which attention layers to record: 'all', forward-order indices and ranges "
                                         "('0-3, 8'), group names (UNet: input, middle, output; SD3: joint; Flux: "
-                                        "double, single) or labels like 'output.3.0' (block, block id, depth). The "
+                                        "double, single; Wan: cross) or labels like 'output.3.0' (block, block id, depth). The "
                                         "maps are averaged over the chosen layers."),
                 io.Combo.Input("rows", options=list(ROW_ROLES), default="positive",
                                tooltip="Whose attention to record: the positive prompt's rows (default) or the "
@@ -72,7 +73,9 @@ class CrossAttentionMapViewer(io.ComfyNode):
                 "Shows what Cross-Attention Capture recorded (paper 1, Fig. 1, 3, 12): per-token heat maps and overlays "
                 "(whole-run mean), the share of [SOS] / semantic / [EOS] / padding per step, the maps per step bucket "
                 "(early to late, also as an animation batch) and the shape convergence F1_t / F1_last between Canny "
-                "edges of the maps and of the final image. Pick tokens by clicking them in the node after a run."),
+                "edges of the maps and of the final image. Pick tokens by clicking them in the node after a run. Video "
+                "records (Wan): maps per latent frame — time_slices is a grid of (token, frame) rows x step buckets, "
+                "video_frames one image per latent frame."),
             inputs=[
                 AttentionRecord.Input("record", tooltip="The record output of Cross-Attention Capture."),
                 io.String.Input("text", multiline=True, dynamic_prompts=False, default="",
@@ -83,13 +86,14 @@ class CrossAttentionMapViewer(io.ComfyNode):
                                 tooltip="The LATENT of the sampler that used the capture MODEL: runs this node after "
                                         "sampling and picks that run."),
                 io.Image.Input("image", optional=True,
-                               tooltip="The decoded image, for the overlays and the Canny edges. Without it the latent's "
-                                       "approximate colours are used."),
+                               tooltip="The decoded image, for the overlays and the Canny edges (video: the decoded "
+                                       "frames). Without it the latent's approximate colours are used."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The CLIP that encoded the prompt (exact tokens, embeddings, weights): the text "
                                       "is re-encoded and must match the recorded prompt token by token (an error says "
                                       "where it differs). Without it the stock tokenizer of the model family is used "
-                                      "and only the token count is checked."),
+                                      "and only the token count is checked; Wan's UMT5 tokenizer ships inside its text "
+                                      "encoder, so without the CLIP Wan tokens are labelled by position only."),
                 io.String.Input("tokens", default="auto",
                                 tooltip="Which maps to show: context positions ('1, 2, 5'), ranges summed into one map "
                                         "('8-76'), class words sos / eos / sem / pad, img (SD3/Flux: weight on image "
@@ -112,12 +116,17 @@ class CrossAttentionMapViewer(io.ComfyNode):
                 io.Image.Output("class_shares", display_name="class_shares",
                                 tooltip="Plot: share of [SOS] / semantic / [EOS] / padding (/ [image]) per step."),
                 io.Image.Output("time_slices", display_name="time_slices",
-                                tooltip="Grid: tokens x step buckets (early to late), one colour scale per token."),
+                                tooltip="Grid: tokens x step buckets (early to late), one colour scale per token. Video "
+                                        "records: (token, latent frame) rows x step buckets."),
                 io.Image.Output("animation", display_name="animation",
                                 tooltip="One frame per step bucket (all chosen tokens), for an animated preview."),
                 io.Image.Output("convergence", display_name="convergence",
                                 tooltip="Plot: F1_t / F1_last of the Canny edges of the maps vs the final image."),
                 io.String.Output("summary", display_name="summary_json", tooltip="All numbers as JSON."),
+                io.Image.Output("video_frames", display_name="video_frames",
+                                tooltip="Video records (Wan): one image per latent frame, the chosen tokens' whole-run "
+                                        "maps on that frame over the decoded frame (an animation of the maps over the "
+                                        "video). Image records: the heat-map grid once."),
             ],
         )
 
@@ -145,7 +154,7 @@ class CrossAttentionMapViewer(io.ComfyNode):
         ui_out["pa_tokens"] = view.chips
         ui_out["pa_selected"] = [it.key for it in view.items]
         return io.NodeOutput(view.heatmaps, view.overlays, view.class_plot, view.time_slices, view.animation,
-                             view.convergence, json.dumps(view.summary, indent=1), ui=ui_out)
+                             view.convergence, json.dumps(view.summary, indent=1), view.video_frames, ui=ui_out)
 
 
 NODES = [CrossAttentionCapture, CrossAttentionMapViewer]

@@ -19,8 +19,17 @@ CLIP-G / OpenCLIP-H / T5 with their pad id; T5 has no [SOS]). SD3 / Flux records
 * ``convergence``: F1_t / F1_last (Fig. 1b): the F1 score between the Canny edges (kornia, as ComfyUI's
   Canny node) of a token's map in bucket t and those of the final image, relative to the last bucket;
   edges count as matched within ``edge_tolerance`` pixels.
+* ``video_frames`` (the last output, added for video records): one image per latent frame, each chosen
+  token's whole-run map on that frame over the decoded frame (one colour scale per token across the frames);
+  for image records the heat-map grid once.
 * ``summary``: JSON with every number (token table, per-token mean weight, class shares per step and per
   bucket, F1 values, layers seen / recomputed / missing).
+
+**Video records (Wan).** The capture keeps the maps per latent frame. ``heatmaps``, ``overlays``, ``animation``
+and ``convergence`` show the mean over the frames, overlaid on the decoded frame of the middle latent frame;
+``time_slices`` is a grid of (token, latent frame) rows x step buckets; ``video_frames`` animates a token's map
+over the video. Latent frame f of T is shown on decoded frame round(f · (N − 1) / (T − 1)) of the N frames of
+the connected IMAGE batch (per batch item), or on the latent preview of that frame.
 
 The node shows the heat maps, the plots and a short summary; its JS lists the prompt's tokens as chips
 that edit the ``tokens`` input (so the choice is saved with the workflow).
@@ -130,6 +139,12 @@ def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
     """The token table of ``text`` for the recorded run, checked against the recorded context lengths."""
     family = families.by_name(run.family)
     lengths = sorted(run.sums)
+    if clip is None and not family.stock_tokens:  # the tokenizer ships inside the checkpoint: positions only
+        if len(lengths) != 1:
+            raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s tokenizer "
+                             f"ships inside its text encoder checkpoint: connect the CLIP that encoded the prompt "
+                             f"(clip input) to label the tokens, or record one prompt length at a time.")
+        return positions_only(family, lengths[0])
     if any(e.kind == families.LLM for e in family.context_encoders):
         if len(lengths) != 1:
             raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s token labels "
@@ -465,6 +480,41 @@ def _pick_image(run: AttentionRun, image: torch.Tensor | None, index: int) -> tu
     return rgb.float().clamp(0, 1), "latent preview (no IMAGE connected)"
 
 
+def _pick_frames(run: AttentionRun, image: torch.Tensor | None, index: int) -> tuple[list[torch.Tensor], str]:
+    """Video records: one image (H, W, 3) per latent frame of batch item ``index`` — the decoded frame at the same
+    place in the video (latent frame f of T -> frame round(f (N - 1) / (T - 1)) of the item's N decoded frames), or
+    the latent preview of that frame."""
+    n_frames = int(run.ref_hw[0])
+    if image is not None:
+        if image.ndim != 4 or image.shape[-1] < 3:
+            raise ValueError(f"image must be an IMAGE batch [frames, H, W, 3], got shape {tuple(image.shape)}.")
+        total = int(image.shape[0])
+        if total % run.batch:
+            raise ValueError(f"image has {total} frames, which do not split into the {run.batch} videos the recorded "
+                             f"run sampled: connect the decoded output of the sampler that used the capture MODEL.")
+        per = total // run.batch
+        video = image[index * per:(index + 1) * per, ..., :3].float().cpu().clamp(0, 1)
+        picks = [round(f * (per - 1) / (n_frames - 1)) if n_frames > 1 else 0 for f in range(n_frames)]
+        return [video[i] for i in picks], "image (decoded frames)"
+    latent = run.final[index:index + 1]
+    if run.latent_format is not None:
+        latent = run.latent_format.process_in(latent)
+    frames = [latent_to_rgb(latent[:, :, f], run.latent_format, min_side=128)[0].float().clamp(0, 1)
+              for f in range(min(n_frames, latent.shape[2]))]
+    return frames, "latent preview (no IMAGE connected)"
+
+
+def _frame_cells(maps: torch.Tensor, frames: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """``maps`` (items, T, h, w) in [0, 1] -> per latent frame the overlay cells (items, ch, cw, 3)."""
+    out = []
+    up_all = upsample(maps.reshape(-1, *maps.shape[-2:]), size).reshape(*maps.shape[:2], *size)
+    for f in range(maps.shape[1]):
+        frame = frames[min(f, len(frames) - 1)]
+        cell = F.interpolate(frame.movedim(-1, 0)[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(overlay(cell.movedim(0, -1).clamp(0, 1), up_all[:, f]))
+    return out
+
+
 @dataclasses.dataclass
 class View:
     heatmaps: torch.Tensor
@@ -473,6 +523,7 @@ class View:
     time_slices: torch.Tensor
     animation: torch.Tensor
     convergence: torch.Tensor
+    video_frames: torch.Tensor
     summary: dict
     text: str
     chips: list[dict]
@@ -494,10 +545,17 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     extra = sums.extra
     items = parse_items(tokens, table, extra)
     classes = class_of_channels(table, extra)
-    img, image_source = _pick_image(run, image, batch_index)
+    video = sums.video
+    frame_imgs: list[torch.Tensor] = []
+    if video:
+        frame_imgs, image_source = _pick_frames(run, image, batch_index)
+        img = frame_imgs[len(frame_imgs) // 2]
+    else:
+        img, image_source = _pick_image(run, image, batch_index)
     H, W = int(img.shape[0]), int(img.shape[1])
 
-    mean = sums.mean()[batch_index]  # (C, h, w)
+    mean_full = sums.mean()[batch_index]  # (C, h, w); video (C, T, h, w)
+    mean = mean_full.mean(1) if video else mean_full  # video: the mean over the frames
     token_share = sums.token_share()[batch_index]  # (C,)
     maps = item_maps(mean, items)  # (n, h, w)
     shares = [float(token_share[list(it.channels)].sum()) for it in items]
@@ -522,9 +580,12 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     # time slices (one colour scale per item over all buckets)
     nb = len(run.buckets)
     bucket_maps = []
+    video_buckets = []  # video: (items, T, h, w) per filled bucket
     for j in range(nb):
         m = sums.bucket_mean(j)
-        bucket_maps.append(None if m is None else item_maps(m[batch_index], items))
+        if m is not None and video:
+            video_buckets.append(item_maps(m[batch_index], items))
+        bucket_maps.append(None if m is None else item_maps(m[batch_index].mean(1) if video else m[batch_index], items))
     filled = [m for m in bucket_maps if m is not None]
     stacked = torch.stack(filled, 1) if filled else torch.zeros(len(items), 1, *mean.shape[-2:])  # (n, nb', h, w)
     norm_t = normalise(stacked, dims=(-3, -2, -1))
@@ -532,12 +593,34 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     valid_buckets = [j for j in range(nb) if bucket_maps[j] is not None]
     slices = colormap(upsample(norm_t.reshape(-1, *norm_t.shape[-2:]), (sh, sw)))
     col_labels = [_steps_label(run.buckets[j], "\n") for j in valid_buckets]
-    time_slices = labelled_grid(slices, len(items), len(valid_buckets), labels, col_labels)
+    if video and video_buckets:  # rows: (token, latent frame); one colour scale per token over frames and buckets
+        vt = normalise(torch.stack(video_buckets, 2), dims=(-4, -3, -2, -1))  # (n, T, nb', h, w)
+        n_t = vt.shape[1]
+        slices = colormap(upsample(vt.reshape(-1, *vt.shape[-2:]), (sh, sw)))
+        row_labels = [f"{lab} · frame {f}" for lab in labels for f in range(n_t)]
+        time_slices = labelled_grid(slices, len(items) * n_t, len(valid_buckets), row_labels, col_labels)
+    else:
+        time_slices = labelled_grid(slices, len(items), len(valid_buckets), labels, col_labels)
     frames = []
     for k, j in enumerate(valid_buckets):
         cells_j = colormap(upsample(norm_t[:, k], (ch, cw)))
         frames.append(labelled_grid(cells_j, 1, len(items), [_steps_label(run.buckets[j])], labels))
     animation = drawing.stack_padded(frames) if frames else heat
+
+    # video: one image per latent frame (whole-run maps, one colour scale per token over the frames)
+    per_frame_weight: list[list[float]] = []
+    if video:
+        fm = item_maps(mean_full, items)  # (n, T, h, w)
+        per_frame_weight = [[float(v) for v in fm[k].mean((-2, -1))] for k in range(len(items))]
+        if scale == "shared":
+            top = float(fm.amax()) if fm.numel() else 1.0
+            fm_shown = (fm / top if top > 0 else fm).clamp(0, 1)
+        else:
+            fm_shown = normalise(fm, dims=(-3, -2, -1))
+        video_frames = torch.cat([labelled_grid(cells_f, 1, len(items), [f"latent frame {f}"], labels)
+                                  for f, cells_f in enumerate(_frame_cells(fm_shown, frame_imgs, (ch, cw)))])
+    else:
+        video_frames = heat
 
     # class shares per step
     step_share = sums.step_share()[:, batch_index]  # (steps, C)
@@ -570,9 +653,11 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
                           f"maps: {', '.join(run.missing)}")
     notes = list(layer_note) + ([label_note] if label_note else [])
     if table[0].text == "#0":
-        notes.append(f"token labels are positions only: the registry has no token rules for "
-                     f"{families.by_name(run.family).label}'s chat-template encoder yet, so the class plot shows them "
-                     f"all as semantic")
+        fam = families.by_name(run.family)
+        why = (f"{fam.label}'s tokenizer ships inside its text encoder checkpoint: connect the CLIP that encoded the "
+               f"prompt to label them" if not fam.stock_tokens else
+               f"the registry has no token rules for {fam.label}'s chat-template encoder yet")
+        notes.append(f"token labels are positions only: {why}; the class plot shows them all as semantic")
     if not matched:
         notes.append("no recorded run produced exactly this LATENT; showing the newest run of the capture")
     for why, count in run.skipped.items():
@@ -585,7 +670,8 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     summary = {
         "family": run.family, "rows": run.rows, "sampler": run.sampler, "steps": run.n_steps,
         "batch_index": batch_index, "batch": run.batch, "matched_latent": matched, "image": image_source,
-        "grid": list(run.ref_hw), "context_tokens": len(table), "extra_image_channel": extra,
+        "grid": list(run.ref_hw), "frames": int(run.ref_hw[0]) if video else None, "context_tokens": len(table),
+        "extra_image_channel": extra,
         "layers": {"chosen": run.layers, "of": run.all_layers, "seen": run.seen, "recomputed_attn2_replace": run.fallback,
                    "missing": run.missing},
         "buckets": [list(b) for b in run.buckets],
@@ -593,7 +679,8 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
         "tokens": [{"pos": t.pos, "text": t.text, "class": t.klass, "chunk": t.chunk, "weight": t.weight,
                     "encoder": t.encoder, "mean_weight": float(token_share[t.pos])} for t in table],
         "shown": [{"item": it.key, "label": it.label, "class": it.klass, "mean_weight": s,
-                   "f1": [float(v) for v in f1[k]], "f1_relative": [float(v) for v in rel[k]]}
+                   "f1": [float(v) for v in f1[k]], "f1_relative": [float(v) for v in rel[k]],
+                   **({"mean_weight_per_frame": per_frame_weight[k]} if video else {})}
                   for k, (it, s) in enumerate(zip(items, shares, strict=True))],
         "peak_capture_bytes": run.peak_bytes, "notes": notes,
     }
@@ -606,7 +693,8 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     lines = [
         f"{families.by_name(run.family).label} · {run.n_steps} steps ({run.sampler}) · {run.rows} rows · image "
         f"{batch_index + 1} of {run.batch} · {len(run.seen) + len(run.fallback)}/{len(run.layers)} chosen layers seen "
-        f"({run.all_layers} in the model) · grid {run.ref_hw[0]}x{run.ref_hw[1]}",
+        f"({run.all_layers} in the model) · grid {'x'.join(map(str, run.ref_hw))}"
+        + (" (frames x h x w)" if video else ""),
         f"class share (whole run): {share_txt}",
         "shown: " + ", ".join(f"{lab} {s:.1%}" for lab, s in zip(labels, shares, strict=True)),
     ]
@@ -615,4 +703,5 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     lines += [f"note: {n}" for n in notes]
     text_summary = "\n".join(lines)
     summary["summary"] = text_summary
-    return View(heat, overlays, plot_classes, time_slices, animation, conv, _clean(summary), text_summary, chips, items)
+    return View(heat, overlays, plot_classes, time_slices, animation, conv, video_frames, _clean(summary), text_summary,
+                chips, items)

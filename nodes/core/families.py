@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
+
 # how text enters the denoiser
 UNET_CROSS = "unet_cross"  # UNet cross-attention (attn2) in every transformer block
 DIT_CROSS = "dit_cross"  # DiT blocks with a separate cross-attention over the text context
@@ -46,6 +48,10 @@ class BlockKind:
     replace: str | None  # patches_replace["dit"] key of these blocks (None: the model offers no block replace)
     weights: tuple[str, ...]  # state-dict prefixes (under diffusion_model.) of the block's attention, "{i}" = index
     heads: str  # attribute path from a block to its head count
+    text_call: int | None = None  # blocks whose text attention is one of several attention calls (DiT cross-
+    #                               attention): the 0-based ordinal of the call that attends to the text
+    #                               (Wan: self-attention 0, cross-attention 1); None: the block's first call
+    text_attn: str | None = None  # attribute path from a block to its text attention module (DiT cross-attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +80,18 @@ class Family:
     preset_start: float | None = None  # the paper's first patched step as a fraction of its sampling steps
     attention_name: str = ""  # what users call its text attention, e.g. "SD3's MMDiT"
     no_attention_hook: str = ""  # why the attention techniques cannot reach this family's text attention (if so)
+    patch: tuple[int, ...] | None = None  # the DiT's token patch, (h, w) or (t, h, w); None: diffusion_model.patch_size
+    text_embedder: str | None = None  # DIT_CROSS: diffusion_model attribute that maps the encoder's context to the
+    #                                   blocks' text stream token by token (Wan: text_embedding)
+    stock_tokens: bool = True  # False: the tokenizer ships inside the checkpoint, so token labels need the CLIP
 
     @property
     def is_unet(self) -> bool:
         return self.text_entry == (UNET_CROSS,)
+
+    @property
+    def is_dit_cross(self) -> bool:
+        return self.text_entry == (DIT_CROSS,)
 
     @property
     def context_encoders(self) -> tuple[EncoderSpec, ...]:
@@ -98,6 +112,8 @@ def _module_in_features(*attrs: str) -> Callable:
         dm = model.model.diffusion_model
         for attr in attrs:
             mod = getattr(dm, attr, None)
+            if isinstance(mod, torch.nn.Sequential) and len(mod):  # an MLP: its first layer (Wan)
+                mod = mod[0]
             if mod is not None and hasattr(mod, "in_features"):
                 return int(mod.in_features)
         return None
@@ -144,6 +160,19 @@ SD3_PAPER = (("joint", 10),)
 PIXART_T5 = dataclasses.replace(T5XXL, attr="t5xxl")  # PixArt's T5 CLIP (also Chroma's): no padding
 PIXART_NO_HOOK = ("ComfyUI's PixArt drops transformer_options before its blocks and calls attention without them, and "
                   "offers no block replace, so no ComfyUI hook sees its cross-attention")
+WAN_NO_HOOK = {
+    "i2v": ("its image-to-video cross-attention (WanI2VCrossAttention) puts the CLIP-vision image tokens in front of the "
+            "text and attends to them in a second attention call, which the pack does not separate from the text "
+            "yet (text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
+    "s2v": ("its block replace passes no transformer_options, so the pack cannot tell which block's attention runs "
+            "(text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
+    "humo": ("its blocks (WanAttentionBlockAudio) add an audio cross-attention the pack does not separate from the text "
+             "yet (text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
+}
+UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
+# Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
+WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
+                        text_call=1, text_attn="cross_attn"),)
 LLM = "llm"  # decoder-only LLM encoder behind a chat template (its [EOS] analogue is not defined yet)
 
 FAMILIES: tuple[Family, ...] = (
@@ -207,6 +236,19 @@ FAMILIES: tuple[Family, ...] = (
                    BlockKind("single", "single_layers", "single_block", ("single_layers.{i}.attn.",),
                              "attn.n_heads")),
            register_tokens="register_tokens", attention_name="AuraFlow's double/single blocks"),
+    # Wan: UMT5-XXL (its SentencePiece model ships inside the checkpoint), 5-D latents (B, C, T, H, W), patch (1, 2, 2).
+    # Wan 2.2 A14B T2V / I2V checkpoints have no img_emb, so ComfyUI loads them as WAN21_T2V.
+    *(Family(name, label, configs, (DIT_CROSS,), (UMT5XXL,), _clip_is("WanT5Model"),
+             "comfy.text_encoders.wan:WanT5Tokenizer", "none (Wan takes no pooled vector)", latent,
+             _module_in_features("text_embedding"), blocks=WAN_BLOCKS, patch=(1, 2, 2), text_embedder="text_embedding",
+             stock_tokens=False, attention_name=f"{label}'s cross-attention blocks", no_attention_hook=why)
+      for name, label, configs, latent, why in (
+          ("wan21", "Wan 2.1 / 2.2 A14B", ("WAN21_T2V", "WAN21_Vace", "WAN22_Camera"), "Wan21", ""),
+          ("wan22", "Wan 2.2 TI2V-5B", ("WAN22_T2V",), "Wan22", ""),
+          ("wan_i2v", "Wan image-to-video", ("WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Animate"),
+           "Wan21", WAN_NO_HOOK["i2v"]),
+          ("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), "Wan21", WAN_NO_HOOK["s2v"]),
+          ("wan_humo", "Wan HuMo", ("WAN21_HuMo",), "Wan21", WAN_NO_HOOK["humo"]))),
 )
 
 _extra: list[Family] = []  # families registered at run time (another pack's model, or a test's)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 
 from . import PACK, families, hooks
@@ -21,8 +22,9 @@ from .errors import InternalError
 
 GRAMMAR = ("'all'; a preset ('auto' = the paper's layers where the paper localized this architecture); forward-order "
            "indices and ranges ('55', '54-56'); a group ('input', 'middle', 'output' on UNets; 'joint', 'double', "
-           "'single' on DiTs); UNet 'output.2.1' (block.id.depth), 'output.2' (every depth of that block), "
-           "'output.2.0-1'; DiT 'joint.10', 'double.3-5'. Separate several with commas. Empty = no layer.")
+           "'single' on DiTs; 'cross' on Wan); UNet 'output.2.1' (block.id.depth), 'output.2' (every depth of that "
+           "block), 'output.2.0-1'; DiT 'joint.10', 'double.3-5', Wan 'cross.12'. Separate several with commas. "
+           "Empty = no layer.")
 
 
 class Layer(tuple):
@@ -315,6 +317,8 @@ def parse_layers(spec: str, ml: ModelLayers) -> tuple[Layer, ...]:
 LAYER_KEY = f"{PACK}.layer"  # transformer_options key: the attention layer running now (or None)
 TXT_LEN_KEY = f"{PACK}.txt_len"  # transformer_options key: text tokens at the front of a DiT sequence
 TRACKING_KEY = f"{PACK}.layer_tracking"  # hooks key of the UNet flagging patches
+BLOCK_RUN_KEY = f"{PACK}.block_run"  # transformer_options key: a new number each time a tracked DiT block starts
+_block_runs = itertools.count(1)
 
 
 class Marker:
@@ -358,6 +362,7 @@ def _stamp_replace(kind: str, index: int, previous):
         to = args.get("transformer_options")
         if to is not None:
             to[LAYER_KEY] = (kind, index)
+            to[BLOCK_RUN_KEY] = next(_block_runs)
             if "txt" in args and args["txt"] is not None:
                 to[TXT_LEN_KEY] = args["txt"].shape[1]
         try:
@@ -369,6 +374,31 @@ def _stamp_replace(kind: str, index: int, previous):
                 to[LAYER_KEY] = None
 
     return hooks.keyed(replace, TRACKING_KEY)
+
+
+class CallCounter:
+    """Which attention call of the running DiT block this is (0 = its first), for blocks with several attention
+    calls (Wan: self-attention, then cross-attention). Each attention override that needs it owns one counter and
+    asks it on every call it sees, so overrides chained together never count a call twice."""
+
+    __slots__ = ("run", "n")
+
+    def __init__(self):
+        self.run, self.n = None, -1
+
+    def next(self, transformer_options: dict) -> int:
+        run = (transformer_options or {}).get(BLOCK_RUN_KEY)
+        if run != self.run:
+            self.run, self.n = run, 0
+        else:
+            self.n += 1
+        return self.n
+
+
+def text_call(ml: ModelLayers, layer) -> int:
+    """Ordinal of a block's attention call that attends to the text (the registry's BlockKind.text_call; 0 when the
+    block's first call is the text attention)."""
+    return block_kind(ml, layer).text_call or 0
 
 
 def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:

@@ -23,6 +23,11 @@ def check_model(layout: Layout, model, kv: str, channels: int) -> None:
     if width is not None and width != channels:
         raise ValueError(f"model expects {width}-channel text context but clip ({layout.label}) gives {channels} "
                          f"channels: connect the CLIP and MODEL of the same model family.")
+    if kv != "key_and_value" and fam is not None and fam.is_dit_cross:
+        raise ValueError(
+            f"kv={kv} needs a UNet model (SD1.x, SD2.x, SDXL): the key/value split patches UNet cross-attention only, "
+            f"and {fam.attention_name} read the text through the model's own text embedding first, which this split "
+            f"does not reach yet. Use kv=key_and_value with this model.")
     if kv != "key_and_value" and (fam is None or not fam.is_unet):
         why = (fam.attention_name or f"{fam.label}'s transformer") if fam is not None else \
             f"{families.config_name(model)}'s transformer"

@@ -19,6 +19,13 @@ cross-/joint-attention layers that decide *what text* is rendered, and four node
     and a chained attention override swaps the text part of K/V of the source rows for the target rows' in
     the selected blocks. Nothing is cached across calls; outside [start, end] nothing is added.
     Text comes first in both sequences: Flux q,k,v are (B, H, L, D); SD3 q,k are (B, L, H·D), v (B, L, H, D).
+  - Wan (DiT cross-attention) — "injection", as on UNets: every block's cross-attention reads the same text
+    stream (the encoder's context through the model's per-token ``text_embedding``, the registry's
+    ``text_embedder``), so a chained ``patches_replace["dit"][("double_block", i)]`` on each selected block
+    calls the block (or the replacement installed before) with the text stream of the selected rows swapped
+    for the target prompt's, embedded by the same module (blended with ``strength``). No extra batch row; the
+    other blocks, rows and steps get the untouched arguments. A ``heads`` subset needs the projected K/V: a
+    chained attention override takes them at the block's text attention call (the registry's ``text_call``).
 
 * **TextLayerWordSubstitute** builds the target conditioning from a prompt and a "word => replacement" list
   (paper 2's toxic-text application: only the text layers see the replacement).
@@ -34,6 +41,7 @@ order ``55``, ``54-56``; DiT ``joint.10``, ``double.7``, ``single.20``, ``double
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import uuid
@@ -45,8 +53,10 @@ from ..core import PACK, hooks, runs
 from ..core.layers import (
     LAYER_KEY,
     TXT_LEN_KEY,
+    CallCounter,
     Marker,
     ModelLayers,
+    block_kind,
     current_attn2_layer,
     ensure_layer_tracking,
     int_range,
@@ -55,6 +65,7 @@ from ..core.layers import (
     model_layers,
     module_of,
     parse_layers,
+    text_call,
 )
 
 ROW_MODES = ("positive", "positive_and_negative")
@@ -370,6 +381,67 @@ def swap_text(t: torch.Tensor, plan: _DitPlan, txt_len: int, layout: str, heads:
     return out
 
 
+def _make_cross_replace(s: PatchSettings, target: TargetText, token: str, embedder, layer, previous):
+    """The ("double_block", i) replace of one selected DiT cross-attention block: the block runs with the text
+    stream of the selected rows taken from the target prompt (``embedder`` = the model's per-token text
+    embedding), on the patched steps only; ``previous`` (a replacement installed before) keeps running."""
+
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def replace(args, extra):
+        to = args.get("transformer_options") or {}
+        txt = args.get("txt")
+        if txt is None or not _is_active(to, s, token):
+            return run(args, extra)
+        rows = runs.row_mask(to, txt.shape[0], s.roles, device=txt.device)
+        if not bool(rows.any()):
+            return run(args, extra)
+        tgt = embedder(hooks.like(target.context, txt)).to(txt.dtype)
+        length = match_token_lengths(txt.shape[1], tgt.shape[1])
+        src = repeat_tokens(txt, length)
+        tgt = repeat_tokens(tgt, length).expand(src.shape[0], -1, -1)
+        args = dict(args, txt=torch.where(rows[:, None, None], blend(src, tgt, s.strength), src))
+        return run(args, extra)
+
+    return hooks.keyed(replace, f"{HOOK_KEY}.{layer_label(layer)}")
+
+
+def _make_cross_heads_override(s: PatchSettings, target: TargetText, token: str, embedder, modules: dict,
+                               text_calls: dict):
+    """A heads subset on DiT cross-attention (Wan): at the text attention call of a selected block (the registry's
+    ``text_call``, counted per block run), the selected rows' keys/values of the chosen heads are taken (blended)
+    from the target's, projected by that block's own ``k``/``norm_k`` and ``v``."""
+    layer_set = frozenset(s.layers)
+    counter = CallCounter()
+
+    def override(call_next, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        layer = to.get(LAYER_KEY)
+        if layer is None:
+            return call_next(*args, **kwargs)
+        ordinal = counter.next(to)
+        if layer not in layer_set or ordinal != text_calls[layer] or not _is_active(to, s, token):
+            return call_next(*args, **kwargs)
+        q, k, v = args[0], args[1], args[2]
+        n_heads = args[3] if len(args) > 3 else kwargs["heads"]
+        rows = runs.row_mask(to, k.shape[0], s.roles, device=k.device)
+        if not bool(rows.any()):
+            return call_next(*args, **kwargs)
+        attn = modules[layer]  # WanT2VCrossAttention: k = norm_k(k(context)), v = v(context)
+        tgt = embedder(hooks.like(target.context, k))
+        k_t, v_t = attn.norm_k(attn.k(tgt)), attn.v(tgt)
+        length = match_token_lengths(k.shape[1], k_t.shape[1])
+        k, v = repeat_tokens(k, length), repeat_tokens(v, length)
+        k_t, v_t = repeat_tokens(k_t, length).to(k.dtype), repeat_tokens(v_t, length).to(v.dtype)
+        sel = rows[:, None, None] & head_mask(s.heads, n_heads, k.shape[-1] // n_heads, k.device)[None, None, :]
+        k2 = torch.where(sel, blend(k, k_t.expand_as(k), s.strength), k)
+        v2 = torch.where(sel, blend(v, v_t.expand_as(v), s.strength), v)
+        return call_next(q, k2, v2, *args[3:], **kwargs)
+
+    return override
+
+
 def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str):
     layer_set = frozenset(s.layers)
     roles = s.roles
@@ -534,6 +606,20 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
             m.model_options["transformer_options"][MARK_KEY] = Marker()
             hooks.chain_attention_override(m, heads_override)
             hooks.set_attn2_patches(m, HOOK_KEY, patch, output_patch)
+    elif ml.family.is_dit_cross and s.heads is not None:
+        embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
+        modules = {layer: functools.reduce(getattr, block_kind(ml, layer).text_attn.split("."),
+                                           module_of(m, ml.by_key[layer])) for layer in s.layers}
+        hooks.chain_attention_override(m, _make_cross_heads_override(
+            s, tgt, token, embedder, modules, {layer: text_call(ml, layer) for layer in s.layers}))
+    elif ml.family.is_dit_cross:
+        embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
+        replaces = to.get("patches_replace", {}).get("dit", {})
+        for layer in s.layers:
+            kind = block_kind(ml, layer)
+            previous = replaces.get((kind.replace, layer[1]))  # an earlier TextLayerPatch's stays inert (ACTIVE_KEY)
+            m.set_model_patch_replace(_make_cross_replace(s, tgt, token, embedder, layer, previous), "dit",
+                                      kind.replace, layer[1])
     else:
         wrapper, override = _make_dit_hooks(s, tgt, token, ml.label)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
@@ -548,6 +634,8 @@ def _with_note(report: str, note: str) -> str:
 def format_report(ml: ModelLayers, s: PatchSettings, target: TargetText, noop: bool = False) -> str:
     method = ("UNet injection: the selected cross-attention layers take the target's keys/values"
               if ml.kind == "unet" else
+              "DiT cross-attention injection: the selected blocks' cross-attention reads the target's text stream"
+              if ml.family.is_dit_cross else
               "MMDiT/Flux patching: the target prompt runs as one extra batch row per image on patched steps and "
               "gives its text keys/values to the selected blocks")
     lines = [f"TextLayerPatch · {ml.label} · {method}."]

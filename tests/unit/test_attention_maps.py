@@ -459,9 +459,10 @@ def test_viewer_node_end_to_end(sd1):
     out, run, _, handle = captured(sd1.model, pos, neg, steps=4, size=32, buckets=2)
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     res = _view(handle, {"samples": out}, image=image, clip=sd1.clip, tokens="2, 3")
-    heat, overlays, classes, slices, anim, conv, summary_json = res.args
+    heat, overlays, classes, slices, anim, conv, summary_json, video_frames = res.args
     summary = json.loads(summary_json)
     assert overlays.shape == (2, 32, 32, 3) and anim.shape[0] == 2 and heat.shape[0] == 1
+    assert torch.equal(video_frames, heat) and summary["frames"] is None  # the last output: image records get the grid
     for img in (heat, overlays, classes, slices, anim, conv):
         assert img.ndim == 4 and img.shape[-1] == 3 and 0 <= float(img.min()) and float(img.max()) <= 1
     assert summary["matched_latent"] is True and summary["steps"] == 4 and summary["buckets"] == [[0, 1], [2, 3]]
