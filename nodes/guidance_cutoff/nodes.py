@@ -31,6 +31,13 @@ _KEEP_TOOLTIP = ("Which prediction to keep after the cutoff. 'negative' is paper
                  "keeps the positive prediction (cfg 1), what A1111/Forge and most tools do. Both save the same compute.")
 
 
+_FULL_SIGMAS_TOOLTIP = ("Optional: the whole schedule when sampling is split over several samplers (KSamplerAdvanced "
+                        "start_at_step/end_at_step, or SplitSigmas into two SamplerCustomAdvanced; e.g. Wan 2.2's two "
+                        "experts): a BasicScheduler with the same model, scheduler and steps (denoise 1.0). A fraction "
+                        "or step cutoff then counts steps of the whole schedule and lands on the same step whichever "
+                        "sampler runs it. Not needed for cutoff_unit 'sigma', which is the same in every part.")
+
+
 def cutoff_inputs() -> list:
     return [
         io.Float.Input("cutoff", default=0.6, min=0.0, max=10000.0, step=0.01,
@@ -127,15 +134,16 @@ class GuidanceCutoffGuider(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale used before the cutoff."),
                 *cutoff_inputs(),
+                io.Sigmas.Input("full_sigmas", optional=True, tooltip=_FULL_SIGMAS_TOOLTIP),
             ],
             outputs=[io.Guider.Output(tooltip="Plug into SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, cutoff=0.6, cutoff_unit="fraction", keep="negative",
-                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02, full_sigmas=None) -> io.NodeOutput:
         settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings))
+        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings, full_sigmas=full_sigmas))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
@@ -155,13 +163,7 @@ class GuidanceCutoffPatch(io.ComfyNode):
                         "the cutoff then refers to the whole schedule.",
             inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
                     *cutoff_inputs(),
-                    io.Sigmas.Input("full_sigmas", optional=True,
-                                    tooltip="Optional: the whole schedule when sampling is split over several "
-                                            "samplers (KSamplerAdvanced start_at_step/end_at_step, e.g. Wan 2.2's two "
-                                            "experts): a BasicScheduler with the same model, scheduler and steps "
-                                            "(denoise 1.0). A fraction or step cutoff then counts steps of the whole "
-                                            "schedule and lands on the same step whichever sampler runs it. Not "
-                                            "needed for cutoff_unit 'sigma', which is the same in every part.")],
+                    io.Sigmas.Input("full_sigmas", optional=True, tooltip=_FULL_SIGMAS_TOOLTIP)],
             outputs=[io.Model.Output(tooltip="The patched model."),
                      CutoffRecord.Output("record", display_name="record",
                                          tooltip="The reports of the runs sampled with the patched model: connect to "

@@ -154,3 +154,21 @@ def test_newest_schedule_chains_contiguous_runs():
     assert gc_logic.newest_schedule([b, a]) == [a, b]
     plain = gc_logic.CutoffRun(steps=8, serial=4)
     assert gc_logic.newest_schedule([a, b, plain]) == [plain]
+
+
+def test_guider_with_split_sigmas_and_full_schedule(sd1):
+    """SamplerCustomAdvanced twice on SplitSigmas halves: GuidanceCutoffGuider with full_sigmas cuts the same steps
+    as one unsplit run."""
+    pos, neg = sd1.encode("a red square"), sd1.encode("")
+    full = full_sigmas(sd1.model)
+    high_sigmas, low_sigmas = nodes_custom_sampler.SplitSigmas.execute(full, SPLIT).args
+    sampler = nodes_custom_sampler.KSamplerSelect.execute("euler").args[0]
+    calls: list = []
+    latent = empty_latent()
+    for part, (offset, sigmas) in enumerate(((0, high_sigmas), (SPLIT, low_sigmas))):
+        guider = gc_nodes.GuidanceCutoffGuider.execute(recorder(sd1.model, offset, calls), pos, neg, 5.0,
+                                                       cutoff=0.75, full_sigmas=full).args[0]
+        noise = nodes_custom_sampler.RandomNoise.execute(0).args[0] if part == 0 else \
+            nodes_custom_sampler.DisableNoise.execute().args[0]
+        latent = nodes_custom_sampler.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).args[0]
+    assert calls == [(s, 2 if s < 6 else 1) for s in range(STEPS)]
