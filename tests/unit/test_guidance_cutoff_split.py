@@ -172,3 +172,11 @@ def test_guider_with_split_sigmas_and_full_schedule(sd1):
             nodes_custom_sampler.DisableNoise.execute().args[0]
         latent = nodes_custom_sampler.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).args[0]
     assert calls == [(s, 2 if s < 6 else 1) for s in range(STEPS)]
+
+
+def test_report_node_before_any_run_and_with_a_wrong_record(sd1):
+    _, handle = patch(sd1.model, 0.5)
+    report = gc_nodes.GuidanceCutoffReport.execute(handle, {"samples": torch.zeros(1, 4, 4, 4)}).args[0]
+    assert report.startswith("No sampling run has been reported yet")
+    with pytest.raises(ValueError, match="record must be the record output of a GuidanceCutoffPatch node"):
+        gc_nodes.GuidanceCutoffReport.execute(object(), {"samples": torch.zeros(1, 4, 4, 4)})
