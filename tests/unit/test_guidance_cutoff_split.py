@@ -180,3 +180,15 @@ def test_report_node_before_any_run_and_with_a_wrong_record(sd1):
     assert report.startswith("No sampling run has been reported yet")
     with pytest.raises(ValueError, match="record must be the record output of a GuidanceCutoffPatch node"):
         gc_nodes.GuidanceCutoffReport.execute(object(), {"samples": torch.zeros(1, 4, 4, 4)})
+
+
+def test_schedule_offset_finds_the_slice():
+    full = torch.tensor([14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0])
+    assert runs.schedule_offset(full[2:], full) == 2
+    first = full[:4].clone()
+    first[-1] = 0.0  # KSamplerAdvanced ending early with return_with_leftover_noise off
+    assert runs.schedule_offset(first, full) == 0
+    assert runs.schedule_offset(torch.tensor([3.0, 1.0, 0.0]), full) is None
+    assert runs.resolve_cutoff_step(0.5, "fraction", full[2:], full) == 1  # step 3 of 6 = the part's step 1
+    assert runs.resolve_cutoff_step(0.5, "fraction", full[:3], full) == 2  # after the part: its step count (never)
+    assert runs.resolve_cutoff_step(1, "step", full[2:], full) == 0  # before the part: from its first step
