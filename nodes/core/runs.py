@@ -285,8 +285,52 @@ def fraction_window(start: float, end: float, sample_sigmas: torch.Tensor) -> tu
     return (resolve_cutoff_step(start, "fraction", sample_sigmas), resolve_cutoff_step(end, "fraction", sample_sigmas))
 
 
-def resolve_cutoff_step(cutoff: float, unit: str, sample_sigmas: torch.Tensor) -> int:
-    """First step index (0..steps) at or after the cutoff; ``steps`` means "never"."""
+def check_full_schedule(full_sigmas, name: str = "full_sigmas") -> torch.Tensor:
+    """``full_sigmas`` as a 1-D float32 CPU tensor, or the ValueError that says what to connect."""
+    if not isinstance(full_sigmas, torch.Tensor) or full_sigmas.ndim != 1 or len(full_sigmas) < 2:
+        shape = tuple(full_sigmas.shape) if isinstance(full_sigmas, torch.Tensor) else type(full_sigmas).__name__
+        raise ValueError(f"{name} must be a SIGMAS schedule of at least one step (e.g. from BasicScheduler), got "
+                         f"{shape}.")
+    s = full_sigmas.detach().float().cpu()
+    if not bool(torch.isfinite(s).all()) or bool((s[1:] > s[:-1] * (1.0 + 1e-6)).any()):
+        raise ValueError(f"{name} must be a finite, non-increasing noise schedule (as BasicScheduler outputs), got "
+                         f"{[round(float(v), 4) for v in s[:8]]}{' ...' if len(s) > 8 else ''}.")
+    return s
+
+
+def schedule_offset(sample_sigmas: torch.Tensor, full_sigmas: torch.Tensor) -> int | None:
+    """Index in ``full_sigmas`` of a run's first step: the ``o`` with ``full_sigmas[o + i] == sample_sigmas[i]``
+    (relative tolerance 1e-5) for every step i of the run — KSamplerAdvanced's start_at_step/end_at_step sample
+    such a slice. The run's last sigma is not compared (KSamplerAdvanced sets it to 0 when it ends early with
+    return_with_leftover_noise off). None when the run's sigmas are no stretch of ``full_sigmas``."""
+    ss = sample_sigmas.detach().float().cpu()[:-1]
+    full = full_sigmas.detach().float().cpu()
+    n = len(ss)
+    for o in range(0, len(full) - n):
+        window = full[o:o + n]
+        if bool(((window - ss).abs() <= 1e-5 * ss.abs().clamp_min(1e-12)).all()):
+            return o
+    return None
+
+
+def resolve_cutoff_step(cutoff: float, unit: str, sample_sigmas: torch.Tensor,
+                        full_sigmas: torch.Tensor | None = None) -> int:
+    """First step index (0..steps) at or after the cutoff; ``steps`` means "never".
+
+    With ``full_sigmas`` (the whole schedule a run is a slice of, e.g. one KSamplerAdvanced of two) the cutoff is
+    resolved on the whole schedule and mapped into the run: a fraction or step of the whole schedule lands on the
+    same step whichever run it falls in (0 when it lies before the run, ``steps`` when after it)."""
+    if full_sigmas is not None:
+        offset = schedule_offset(sample_sigmas, full_sigmas)
+        if offset is None:
+            n_full = len(full_sigmas) - 1
+            raise ValueError(
+                f"The sampler's sigmas ({float(sample_sigmas[0]):.4g} ... {float(sample_sigmas[-1]):.4g}, "
+                f"{len(sample_sigmas) - 1} steps) are not a stretch of full_sigmas ({float(full_sigmas[0]):.4g} ... "
+                f"{float(full_sigmas[-1]):.4g}, {n_full} steps). Connect to full_sigmas a BasicScheduler with the "
+                f"same model, scheduler and steps as the KSamplerAdvanced nodes and denoise 1.0, or disconnect it.")
+        n = len(sample_sigmas) - 1
+        return min(n, max(0, resolve_cutoff_step(cutoff, unit, full_sigmas) - offset))
     n = len(sample_sigmas) - 1
     validate_cutoff(cutoff, unit, n if unit == "step" else None)
     if unit == "fraction":

@@ -59,13 +59,24 @@ from ..shared.drawing import (
 )
 from ..shared.spectral import (
     DEFAULT_THRESHOLD,
+    SPLIT_MODES,
     check_tensor,
     low_radius,
     merge_frequencies,
+    mode_for,
     split_frequencies,
     validate_threshold,
 )
-from .recorder import apply_recorder, run_grid, run_plots, run_summary, summary_text, to_json
+from .recorder import (
+    GRID_OVER,
+    apply_recorder,
+    run_frames_grid,
+    run_grid,
+    run_plots,
+    run_summary,
+    summary_text,
+    to_json,
+)
 from .schedules import CUTOFF_SIGNALS, SCHEDULE_OPTIONS, Schedule, model_schedule, named_schedule, noising_curves
 
 CATEGORY = "prompt_anatomy/frequency"
@@ -74,6 +85,19 @@ FreqRecord = io.Custom("PA_FREQ_RECORD")
 _THRESHOLD_TOOLTIP = ("Fraction of the spectrum that counts as low frequency (paper 1: the lowest 20 %). The low "
                       "band is a disc around DC in normalised frequency (cycles/pixel, Nyquist = 0.5 on both axes) "
                       "covering this fraction of the spectrum's area; 0.2 -> radius 0.252 cycles/pixel. In (0, 1).")
+
+_VIDEO_SPLIT_TOOLTIP = ("How video latents (batch, channels, frames, height, width; Wan, Hunyuan Video) are split. "
+                        "per_frame: each frame on its own (2-D FFT over height and width), as before. space_time: "
+                        "one 3-D FFT over frames, height and width; the low band is the ball covering threshold of "
+                        "the space-time spectrum (0.2 -> radius 0.363 cycles per frame/pixel), so slow motion stays "
+                        "low and frame-to-frame flicker goes high. Image latents have no frames: both split them "
+                        "the same way.")
+
+
+def _video_split_input():
+    return io.Combo.Input("video_split", options=list(SPLIT_MODES), default="per_frame", optional=True,
+                          tooltip=_VIDEO_SPLIT_TOOLTIP)
+
 
 def _ui(images: torch.Tensor | None, text: str | None, cls=None) -> dict:
     out = {}
@@ -118,6 +142,7 @@ class FrequencySplit(io.ComfyNode):
                                                    "1/8 of the image)."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.001, max=0.999, step=0.01,
                                tooltip=_THRESHOLD_TOOLTIP),
+                _video_split_input(),
             ],
             outputs=[io.Latent.Output("low", display_name="low", tooltip="Low-frequency part (the shape)."),
                      io.Latent.Output("high", display_name="high",
@@ -125,9 +150,9 @@ class FrequencySplit(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, samples, threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
+    def execute(cls, samples, threshold=DEFAULT_THRESHOLD, video_split="per_frame") -> io.NodeOutput:
         x = _latent_samples(samples, "samples")
-        low, high = split_frequencies(x, threshold, _latent_patch(x))
+        low, high = split_frequencies(x, threshold, _latent_patch(x), mode_for(video_split, x.ndim))
         lo, hi = samples.copy(), samples.copy()
         lo["samples"], hi["samples"] = low, high
         return io.NodeOutput(lo, hi)
@@ -177,15 +202,17 @@ class FrequencyMerge(io.ComfyNode):
                 io.Latent.Input("high_from", tooltip="Latent whose high-frequency part (details) is kept; same shape."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.001, max=0.999, step=0.01,
                                tooltip=_THRESHOLD_TOOLTIP),
+                _video_split_input(),
             ],
             outputs=[io.Latent.Output(
                 tooltip="low(low_from) + high(high_from); other keys (noise mask) from low_from.")],
         )
 
     @classmethod
-    def execute(cls, low_from, high_from, threshold=DEFAULT_THRESHOLD) -> io.NodeOutput:
+    def execute(cls, low_from, high_from, threshold=DEFAULT_THRESHOLD, video_split="per_frame") -> io.NodeOutput:
         low_x = _latent_samples(low_from, "low_from")
-        merged = merge_frequencies(low_x, _latent_samples(high_from, "high_from"), threshold, _latent_patch(low_x))
+        merged = merge_frequencies(low_x, _latent_samples(high_from, "high_from"), threshold, _latent_patch(low_x),
+                                   mode_for(video_split, low_x.ndim))
         out = low_from.copy()
         out["samples"] = merged
         return io.NodeOutput(out)
@@ -248,6 +275,7 @@ class FrequencySplitPreview(io.ComfyNode):
                                  tooltip="Send the low | high split of the x0 prediction as the sampler's live preview "
                                          "(ComfyUI's previewer: TAESD if the server uses it, else Latent2RGB — also "
                                          "when the server's previews are off)."),
+                _video_split_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The recording model: sample with it."),
                      FreqRecord.Output("record", display_name="record",
@@ -256,8 +284,8 @@ class FrequencySplitPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, threshold=DEFAULT_THRESHOLD, grid_columns=6, grid_steps="",
-                live_preview=True) -> io.NodeOutput:
-        m, handle = apply_recorder(model, threshold, grid_columns, grid_steps, live_preview)
+                live_preview=True, video_split="per_frame") -> io.NodeOutput:
+        m, handle = apply_recorder(model, threshold, grid_columns, grid_steps, live_preview, video_split)
         return io.NodeOutput(m, handle)
 
 
@@ -289,6 +317,14 @@ class FrequencySplitViewer(io.ComfyNode):
                                        "clean latent (the shape it has decided on; cutoff = (settle step + 1) / "
                                        "steps). x_t: the noisy state itself, the paper's curve (settles late, as the "
                                        "remaining noise counts too; cutoff = settle step / steps)."),
+                io.Combo.Input("grid_over", options=list(GRID_OVER), default="steps", optional=True,
+                               tooltip="steps: grid columns are the recorded steps + final (video latents show their "
+                                       "first frame). frames: for video latents (Wan, Hunyuan Video), columns are the "
+                                       "latent frames of one step (grid_step), rows the same six parts, split the "
+                                       "way the recorder's video_split did."),
+                io.Int.Input("grid_step", default=-1, min=-1, max=10000, optional=True,
+                             tooltip="grid_over frames: which step's frames to show: -1 = the final latent, else one "
+                                     "of the recorder's grid steps (grid_columns / grid_steps)."),
             ],
             outputs=[
                 io.Image.Output("grid", display_name="grid",
@@ -305,13 +341,15 @@ class FrequencySplitViewer(io.ComfyNode):
 
     @classmethod
     def execute(cls, record, latent, vae=None, batch_index=0, settle_threshold=0.1,
-                cutoff_signal="x0") -> io.NodeOutput:
+                cutoff_signal="x0", grid_over="steps", grid_step=-1) -> io.NodeOutput:
         records.RecordHandle.expect(record, "frequency", "FrequencySplitPreview")
         if not (math.isfinite(settle_threshold) and settle_threshold > 0):
             raise ValueError(f"settle_threshold must be > 0, got {settle_threshold}: it is a relative change "
                              f"(e.g. 0.1 = within 10 % of the final).")
         if cutoff_signal not in CUTOFF_SIGNALS:
             raise ValueError(f"cutoff_signal must be one of {', '.join(CUTOFF_SIGNALS)}, got {cutoff_signal!r}.")
+        if grid_over not in GRID_OVER:
+            raise ValueError(f"grid_over must be one of {', '.join(GRID_OVER)}, got {grid_over!r}.")
         samples = latent.get("samples") if isinstance(latent, dict) else None
         run, matched = record.find(samples)
         if run is None:
@@ -324,7 +362,8 @@ class FrequencySplitViewer(io.ComfyNode):
         summary["matched_latent"] = matched
         text = summary_text(summary, matched)
         summary["summary"] = text
-        grid = run_grid(run, batch_index, vae)
+        grid = run_grid(run, batch_index, vae) if grid_over == "steps" else \
+            run_frames_grid(run, batch_index, vae, int(grid_step))
         plots = run_plots(summary)
         preview = drawing.stack_padded([grid, plots[0:1], plots[1:2]])
         return io.NodeOutput(grid, plots, to_json(summary), float(summary["suggested_cutoff"]),

@@ -19,8 +19,10 @@ from ..shared.drawing import COLORS, decode_cells, labelled_grid, line_plot, pil
 from ..shared.spectral import (
     DEFAULT_THRESHOLD,
     low_radius,
+    mode_for,
     rms_per_item,
     split_frequencies,
+    validate_mode,
     validate_threshold,
 )
 from .schedules import model_kind, settle_step, signal_noise_coefficients, suggested_cutoff, vp_coefficients
@@ -89,6 +91,7 @@ class FrequencyRun:
     final_out: torch.Tensor  # the same after process_latent_out (what the sampler node outputs)
     latent_format: object
     reported_steps: int  # steps whose callback fired
+    video_split: str = "per_frame"  # how video latents were split ("space_time": 3-D over frames, height, width)
 
     @property
     def batch(self) -> int:
@@ -106,6 +109,7 @@ class _Recording:
     def __init__(self, settings: dict, sigmas: torch.Tensor, model, sampler_name):
         self.settings = settings
         self.threshold = settings["threshold"]
+        self.video_split = settings.get("video_split", "per_frame")
         self.patch = families.latent_patch(getattr(model, "model_config", None))  # Flux.2: split unpacked
         self.sigmas = [float(s) for s in sigmas.detach().float().cpu()]
         self.n_steps = len(self.sigmas) - 1
@@ -129,7 +133,8 @@ class _Recording:
         with torch.no_grad():
             x_vp = x.detach().float() * scale
             x0f = x0.detach().float()
-            lo, hi = split_frequencies(torch.stack([x_vp, x0f]), self.threshold, self.patch)  # one FFT for both
+            lo, hi = split_frequencies(torch.stack([x_vp, x0f]), self.threshold, self.patch,
+                                       mode_for(self.video_split, x.ndim))  # one FFT for both
             xl, xh, ol, oh = lo[0], hi[0], lo[1], hi[1]
             for name, part in (("xt_low", xl), ("xt_high", xh), ("x0_low", ol), ("x0_high", oh)):
                 self.rms[name][step] = rms_per_item(part).cpu()
@@ -143,7 +148,8 @@ class _Recording:
             return None
         final = self.final
         n, b = self.n_steps, final.shape[0]
-        fl, fh = split_frequencies(final, self.threshold, self.patch)
+        mode = mode_for(self.video_split, final.ndim)
+        fl, fh = split_frequencies(final, self.threshold, self.patch, mode)
         stats = {f"{k}_{s}": torch.full((n + 1, b), math.nan) for k in STAT_NAMES for s in ("rms", "change")}
         for k in STAT_NAMES:
             for step, v in self.rms[k].items():
@@ -154,7 +160,8 @@ class _Recording:
             if not src:
                 continue
             steps = sorted(src)
-            low, high = split_frequencies(torch.stack([src[k] for k in steps]), self.threshold, self.patch)  # [S, B, ...]
+            low, high = split_frequencies(torch.stack([src[k] for k in steps]), self.threshold, self.patch,
+                                          mode)  # [S, B, ...]
             for part, p, ref in (("low", low, fl), ("high", high, fh)):
                 d = (p - ref.unsqueeze(0)).reshape(len(steps), b, -1).norm(dim=2)
                 r = ref.reshape(1, b, -1).norm(dim=2)
@@ -167,7 +174,7 @@ class _Recording:
             signal_coef=[c[0] for c in self.coef], noise_coef=[c[1] for c in self.coef], stats=stats,
             grid_steps=[s for s in self.grid_steps if s in grid], grid_latents=grid, final=final,
             final_out=self.process_out(final.clone()).float().cpu(), latent_format=self.latent_format,
-            reported_steps=len(self.x_vp))
+            reported_steps=len(self.x_vp), video_split=self.video_split)
         self.x_vp, self.x0 = {}, {}  # only the chosen steps stay (in the published run)
         return run
 
@@ -231,10 +238,11 @@ def make_recorder_wrapper(handle: records.RecordHandle, settings: dict):
 
 
 def apply_recorder(model, threshold: float = DEFAULT_THRESHOLD, grid_columns: int = 6, grid_steps: str = "",
-                   live_preview: bool = True):
+                   live_preview: bool = True, video_split: str = "per_frame"):
     """Clone ``model`` with the recorder installed; returns (patched model, handle)."""
     settings = {"threshold": validate_threshold(threshold), "grid_columns": int(grid_columns),
-                "grid_steps": parse_steps(grid_steps), "live_preview": bool(live_preview)}
+                "grid_steps": parse_steps(grid_steps), "live_preview": bool(live_preview),
+                "video_split": validate_mode(video_split)}
     if settings["grid_columns"] < 1:
         raise ValueError(f"grid_columns must be at least 1, got {grid_columns}.")
     handle = new_record(settings)
@@ -276,6 +284,7 @@ def run_summary(run: FrequencyRun, index: int, settle_threshold: float, signal: 
         "suggested_cutoff_step": cut_step,
         "reported_steps": run.reported_steps,
         "grid_steps": run.grid_steps,
+        "video_split": run.video_split,
     }
 
 
@@ -321,14 +330,43 @@ def run_grid(run: FrequencyRun, index: int, vae=None) -> torch.Tensor:
     rows: list[list[torch.Tensor]] = [[] for _ in GRID_ROWS]
     for _s, x_vp, x0 in cols:
         xt, pred = x_vp[index:index + 1], x0[index:index + 1]
-        for r, cell in enumerate((xt, *split_frequencies(xt, run.threshold, run.patch), pred,
-                                  *split_frequencies(pred, run.threshold, run.patch))):
+        mode = mode_for(run.video_split, xt.ndim)
+        for r, cell in enumerate((xt, *split_frequencies(xt, run.threshold, run.patch, mode), pred,
+                                  *split_frequencies(pred, run.threshold, run.patch, mode))):
             rows[r].append(cell)
     flat = torch.cat([cell for row in rows for cell in row])  # row-major: rows = GRID_ROWS, columns = steps
     images = decode_cells(flat, vae, run.latent_format)
     col_labels = [f"step {s}\nsigma {run.sigmas[s]:.3g}" for s, _, _ in cols[:-1]]
     col_labels.append(f"final\nsigma {run.sigmas[-1]:.3g}")
     return labelled_grid(images, len(GRID_ROWS), len(cols), GRID_ROWS, col_labels)
+
+
+GRID_OVER = ("steps", "frames")
+
+
+def run_frames_grid(run: FrequencyRun, index: int, vae=None, step: int = -1) -> torch.Tensor:
+    """Grid over the frames of a video run: rows :data:`GRID_ROWS`, one column per latent frame, at recorded step
+    ``step`` (-1: the final latent). The parts are split on the whole clip, as the recorder split it (per frame or
+    space-time), then shown frame by frame."""
+    if run.final.ndim != 5:
+        raise ValueError(f"grid_over 'frames' needs a video latent (batch, channels, frames, height, width); this run "
+                         f"sampled {tuple(run.final.shape)}: use grid_over 'steps'.")
+    if step in (-1, run.n_steps):
+        xt, pred, head = run.final, run.final, "final"
+    elif step in run.grid_latents:
+        (xt, pred), head = run.grid_latents[step], f"step {step}"
+    else:
+        raise ValueError(f"grid_step {step} was not recorded: use -1 (the final latent) or one of the recorder's grid "
+                         f"steps {run.grid_steps} (set them with grid_columns / grid_steps of FrequencySplitPreview).")
+    xt, pred = xt[index:index + 1], pred[index:index + 1]
+    mode = mode_for(run.video_split, xt.ndim)
+    parts = (xt, *split_frequencies(xt, run.threshold, run.patch, mode), pred,
+             *split_frequencies(pred, run.threshold, run.patch, mode))
+    frames = int(xt.shape[2])
+    flat = torch.cat([p[:, :, f:f + 1] for p in parts for f in range(frames)])  # row-major, one-frame latents
+    images = decode_cells(flat, vae, run.latent_format)
+    col_labels = [f"frame {f}\n{head}" for f in range(frames)]
+    return labelled_grid(images, len(GRID_ROWS), frames, GRID_ROWS, col_labels)
 
 
 def summary_text(summary: dict, matched: bool) -> str:

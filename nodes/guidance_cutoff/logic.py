@@ -16,6 +16,7 @@ guider node wraps the patched model in a CFGGuider, and the patch node returns t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -70,6 +71,13 @@ class CutoffRun:
     prev_low: torch.Tensor | None = None  # low-frequency part of the last CFG prediction (adaptive)
     last_step_seen: int | None = None
     reason: str = ""
+    offset: int | None = None  # with a full schedule: index of the run's first step in it (KSamplerAdvanced slices)
+    full_steps: int | None = None  # steps of that full schedule
+    serial: int = 0  # publication order (sums of split runs pick the newest runs)
+    settings: CutoffSettings | None = None  # the cutoff that ran (set when the run is published)
+
+
+_serial = itertools.count(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,12 +142,16 @@ def _adaptive_update(settings: CutoffSettings, rec: CutoffRun, run, step: int, o
         rec.prev_low = low.detach()
 
 
-def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
+def make_cutoff_wrappers(settings: CutoffSettings, on_report=None, full_sigmas: torch.Tensor | None = None):
     """The CALC_COND_BATCH wrapper doing the cutoff and an APPLY_MODEL wrapper counting the rows that reach
-    the diffusion model, sharing one per-run record that is reported when the run ends."""
+    the diffusion model, sharing one per-run record that is reported when the run ends. ``full_sigmas``: the whole
+    schedule each run samples a slice of (split runs); fraction and step cutoffs then refer to it."""
 
     def finish(run):
         rec = run.peek(STORE)
+        rec.prev_low = None  # published records keep counts only
+        rec.serial = next(_serial)
+        rec.settings = settings
         LOG.info("guidance cutoff: %s", format_report(rec, settings).replace("\n", " "))
         if on_report is not None:
             on_report(rec)
@@ -159,7 +171,11 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
         rec = record(run)
         if rec.cutoff_step is None and run.sample_sigmas is not None:
             rec.steps = len(run.sample_sigmas) - 1
-            rec.cutoff_step = runs.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas)
+            rec.cutoff_step = runs.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas,
+                                                       full_sigmas)
+            if full_sigmas is not None:
+                rec.offset = runs.schedule_offset(run.sample_sigmas, full_sigmas)
+                rec.full_steps = len(full_sigmas) - 1
             rec.batch = x_in.shape[0]
         present = [c is not None for c in conds]
         roles = _branch_roles(conds, run)
@@ -198,12 +214,17 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None):
     return calc_cond_batch_wrapper, count_rows_wrapper
 
 
-def apply_cutoff(model, settings: CutoffSettings, on_report=None):
-    """Clone ``model`` and install the cutoff. ``on_report(CutoffRun)`` is called after every run."""
-    settings.validate()
+def apply_cutoff(model, settings: CutoffSettings, on_report=None, full_sigmas: torch.Tensor | None = None):
+    """Clone ``model`` and install the cutoff. ``on_report(CutoffRun)`` is called after every run. With
+    ``full_sigmas`` (the whole schedule of a run split over several samplers, e.g. two KSamplerAdvanced) a fraction
+    or step cutoff refers to that whole schedule and lands on the same step whichever run samples it."""
+    if full_sigmas is not None:
+        full_sigmas = runs.check_full_schedule(full_sigmas)
+    settings.validate(steps=len(full_sigmas) - 1 if full_sigmas is not None and settings.cutoff_unit == "step"
+                      else None)
     m = model.clone()
     runs.ensure_run_tracking(m)
-    cutoff_wrapper, count_wrapper = make_cutoff_wrappers(settings, on_report)
+    cutoff_wrapper, count_wrapper = make_cutoff_wrappers(settings, on_report, full_sigmas)
     hooks.add_keyed_wrapper(m, WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cutoff_wrapper)
     hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, count_wrapper)
     return m
@@ -227,23 +248,82 @@ def format_report(rec: CutoffRun, settings: CutoffSettings, seconds: float | Non
             lines.append("Nothing to cut: every model call had a single branch (cfg 1, or a guidance-distilled model "
                          "such as Flux). The output equals KSampler's.")
     else:
-        b = batch or 1
-        plain = 2 * (rec.cfg_calls + rec.cut_calls + rec.split_calls) * b
+        plain = plain_rows(rec, batch)
         lines.append(f"Model rows evaluated: {rec.rows} (plain CFG: {plain}; "
                      f"{100.0 * (1 - rec.rows / plain) if plain else 0.0:.1f} % fewer).")
         lines.append(f"Sampler evaluations: {evals} — {rec.cfg_calls} with both branches, {rec.cut_calls} single-branch "
                      f"(kept: {settings.keep})" + (f", {rec.split_calls} with the branches in separate calls" if
                                                    rec.split_calls else "") + ".")
-        if rec.switched_at is not None and rec.cut_calls:
-            lines.append(f"Guidance stopped at step {rec.switched_at} of {rec.steps}"
-                         + (f" ({rec.reason})." if rec.reason else f" (cutoff {settings.cutoff} {settings.cutoff_unit})."))
-        else:
-            lines.append(f"Guidance ran on every step (cutoff {settings.cutoff} {settings.cutoff_unit} is at or beyond "
-                         f"the last of {rec.steps} steps).")
+        lines.append(_stop_line(rec, settings))
         if split:
             lines.append(split)
     if seconds is not None:
         lines.append(f"Sampling time: {seconds:.2f} s.")
+    return "\n".join(lines)
+
+
+def plain_rows(rec: CutoffRun, batch: int | None = None) -> int:
+    """Rows plain CFG would have run for the evaluations of ``rec`` (two per image and evaluation)."""
+    return 2 * (rec.cfg_calls + rec.cut_calls + rec.split_calls) * (batch or rec.batch or 1)
+
+
+def _stop_line(rec: CutoffRun, settings: CutoffSettings) -> str:
+    """Where guidance stopped (in steps of the whole schedule for a run that sampled a slice of it)."""
+    if rec.offset is not None:
+        return _part_line(rec, settings)
+    if rec.switched_at is not None and rec.cut_calls:
+        return f"Guidance stopped at step {rec.switched_at} of {rec.steps}" + \
+            (f" ({rec.reason})." if rec.reason else f" (cutoff {settings.cutoff} {settings.cutoff_unit}).")
+    return (f"Guidance ran on every step (cutoff {settings.cutoff} {settings.cutoff_unit} is at or beyond the last of "
+            f"{rec.steps} steps).")
+
+
+def _part_line(rec: CutoffRun, settings: CutoffSettings) -> str:
+    first, end = rec.offset, rec.offset + rec.steps
+    where = f"This run sampled steps {first}-{end} of the {rec.full_steps}-step schedule"
+    if rec.switched_at is not None and rec.cut_calls:
+        if rec.switched_at == 0 and not rec.cfg_calls:
+            return f"{where}: no guidance in it (cutoff {settings.cutoff} {settings.cutoff_unit} lies at or before " \
+                   f"step {first})."
+        return f"{where}: guidance stopped at step {first + rec.switched_at} of {rec.full_steps}" + \
+            (f" ({rec.reason})." if rec.reason else f" (cutoff {settings.cutoff} {settings.cutoff_unit}).")
+    return f"{where}: guidance on every step of it (cutoff {settings.cutoff} {settings.cutoff_unit} lies at or " \
+           f"after step {end})."
+
+
+def newest_schedule(records: list[CutoffRun]) -> list[CutoffRun]:
+    """The runs of the newest pass over one schedule, oldest first: from the newest run back through runs whose
+    steps end where the later one's begin, down to step 0 (split runs with full_sigmas). Runs without a full
+    schedule (no offset) stand alone: the newest one."""
+    ordered = sorted(records, key=lambda r: r.serial)
+    if not ordered:
+        return []
+    chain = [ordered[-1]]
+    if chain[0].offset is None:
+        return chain
+    for rec in reversed(ordered[:-1]):
+        start = chain[-1].offset
+        if start == 0:
+            break
+        if rec.offset is not None and rec.full_steps == chain[-1].full_steps and rec.offset + rec.steps == start:
+            chain.append(rec)
+    return chain[::-1]
+
+
+def format_total(records: list[CutoffRun]) -> str:
+    """One report adding up the runs of a split schedule (e.g. the high- and low-noise experts of Wan 2.2)."""
+    if not records:
+        return ("No sampling run has been reported yet: connect the record output of GuidanceCutoffPatch and the "
+                "LATENT of the last sampler that used the patched model.")
+    rows = sum(r.rows for r in records)
+    plain = sum(plain_rows(r) for r in records)
+    cfg_calls = sum(r.cfg_calls for r in records)
+    cut_calls = sum(r.cut_calls for r in records)
+    lines = [f"{len(records)} sampling run(s) added up. Model rows evaluated: {rows} (plain CFG: {plain}; "
+             f"{100.0 * (1 - rows / plain) if plain else 0.0:.1f} % fewer, {plain - rows} rows saved).",
+             f"Sampler evaluations with both branches: {cfg_calls}, single-branch: {cut_calls}."]
+    for i, r in enumerate(records, 1):
+        lines.append(f"Run {i}: {r.rows} rows (plain CFG {plain_rows(r)}). {_stop_line(r, r.settings or CutoffSettings())}")
     return "\n".join(lines)
 
 

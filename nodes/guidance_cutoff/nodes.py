@@ -10,12 +10,32 @@ from comfy_api.latest import io, ui
 
 import nodes as comfy_nodes  # ComfyUI's top-level nodes.py (our own package is imported relatively)
 
+from ..core import records as core_records
 from ..core import runs
-from .logic import ADAPTIVE_MODES, KEEP_MODES, CutoffRun, CutoffSettings, apply_cutoff, format_report
+from .logic import (
+    ADAPTIVE_MODES,
+    KEEP_MODES,
+    CutoffRun,
+    CutoffSettings,
+    apply_cutoff,
+    format_report,
+    format_total,
+    newest_schedule,
+)
+
+CutoffRecord = io.Custom("PA_CUTOFF_RECORD")
+RECORD_KIND = "guidance_cutoff"
 
 _KEEP_TOOLTIP = ("Which prediction to keep after the cutoff. 'negative' is paper 1's eq. 9: only the unconditional "
                  "(negative-prompt) prediction — identical to the paper when the negative prompt is empty. 'positive' "
                  "keeps the positive prediction (cfg 1), what A1111/Forge and most tools do. Both save the same compute.")
+
+
+_FULL_SIGMAS_TOOLTIP = ("Optional: the whole schedule when sampling is split over several samplers (KSamplerAdvanced "
+                        "start_at_step/end_at_step, or SplitSigmas into two SamplerCustomAdvanced; e.g. Wan 2.2's two "
+                        "experts): a BasicScheduler with the same model, scheduler and steps (denoise 1.0). A fraction "
+                        "or step cutoff then counts steps of the whole schedule and lands on the same step whichever "
+                        "sampler runs it. Not needed for cutoff_unit 'sigma', which is the same in every part.")
 
 
 def cutoff_inputs() -> list:
@@ -114,15 +134,16 @@ class GuidanceCutoffGuider(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale used before the cutoff."),
                 *cutoff_inputs(),
+                io.Sigmas.Input("full_sigmas", optional=True, tooltip=_FULL_SIGMAS_TOOLTIP),
             ],
             outputs=[io.Guider.Output(tooltip="Plug into SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, cutoff=0.6, cutoff_unit="fraction", keep="negative",
-                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+                adaptive="off", cosine_threshold=0.98, lowfreq_threshold=0.02, full_sigmas=None) -> io.NodeOutput:
         settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings))
+        guider = comfy.samplers.CFGGuider(apply_cutoff(model, settings, full_sigmas=full_sigmas))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)
@@ -137,17 +158,56 @@ class GuidanceCutoffPatch(io.ComfyNode):
             category="prompt_anatomy/guidance",
             description="Patches a MODEL so that the stock KSampler (or another pack's sampler) stops classifier-free "
                         "guidance after the cutoff (paper 1, eq. 9). Composes with other wrappers; the report goes "
-                        "to the server log.",
+                        "to the server log and to the record output (GuidanceCutoffReport). For a schedule split "
+                        "over two KSamplerAdvanced nodes (Wan 2.2's high- and low-noise experts) connect full_sigmas: "
+                        "the cutoff then refers to the whole schedule.",
             inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
-                    *cutoff_inputs()],
-            outputs=[io.Model.Output(tooltip="The patched model.")],
+                    *cutoff_inputs(),
+                    io.Sigmas.Input("full_sigmas", optional=True, tooltip=_FULL_SIGMAS_TOOLTIP)],
+            outputs=[io.Model.Output(tooltip="The patched model."),
+                     CutoffRecord.Output("record", display_name="record",
+                                         tooltip="The reports of the runs sampled with the patched model: connect to "
+                                                 "GuidanceCutoffReport (add up the two parts of a split run).")],
         )
 
     @classmethod
     def execute(cls, model, cutoff=0.6, cutoff_unit="fraction", keep="negative", adaptive="off",
-                cosine_threshold=0.98, lowfreq_threshold=0.02) -> io.NodeOutput:
+                cosine_threshold=0.98, lowfreq_threshold=0.02, full_sigmas=None) -> io.NodeOutput:
         settings = CutoffSettings(cutoff, cutoff_unit, keep, adaptive, cosine_threshold, lowfreq_threshold)
-        return io.NodeOutput(apply_cutoff(model, settings))
+        handle = core_records.RecordHandle(RECORD_KIND, settings)
+        return io.NodeOutput(apply_cutoff(model, settings, on_report=handle.publish, full_sigmas=full_sigmas), handle)
 
 
-NODES = [GuidanceCutoffKSampler, GuidanceCutoffGuider, GuidanceCutoffPatch]
+class GuidanceCutoffReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GuidanceCutoffReport",
+            display_name="Guidance Cutoff Report",
+            category="prompt_anatomy/guidance",
+            description="Adds up what GuidanceCutoffPatch saved over a sampling run split across samplers (e.g. Wan "
+                        "2.2's high-noise expert on steps 0..k and the low-noise expert on k..N): model rows "
+                        "evaluated vs plain CFG, exact counts, and where guidance stopped in each part.",
+            inputs=[
+                CutoffRecord.Input("record", tooltip="The record output of a GuidanceCutoffPatch."),
+                io.Latent.Input("latent", tooltip="The LATENT of the last sampler of the split run (orders this node "
+                                                  "after sampling)."),
+                CutoffRecord.Input("record_2", optional=True,
+                                   tooltip="The record of a second GuidanceCutoffPatch (the other expert's model), if "
+                                           "the parts use different models."),
+            ],
+            outputs=[io.String.Output(display_name="report",
+                                      tooltip="Rows evaluated and saved over all parts, then one line per part.")],
+        )
+
+    @classmethod
+    def execute(cls, record, latent, record_2=None) -> io.NodeOutput:
+        handles = [core_records.RecordHandle.expect(record, RECORD_KIND, "GuidanceCutoffPatch")]
+        if record_2 is not None and record_2 is not record:
+            handles.append(core_records.RecordHandle.expect(record_2, RECORD_KIND, "GuidanceCutoffPatch"))
+        runs_ = newest_schedule([r for h in handles for r in h.runs])
+        report = format_total(runs_)
+        return io.NodeOutput(report, ui=ui.PreviewText(report))
+
+
+NODES = [GuidanceCutoffKSampler, GuidanceCutoffGuider, GuidanceCutoffPatch, GuidanceCutoffReport]

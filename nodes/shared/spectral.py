@@ -8,6 +8,13 @@ past threshold pi/4 the disc is clipped by the square and r comes from inverting
 discrete M x N grid the low band therefore holds ``threshold`` of the Fourier bins up to rounding. The mask is
 point-symmetric, so the low part is a real orthogonal projection: ``low = P x``, ``high = x - low``,
 ``low + high == x`` to float precision and ``||x||^2 = ||low||^2 + ||high||^2``.
+
+**Space and time.** Video latents ``(B, C, T, H, W)`` are split frame by frame by default (``mode`` "per_frame": the
+2-D split over H, W of every frame). ``mode`` "space_time" splits them with a 3-D FFT over frames, height and width:
+the low band is the ball |f| <= r (f in cycles per frame / pixel, Nyquist 0.5 on every axis) whose volume is
+``threshold`` of the normalised spectrum [-0.5, 0.5]^3 (r = (3 threshold / 4 pi)^(1/3) = 0.363 for 0.2; past
+threshold pi/6 the ball is clipped by the cube). Still a point-symmetric mask, so again an exact orthogonal split;
+a slow change over the frames stays low, flicker from frame to frame goes high.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from ..core.hooks import like
 
 DEFAULT_THRESHOLD = 0.2
+SPLIT_MODES = ("per_frame", "space_time")  # how video latents (..., T, H, W) are split; images: always 2-D
 
 
 def validate_threshold(threshold, name: str = "threshold") -> float:
@@ -85,6 +93,69 @@ def low_frequency_mask(h: int, w: int, threshold: float = DEFAULT_THRESHOLD, dev
     return _half_mask(int(h), int(w), threshold, None if device is None else torch.device(device))
 
 
+def ball_volume_in_spectrum(r: float) -> float:
+    """Volume of {|f| <= r} inside the normalised spectrum [-0.5, 0.5]^3 (whose volume is 1): the slices at height
+    z are discs of radius sqrt(r^2 - z^2) clipped by the square (:func:`disc_area_in_spectrum`), integrated over z
+    with Simpson's rule (2000 intervals; the integrand is smooth but for kinks where a slice's disc meets the
+    square, error < 1e-7 measured against the closed form r <= 0.5)."""
+    if r <= 0.0:
+        return 0.0
+    if r <= 0.5:
+        return 4.0 / 3.0 * math.pi * r ** 3
+    if r >= math.sqrt(0.75):
+        return 1.0
+    n = 2000
+    zs = [-0.5 + k / n for k in range(n + 1)]
+    f = [disc_area_in_spectrum(math.sqrt(max(r * r - z * z, 0.0))) if abs(z) < r else 0.0 for z in zs]
+    return (1.0 / (3 * n)) * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+@functools.lru_cache(maxsize=256)
+def low_radius_3d(threshold: float) -> float:
+    """Radius (cycles per frame / pixel) of the space-time low band: the ball covering ``threshold`` of the
+    spectrum's volume."""
+    threshold = validate_threshold(threshold)
+    if threshold <= math.pi / 6:
+        return (3.0 * threshold / (4.0 * math.pi)) ** (1.0 / 3.0)
+    lo, hi = 0.5, math.sqrt(0.75)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if ball_volume_in_spectrum(mid) < threshold:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@functools.lru_cache(maxsize=64)
+def _half_mask_3d(t: int, h: int, w: int, threshold: float, device: torch.device | None) -> torch.Tensor:
+    ft = torch.fft.fftfreq(t, dtype=torch.float64)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64)
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64)
+    r = torch.sqrt(ft[:, None, None] ** 2 + fy[None, :, None] ** 2 + fx[None, None, :] ** 2)
+    mask = r <= low_radius_3d(threshold) * (1.0 + 1e-12)
+    return mask if device is None else mask.to(device)
+
+
+def low_frequency_mask_3d(t: int, h: int, w: int, threshold: float = DEFAULT_THRESHOLD, device=None) -> torch.Tensor:
+    """Boolean space-time low-band mask over the rfftn spectrum of a ``t`` x ``h`` x ``w`` signal:
+    ``[t, h, w // 2 + 1]``, DC at [0, 0, 0]."""
+    threshold = validate_threshold(threshold)
+    return _half_mask_3d(int(t), int(h), int(w), threshold, None if device is None else torch.device(device))
+
+
+def validate_mode(mode: str, name: str = "video_split") -> str:
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(SPLIT_MODES)}, got {mode!r}.")
+    return mode
+
+
+def mode_for(mode: str, ndim: int) -> str:
+    """The split a latent of ``ndim`` dimensions gets under the nodes' ``video_split`` setting: "space_time" only
+    for video latents (B, C, T, H, W); images (B, C, H, W) have no time axis and are always split in 2-D."""
+    return "space_time" if validate_mode(mode) == "space_time" and ndim >= 5 else "per_frame"
+
+
 def check_tensor(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}.")
@@ -96,7 +167,12 @@ def check_tensor(x: torch.Tensor, name: str) -> None:
                          f"of non-zero size.")
 
 
-def _fft_low(x32: torch.Tensor, threshold: float) -> torch.Tensor:
+def _fft_low(x32: torch.Tensor, threshold: float, space_time: bool = False) -> torch.Tensor:
+    if space_time:
+        t, h, w = x32.shape[-3:]
+        spec = torch.fft.rfftn(x32, dim=(-3, -2, -1))
+        spec = spec * low_frequency_mask_3d(t, h, w, threshold, device=spec.device)
+        return torch.fft.irfftn(spec, s=(t, h, w), dim=(-3, -2, -1))
     h, w = x32.shape[-2:]
     spec = torch.fft.rfft2(x32, dim=(-2, -1))
     spec = spec * low_frequency_mask(h, w, threshold, device=spec.device)
@@ -123,30 +199,38 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def split_frequencies(x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD,
-                      patch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                      patch: int = 1, mode: str = "per_frame") -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``x`` (``[..., H, W]``, any leading dims) into ``(low, high)`` over its last two dimensions.
 
     ``low`` keeps the Fourier coefficients inside the low band (see :func:`low_frequency_mask`), ``high``
     is ``x - low``, so ``low + high`` reproduces ``x`` to float precision. Computed in float32 on ``x``'s
     device (CPU fallback where the device has no FFT); the parts come back in ``x``'s dtype and device.
     ``patch`` > 1: the channels pack patch×patch latent pixels (Flux.2); the split runs on the unpacked latent, so
-    a threshold means the same image-space band as on an unpacked model."""
+    a threshold means the same image-space band as on an unpacked model.
+    ``mode`` "space_time": the 3-D split over the last three dimensions (``[..., T, H, W]`` video latents; the
+    caller decides that x has a time axis); "per_frame" (default): the 2-D split over the last two."""
+    space_time = validate_mode(mode, "mode") == "space_time"
     if patch > 1:
+        if space_time:
+            raise ValueError("A space-time split of patch-packed latents (Flux.2) is not supported: they have no "
+                             "time axis; use video_split 'per_frame'.")
         low, high = split_frequencies(unpatchify(x, patch), threshold)
         return patchify(low, patch), patchify(high, patch)
     check_tensor(x, "x")
+    if space_time and x.ndim < 3:
+        raise ValueError(f"x has shape {tuple(x.shape)}: a space-time split needs (..., T, H, W).")
     threshold = validate_threshold(threshold)
     x32 = x.float()
     try:
-        low = _fft_low(x32, threshold)
+        low = _fft_low(x32, threshold, space_time)
     except RuntimeError:  # e.g. MPS without FFT for some sizes: same maths on the CPU
-        low = _fft_low(x32.cpu(), threshold).to(x32.device)
+        low = _fft_low(x32.cpu(), threshold, space_time).to(x32.device)
     high = x32 - low
     return like(low, x), like(high, x)
 
 
 def merge_frequencies(low_source: torch.Tensor, high_source: torch.Tensor,
-                      threshold: float = DEFAULT_THRESHOLD, patch: int = 1) -> torch.Tensor:
+                      threshold: float = DEFAULT_THRESHOLD, patch: int = 1, mode: str = "per_frame") -> torch.Tensor:
     """Low part of ``low_source`` plus high part of ``high_source`` (same shapes). Merging the two parts of
     one split gives the input back (the split is a projection)."""
     check_tensor(low_source, "low_source")
@@ -155,8 +239,8 @@ def merge_frequencies(low_source: torch.Tensor, high_source: torch.Tensor,
         raise ValueError(f"FrequencyMerge needs inputs of the same shape, got {tuple(low_source.shape)} (low source) "
                          f"and {tuple(high_source.shape)} (high source): resize one of them (LatentUpscale / "
                          f"ImageScale) or repeat the smaller batch (RepeatLatentBatch / RepeatImageBatch).")
-    low, _ = split_frequencies(low_source, threshold, patch)
-    _, high = split_frequencies(high_source.to(low_source.device), threshold, patch)
+    low, _ = split_frequencies(low_source, threshold, patch, mode)
+    _, high = split_frequencies(high_source.to(low_source.device), threshold, patch, mode)
     return (low.float() + high.float()).to(low_source.dtype)
 
 
