@@ -86,6 +86,25 @@ def test_workflow_templates_list_pack(base_url):
         assert json.loads(body) == json.loads(wf.read_text()), path
 
 
+def test_recipes_name_real_nodes_and_inputs(object_info):
+    """docs/recipes/*.api.json (graphs for models that cannot be made here, e.g. Wan 2.2 A14B) use only node
+    classes and inputs this server defines, and combo values it offers (model file names aside)."""
+    recipes = sorted((harness.ROOT / "docs" / "recipes").glob("*.api.json"))
+    assert recipes
+    for path in recipes:
+        for node_id, node in json.loads(path.read_text()).items():
+            info = object_info.get(node["class_type"])
+            assert info, f"{path.name} node {node_id}: no node class {node['class_type']}"
+            spec = {**(info["input"].get("required") or {}), **(info["input"].get("optional") or {})}
+            for name, value in node["inputs"].items():
+                assert name in spec, f"{path.name} node {node_id} ({node['class_type']}): no input {name!r}"
+                options = spec[name][0]
+                if options == "COMBO":  # the V3 form
+                    options = (spec[name][1] if len(spec[name]) > 1 else {}).get("options")
+                if isinstance(options, list) and not isinstance(value, list) and not name.endswith("_name"):
+                    assert value in options, f"{path.name} node {node_id}: {name}={value!r} not in {options[:8]}"
+
+
 def test_template_category_label_is_served_in_both_languages(base_url):
     """The frontend names the pack's template group by ``templateWorkflows.category.<folder>`` from /i18n (the
     only template string a pack can set; the cards show file names)."""
