@@ -201,6 +201,7 @@ class CaptureRun:
         self.lengths = lengths  # cond uuid -> text token count
         self.prints = prints or {}  # cond uuid -> context fingerprint (see context_print)
         self.captured_prints: dict[int, dict] = {}  # text token count -> {uuid: fingerprint} of captured rows
+        self.appended_frames = False  # a cond appends latent frames after the video (Wan's time_dim_concat)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.batch = self.latent_shape[0]
         self.n_steps = max(1, int(n_steps))
@@ -392,6 +393,9 @@ class CaptureRun:
         step = self._step(to)
         if step is None:
             return
+        if q4.shape[2] > n_img and self.appended_frames:
+            self._skip("calls with frames appended after the video (time_dim_concat, e.g. Phantom subject images)")
+            return
         first = q4.shape[2] - n_img  # tokens in front of the video (Wan 2.2's reference latent): not mapped
         added = 0
         for rows, length in self._groups(to, q4.shape[0]):
@@ -508,6 +512,11 @@ def _cond_prints(guider) -> dict:
     return out
 
 
+def _any_cond_has(guider, key: str) -> bool:
+    return any(isinstance(entry, dict) and entry.get(key) is not None
+               for entries in (getattr(guider, "conds", None) or {}).values() for entry in entries or [])
+
+
 def _count(value) -> int:
     """A register-token count: an int attribute (SD3) or the token axis of a (1, n, dim) parameter (AuraFlow)."""
     return int(value.shape[1]) if torch.is_tensor(value) and value.ndim == 3 else int(value or 0)
@@ -557,6 +566,7 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         n_steps = int(sigmas.shape[-1]) - 1
         state = run.store(store, lambda: CaptureRun(cfg, _cond_lengths(guider), noise.shape, n_steps,
                                                           _cond_prints(guider)))
+        state.appended_frames = _any_cond_has(guider, "time_dim_concat")
         fn = getattr(sampler, "sampler_function", None)
         sampler_name = getattr(fn, "__name__", None) or type(sampler).__name__
 

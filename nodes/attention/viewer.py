@@ -194,19 +194,25 @@ def check_labels(run: AttentionRun, table: list[TokenInfo], text: str, clip=None
     if clip is None:
         return ("labels checked by token count only: connect the CLIP that encoded the prompt to check them "
                 "token by token")
+    if all(not bool(p.any()) for p in prints):
+        return "the recorded conditioning is all zeros (ConditioningZeroOut): labels checked by token count only"
     mine = context_print(clip.encode_from_tokens(clip.tokenize(text)))
     keep = [t.pos for t in table if t.klass in ("[SOS]", "semantic")]
     firsts = [_mismatch(mine, p, keep) for p in prints]
     if any(f is None for f in firsts):
         return ""
     k = max(firsts)
+    causal = all(e.kind == "clip" for e in families.by_name(run.family).context_encoders)
+    where = (f"they differ from position {k} ({table[k].text!r} in this text) on" if causal else
+             "they differ (this text encoder reads the whole prompt at every position, so the first differing word "
+             "cannot be named)")
     listed = " ".join(f"{t.pos}:{t.text}" for t in table if t.klass != "padding")
     raise ValueError(
         f"text: {text!r} is not the prompt the capture recorded ({run.rows} rows). Both have {len(table)} context "
-        f"positions, but they differ from position {k} ({table[k].text!r} in this text) on. This text's tokens: "
-        f"{listed}. A CONDITIONING carries no token ids, so the recorded prompt's words cannot be listed: give the "
-        f"text of the conditioning the capture saw (and the CLIP that encoded it). If that conditioning was changed "
-        f"after encoding (e.g. ConditioningAverage), disconnect clip to label the maps by token count only.")
+        f"positions, but {where}. This text's tokens: {listed}. A CONDITIONING carries no token ids, so the recorded "
+        f"prompt's words cannot be listed: give the text of the conditioning the capture saw (and the CLIP that "
+        f"encoded it). If that conditioning was changed after encoding (e.g. ConditioningAverage, or "
+        f"CLIPTextEncodeSDXL with different text_g and text_l), disconnect clip to label the maps by token count only.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class Family:
     preset_start: float | None = None  # the paper's first patched step as a fraction of its sampling steps
     attention_name: str = ""  # what users call its text attention, e.g. "SD3's MMDiT"
     no_attention_hook: str = ""  # why the attention techniques cannot reach this family's text attention (if so)
+    no_training: str = ""  # why a LoRA cannot be trained on this family's blocks here (if so)
     patch: tuple[int, ...] | None = None  # the DiT's token patch, (h, w) or (t, h, w); None: diffusion_model.patch_size
     text_embedder: str | None = None  # DIT_CROSS: diffusion_model attribute that maps the encoder's context to the
     #                                   blocks' text stream token by token (Wan: text_embedding)
@@ -145,6 +146,9 @@ CLIP_L = EncoderSpec("l", "CLIP-L", "clip", "clip_l")
 CLIP_G = EncoderSpec("g", "CLIP-G", "clip", "clip_g")
 T5XXL = EncoderSpec("t5xxl", "T5-XXL", "t5", "t5xxl")
 
+# measured on the tiny models: backward fails on Flux, Chroma (Radiance) and Flux.2; SD1/SD2/SDXL/SD3/AuraFlow train
+FLUX_NO_TRAINING = ("ComfyUI's Flux-style blocks add to their activations in place (x += ...), which autograd "
+                    "cannot differentiate, so training stops in the backward pass.")
 FLUX_BLOCKS = (BlockKind("double", "double_blocks", "double_block",
                          ("double_blocks.{i}.img_attn.", "double_blocks.{i}.txt_attn."), "num_heads"),
                # single blocks fuse attention and MLP: linear1 = qkv ‖ mlp_in, linear2 = proj ‖ mlp_out
@@ -204,19 +208,22 @@ FAMILIES: tuple[Family, ...] = (
            "comfy.text_encoders.flux:FluxTokenizer", "the CLIP-L [EOS] state of chunk 1, Flux's vector_in", "Flux",
            _module_in_features("txt_in"),
            blocks=FLUX_BLOCKS,
-           guidance_distilled=True, cond_extra=(("guidance", 3.5),), attention_name="Flux's double/single blocks"),
+           guidance_distilled=True, cond_extra=(("guidance", 3.5),), attention_name="Flux's double/single blocks",
+           no_training=FLUX_NO_TRAINING),
     Family("chroma", "Chroma", ("Chroma",), (JOINT, SINGLE), (PIXART_T5,), _clip_is("PixArtT5XXL"),
            "comfy.text_encoders.pixart_t5:PixArtTokenizer", "none (Chroma takes no pooled vector)", "Flux",
-           _module_in_features("txt_in"), blocks=FLUX_BLOCKS, attention_name="Chroma's double/single blocks"),
+           _module_in_features("txt_in"), blocks=FLUX_BLOCKS, attention_name="Chroma's double/single blocks",
+           no_training=FLUX_NO_TRAINING),
     Family("chroma_radiance", "Chroma Radiance", ("ChromaRadiance",), (JOINT, SINGLE), (PIXART_T5,),
            _clip_is("PixArtT5XXL"), "comfy.text_encoders.pixart_t5:PixArtTokenizer",
            "none (Chroma takes no pooled vector)", "ChromaRadiance", _module_in_features("txt_in"), blocks=FLUX_BLOCKS,
-           attention_name="Chroma's double/single blocks"),
+           attention_name="Chroma's double/single blocks", no_training=FLUX_NO_TRAINING),
     Family("flux2", "Flux.2", ("Flux2",), (JOINT, SINGLE),
            (EncoderSpec("mistral3_24b", "Mistral-3", LLM, "mistral3_24b"),), _clip_is("Flux2TEModel"),
            "comfy.text_encoders.flux:Flux2Tokenizer", "none (Flux.2 takes no pooled vector)", "Flux2",
            _module_in_features("txt_in"), blocks=FLUX_BLOCKS, guidance_distilled=True, cond_extra=(("guidance", 3.5),),
-           text_pad=512, latent_patch=2, attention_name="Flux.2's double/single blocks"),
+           text_pad=512, latent_patch=2, attention_name="Flux.2's double/single blocks",
+           no_training=FLUX_NO_TRAINING),
     Family("qwen_image", "Qwen-Image", ("QwenImage",), (JOINT,),
            (EncoderSpec("qwen25_7b", "Qwen2.5-VL", LLM, "qwen25_7b"),), _clip_is("QwenImageTEModel"),
            "comfy.text_encoders.qwen_image:QwenImageTokenizer", "none (Qwen-Image takes no pooled vector)", "Wan21",

@@ -313,22 +313,42 @@ def schedule_offset(sample_sigmas: torch.Tensor, full_sigmas: torch.Tensor) -> i
     return None
 
 
+# Sampler functions of KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS (uni_pc, uni_pc_bh2, dpm_2, dpm_2_ancestral):
+# ComfyUI samples them on a schedule of steps + 1 with its second-to-last sigma dropped.
+DISCARD_PENULTIMATE_FUNCTIONS = frozenset({"sample_unipc", "sample_unipc_bh2", "sample_dpm_2",
+                                           "sample_dpm_2_ancestral"})
+
+
+def locate_in_schedule(sample_sigmas: torch.Tensor, full_sigmas: torch.Tensor,
+                       sampler_name: str | None = None) -> tuple[int, torch.Tensor] | None:
+    """(offset, whole schedule as sampled) of a run inside ``full_sigmas``; None when it is no stretch of it.
+    For the samplers of DISCARD_PENULTIMATE_FUNCTIONS (``sampler_name``: RunState.sampler_name) the whole schedule
+    is a BasicScheduler of steps + 1 with its second-to-last sigma dropped, as ComfyUI samples them."""
+    if sampler_name in DISCARD_PENULTIMATE_FUNCTIONS and len(full_sigmas) > 2:
+        full_sigmas = torch.cat([full_sigmas[:-2], full_sigmas[-1:]])
+    offset = schedule_offset(sample_sigmas, full_sigmas)
+    return None if offset is None else (offset, full_sigmas)
+
+
 def resolve_cutoff_step(cutoff: float, unit: str, sample_sigmas: torch.Tensor,
-                        full_sigmas: torch.Tensor | None = None) -> int:
+                        full_sigmas: torch.Tensor | None = None, sampler_name: str | None = None) -> int:
     """First step index (0..steps) at or after the cutoff; ``steps`` means "never".
 
     With ``full_sigmas`` (the whole schedule a run is a slice of, e.g. one KSamplerAdvanced of two) the cutoff is
     resolved on the whole schedule and mapped into the run: a fraction or step of the whole schedule lands on the
     same step whichever run it falls in (0 when it lies before the run, ``steps`` when after it)."""
     if full_sigmas is not None:
-        offset = schedule_offset(sample_sigmas, full_sigmas)
-        if offset is None:
+        found = locate_in_schedule(sample_sigmas, full_sigmas, sampler_name)
+        if found is None:
             n_full = len(full_sigmas) - 1
             raise ValueError(
                 f"The sampler's sigmas ({float(sample_sigmas[0]):.4g} ... {float(sample_sigmas[-1]):.4g}, "
                 f"{len(sample_sigmas) - 1} steps) are not a stretch of full_sigmas ({float(full_sigmas[0]):.4g} ... "
                 f"{float(full_sigmas[-1]):.4g}, {n_full} steps). Connect to full_sigmas a BasicScheduler with the "
-                f"same model, scheduler and steps as the KSamplerAdvanced nodes and denoise 1.0, or disconnect it.")
+                f"same model, scheduler and steps as the KSamplerAdvanced nodes and denoise 1.0 (steps + 1 for "
+                f"uni_pc, uni_pc_bh2, dpm_2 and dpm_2_ancestral, which ComfyUI samples on steps + 1 sigmas with the "
+                f"second-to-last dropped), or disconnect it.")
+        offset, full_sigmas = found
         n = len(sample_sigmas) - 1
         return min(n, max(0, resolve_cutoff_step(cutoff, unit, full_sigmas) - offset))
     n = len(sample_sigmas) - 1

@@ -172,10 +172,10 @@ def make_cutoff_wrappers(settings: CutoffSettings, on_report=None, full_sigmas: 
         if rec.cutoff_step is None and run.sample_sigmas is not None:
             rec.steps = len(run.sample_sigmas) - 1
             rec.cutoff_step = runs.resolve_cutoff_step(settings.cutoff, settings.cutoff_unit, run.sample_sigmas,
-                                                       full_sigmas)
-            if full_sigmas is not None:
-                rec.offset = runs.schedule_offset(run.sample_sigmas, full_sigmas)
-                rec.full_steps = len(full_sigmas) - 1
+                                                       full_sigmas, run.sampler_name)
+            if full_sigmas is not None:  # found: resolve_cutoff_step raised otherwise
+                rec.offset, whole = runs.locate_in_schedule(run.sample_sigmas, full_sigmas, run.sampler_name)
+                rec.full_steps = len(whole) - 1
             rec.batch = x_in.shape[0]
         present = [c is not None for c in conds]
         roles = _branch_roles(conds, run)
@@ -220,6 +220,10 @@ def apply_cutoff(model, settings: CutoffSettings, on_report=None, full_sigmas: t
     or step cutoff refers to that whole schedule and lands on the same step whichever run samples it."""
     if full_sigmas is not None:
         full_sigmas = runs.check_full_schedule(full_sigmas)
+        if settings.adaptive != "off":
+            raise ValueError(f"adaptive={settings.adaptive!r} with full_sigmas: the adaptive test decides within one "
+                             "sampler run, so each part of a split run would decide afresh (and could turn guidance "
+                             "back on). Set adaptive to off for a split run, or disconnect full_sigmas.")
     settings.validate(steps=len(full_sigmas) - 1 if full_sigmas is not None and settings.cutoff_unit == "step"
                       else None)
     m = model.clone()

@@ -33,7 +33,8 @@ _KEEP_TOOLTIP = ("Which prediction to keep after the cutoff. 'negative' is paper
 
 _FULL_SIGMAS_TOOLTIP = ("Optional: the whole schedule when sampling is split over several samplers (KSamplerAdvanced "
                         "start_at_step/end_at_step, or SplitSigmas into two SamplerCustomAdvanced; e.g. Wan 2.2's two "
-                        "experts): a BasicScheduler with the same model, scheduler and steps (denoise 1.0). A fraction "
+                        "experts): a BasicScheduler with the same model, scheduler and steps (denoise 1.0; steps + 1 for "
+                        "uni_pc, uni_pc_bh2, dpm_2, dpm_2_ancestral, which ComfyUI samples that way). A fraction "
                         "or step cutoff then counts steps of the whole schedule and lands on the same step whichever "
                         "sampler runs it. Not needed for cutoff_unit 'sigma', which is the same in every part.")
 

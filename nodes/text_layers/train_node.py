@@ -49,6 +49,10 @@ def train(model, latents, positive, layers: str, steps: int, rank: int, learning
           lora_name: str, folder: str, targets: str = "q_k_v_out", apply: bool = True):
     """Everything the node does. Returns (model, saved name, loss plot IMAGE, report, loss per step)."""
     ml = model_layers(model, NODE_ID)
+    if ml.family.no_training:
+        raise ValueError(f"{NODE_ID} cannot train a LoRA on {ml.label}: {ml.family.no_training} It trains on SD1.x, "
+                         f"SD2.x, SDXL, SD3 and AuraFlow; on this model, edit the text layers without training "
+                         f"(TextLayerPatch) or load a LoRA trained elsewhere with LoraLoaderTextLayers.")
     resolved = parse_layers(layers, ml)
     if not resolved:
         raise ValueError(f"layers: empty, so there is nothing to train. Give the text layers (e.g. 'auto' on SDXL/SD3, "

@@ -514,6 +514,19 @@ def test_viewer_checks_the_text_token_by_token(sd1):
     with pytest.raises(ValueError, match="disconnect clip"):
         _view(handle, {"samples": out}, clip=sd1.clip)
     _view(handle, {"samples": out})
+    # a zeroed conditioning (ConditioningZeroOut) cannot be checked: labelled by count, and the summary says so
+    zero = _with_rows(pos, torch.zeros_like(pos[0][0]))
+    out, _, _, handle = captured(sd1.model, zero, neg, steps=2, size=32, buckets=2)
+    summary = json.loads(_view(handle, {"samples": out}, clip=sd1.clip).args[6])
+    assert any("all zeros" in n for n in summary["notes"])
+
+
+def test_viewer_check_on_a_bidirectional_encoder_names_no_position(flux):
+    pos = flux.encode("a red cat")
+    out, _, _, handle = captured(flux.model, pos, pos, steps=2, channels=16, cfg=1.0, size=32, buckets=2)
+    _view(handle, {"samples": out}, text="a red cat", clip=flux.clip)  # the recorded text passes
+    with pytest.raises(ValueError, match="reads the whole prompt at every position"):
+        _view(handle, {"samples": out}, text="a red dog", clip=flux.clip)
 
 
 def test_viewer_flux_image_keys(flux):

@@ -192,3 +192,28 @@ def test_schedule_offset_finds_the_slice():
     assert runs.resolve_cutoff_step(0.5, "fraction", full[2:], full) == 1  # step 3 of 6 = the part's step 1
     assert runs.resolve_cutoff_step(0.5, "fraction", full[:3], full) == 2  # after the part: its step count (never)
     assert runs.resolve_cutoff_step(1, "step", full[2:], full) == 0  # before the part: from its first step
+
+
+@pytest.mark.parametrize("sampler", ["uni_pc", "dpm_2"])
+def test_discard_penultimate_samplers_match_a_schedule_of_steps_plus_one(sd1, sampler):
+    """ComfyUI samples these on steps + 1 sigmas with the second-to-last dropped: a BasicScheduler of steps + 1 is
+    their whole schedule, and the cutoff lands on the same steps as in an unsplit run."""
+    t = sd1
+    pos, neg, latent = t.encode("a red square"), t.encode(""), empty_latent()
+    ref_calls: list = []
+    m, _ = patch(recorder(t.model, 0, ref_calls), 0.75)
+    comfy_nodes.common_ksampler(m, 0, STEPS, 5.0, sampler, "simple", pos, neg, latent)
+    rows = [r for _s, r in ref_calls]
+    with pytest.raises(ValueError, match="steps \\+ 1 for uni_pc"):  # the schedule of `steps` cannot match
+        split_sample(patch(t.model, 0.75, full=full_sigmas(t.model))[0], t.model, pos, neg, latent, sampler=sampler)
+    calls: list = []
+    full = full_sigmas(t.model, steps=STEPS + 1)
+    high, rec = patch(recorder(t.model, 0, calls), 0.75, full=full)
+    low, _ = patch(recorder(t.model, SPLIT, calls), 0.75, full=full)
+    split_sample(high, low, pos, neg, latent, sampler=sampler)
+    assert [r for _s, r in calls] == rows and rows.count(1) > 0, str((calls, ref_calls))
+
+
+def test_adaptive_with_a_full_schedule_is_refused(sd1):
+    with pytest.raises(ValueError, match="adaptive='cosine' with full_sigmas"):
+        gc_nodes.GuidanceCutoffPatch.execute(sd1.model, cutoff=0.75, adaptive="cosine", full_sigmas=full_sigmas(sd1.model))

@@ -234,3 +234,36 @@ def test_node_errors(demo, tmp_path):
         train_node.train(model, latent, pos, "", 1, 4, 1e-3, 0, "x", str(tmp_path))
     with pytest.raises(ValueError, match="lora_name: '../x' is not a usable file name"):
         train_node.train(model, latent, pos, NODE_LAYERS, 1, 4, 1e-3, 0, "../x", str(tmp_path))
+
+
+def test_trains_a_dit_loaded_as_the_server_loads_it():
+    """The inference-tensor case on a DiT (SD3's joint blocks, LoRA on every attention weight of the block):
+    training works, and every original tensor is back in place."""
+    import tiny_models
+    from prompt_anatomy.nodes.core.layers import model_layers, weight_prefixes
+
+    with torch.inference_mode():
+        t = tiny_models.make("sd3")
+        pos = t.encode("a red star")
+        latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    ml = model_layers(t.model, "test")
+    before = dict(t.model.model.named_parameters()) | dict(t.model.model.named_buffers())
+    assert all(x.is_inference() for x in before.values())
+    with torch.inference_mode():
+        lora, losses = lt.train_text_layer_lora(t.model, latent, pos, list(weight_prefixes(ml, ml.layers[0])),
+                                                steps=2, rank=2, seed=0, targets=None)
+    assert len(losses) == 2 and lora
+    after = dict(t.model.model.named_parameters()) | dict(t.model.model.named_buffers())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_node_refuses_families_whose_blocks_cannot_be_trained(family, tmp_path):
+    """Flux-style blocks update activations in place, so backward fails: the node says so before training."""
+    import tiny_models
+    from prompt_anatomy.nodes.text_layers import train_node
+
+    t = tiny_models.make(family)
+    with pytest.raises(ValueError, match=r"cannot train a LoRA on .*in place.*TextLayerPatch"):
+        train_node.train(t.model, {"samples": torch.zeros(1, 16, 8, 8)}, t.encode("a"), "all", 1, 2, 1e-3, 0,
+                         "x", str(tmp_path))

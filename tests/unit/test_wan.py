@@ -306,3 +306,20 @@ def test_eos_swap_on_wan():
     assert "UMT5-XXL" in table and cond[0][0].shape == (1, 512, 64)
     with pytest.raises(ValueError, match="kv=key_only needs a UNet model.*Wan 2.1 / 2.2 A14B's cross-attention blocks"):
         swap_conditioning(t.clip, PROMPT, TARGET, kv="key_only", model=t.model)
+
+
+def test_frames_appended_after_the_video_are_not_mapped_as_video():
+    """Wan's time_dim_concat (e.g. Phantom's subject images) appends latent frames after the video: the capture
+    skips those calls, with the reason, instead of mapping the wrong frames; the image is unchanged."""
+    import node_helpers
+
+    t = tiny("wan21_t2v")
+    pos, neg = t.encode(PROMPT), t.encode("")
+    extra = torch.zeros(t.latent_shape(1, size=4, frames=1))
+    pos_x = node_helpers.conditioning_set_values(pos, {"time_dim_concat": extra})
+    neg_x = node_helpers.conditioning_set_values(neg, {"time_dim_concat": extra})
+    m, handle = cap.install_capture(t.model, "all", "positive", 2)
+    plain = sample(t, t.model, pos_x, neg_x, steps=2)
+    assert torch.equal(sample(t, m, pos_x, neg_x, steps=2), plain)
+    run = handle.runs[-1]
+    assert not run.sums and any("time_dim_concat" in why for why in run.skipped)
