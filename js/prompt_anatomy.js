@@ -7,7 +7,8 @@ const WIDGET = "prompt_anatomy_report";
 const MAX_GROWTH = 600; // px a report may add to its node; a longer one scrolls inside the text box
 
 // Grow the node by the part of the report its text box hides (up to MAX_GROWTH), so a short report is read
-// whole without resizing by hand; the node never shrinks, so a size the user chose stays.
+// whole without resizing by hand; the node never shrinks, so a size the user chose stays. Nodes with an IMAGE
+// output are left alone (their images take the height).
 // Returns false while the text box is not laid out (node off screen), to be tried again when drawn.
 function fitReport(node, widget) {
   const el = widget.element ?? widget.inputEl;
@@ -43,6 +44,8 @@ app.registerExtension({
       return r;
     };
 
+    // nodes that also preview images share their height between the text box and the images: left as they are
+    const fits = !(nodeData.output ?? []).includes("IMAGE");
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
@@ -51,6 +54,7 @@ app.registerExtension({
       const widget = this.widgets?.find((w) => w.name === WIDGET);
       if (!widget) return;
       widget.value = Array.isArray(text) ? text.join("\n") : String(text);
+      if (!fits) return;
       this.paFitPending = true;
       requestAnimationFrame(() => { if (fitReport(this, widget)) this.paFitPending = false; });
     };

@@ -53,7 +53,7 @@ CORRECTOR_AT_NEXT_SIGMA: dict[str, Callable[[torch.Tensor, int], int]] = {
     "sample_heunpp2": _heunpp2_extra,
     **{f"sample_{name}": _heun_extra for name in (
         "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
-        "seeds_2")},
+        "seeds_2", "exp_heun_2_x0", "exp_heun_2_x0_sde")},  # the last two: seeds_2 with r = 1 (ComfyUI >= 0.8)
     "sample_seeds_3": _seeds3_extra,
 }
 

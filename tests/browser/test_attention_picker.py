@@ -67,6 +67,16 @@ VIEWER_STATE_JS = """([type, index, vue]) => {
   };
 }"""
 
+# js/prompt_anatomy.js grows a node by the part of its report the text box hides, on the first draw where the box
+# is laid out (node.paFitPending until then): wait for that (at most 3 s) before measuring the preview.
+REPORT_FIT_SETTLED_JS = """async (type) => {
+  const n = (app.graph.nodes || app.graph._nodes || []).find(n => n.type === type);
+  for (let i = 0; i < 30 && n?.paFitPending; i++) {
+    app.canvas.setDirty(true, true);
+    await new Promise(r => setTimeout(r, 100));
+  }
+}"""
+
 PROMPT_TOKENS_JS = """async (type) => {
   const p = await app.graphToPrompt();
   const entry = Object.values(p.output).find(o => o.class_type === type);
@@ -112,9 +122,9 @@ def _wait_for_preview(page, old_srcs=()) -> None:
 def _shoot_preview(page, name: str) -> tuple[np.ndarray, dict]:
     """Screenshot of the viewer's heat-map preview (the canvas area under its widgets) -> (RGB array, state)."""
     state = _viewer(page, index=0)
+    page.evaluate(REPORT_FIT_SETTLED_JS, VIEWER)
     page.wait_for_timeout(400)  # a few frames for the canvas (and the Vue nodes' DOM) to redraw
-    if _vue(page):  # the DOM nodes moved with the canvas only now: measure again
-        state = _viewer(page, index=0)
+    state = _viewer(page, index=0)  # the DOM nodes moved with the canvas, the report box may have grown the node
     assert state["clip"], f"the viewer draws no preview: {state}"
     path = harness.BROWSER_ARTIFACTS / f"{SHOT}-{name}.png"
     page.screenshot(path=str(path), clip=state["clip"])

@@ -61,10 +61,11 @@ def check_reports(page, entry: dict, name: str) -> int:
             wrong[nid] = {"type": got.get("type"), "want": text[:200], "value": (got["value"] or "")[:200],
                           "shown": [t[:200] for t in got["shown"]]}
     assert not wrong, f"{name}: report widgets do not show the run's reports:\n{json.dumps(wrong, indent=1)}"
-    # a report of up to FIT_LINES lines is read whole: its box hides nothing (js/prompt_anatomy.js grows the node)
+    # a report of up to FIT_LINES lines is read whole: its box hides nothing (js/prompt_anatomy.js grows the node;
+    # nodes that also show images keep their size)
     clipped = {nid: {"type": seen[nid].get("type"), "lines": text.count("\n") + 1, "hidden_px": seen[nid]["hidden"]}
                for nid, text in texts.items() if seen[nid].get("widget") and text.count("\n") < FIT_LINES
-               and any(h > 2 for h in seen[nid].get("hidden") or [])}
+               and not (entry["outputs"][nid].get("images")) and any(h > 2 for h in seen[nid].get("hidden") or [])}
     assert not clipped, f"{name}: report boxes clip short reports:\n{json.dumps(clipped, indent=1)}"
     return len(texts)
 
