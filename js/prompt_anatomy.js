@@ -9,16 +9,21 @@ const MAX_GROWTH = 600; // px a report may add to its node; a longer one scrolls
 // Grow the node by the part of the report its text box hides (up to MAX_GROWTH), so a short report is read
 // whole without resizing by hand; the node never shrinks, so a size the user chose stays. Nodes with an IMAGE
 // output are left alone (their images take the height).
-// Returns false while the text box is not laid out (node off screen), to be tried again when drawn.
+// Returns false while there is more to do: the text box is not laid out yet (node off screen) or it has not
+// caught up with the last growth; tried again on the next frames and draws.
 function fitReport(node, widget) {
   const el = widget.element ?? widget.inputEl;
   if (!el?.isConnected || el.clientHeight === 0) return false;
+  if (node.paWaitFrom === el.clientHeight) return false; // the box has not followed the last growth yet
   const hidden = el.scrollHeight - el.clientHeight;
-  if (hidden > 1) {
-    node.setSize([node.size[0], node.size[1] + Math.min(hidden, MAX_GROWTH)]);
-    node.setDirtyCanvas?.(true, true);
-  }
-  return true;
+  const room = MAX_GROWTH - (node.paGrown ?? 0);
+  if (hidden <= 1 || room <= 0) return true;
+  const grow = Math.min(hidden, room);
+  node.paGrown = (node.paGrown ?? 0) + grow;
+  node.paWaitFrom = el.clientHeight;
+  node.setSize([node.size[0], node.size[1] + grow]);
+  node.setDirtyCanvas?.(true, true);
+  return false;
 }
 
 app.registerExtension({
@@ -56,7 +61,13 @@ app.registerExtension({
       widget.value = Array.isArray(text) ? text.join("\n") : String(text);
       if (!fits) return;
       this.paFitPending = true;
-      requestAnimationFrame(() => { if (fitReport(this, widget)) this.paFitPending = false; });
+      this.paGrown = 0;
+      this.paWaitFrom = undefined;
+      const tryFit = (frames) => {
+        if (fitReport(this, widget)) this.paFitPending = false;
+        else if (frames > 0) requestAnimationFrame(() => tryFit(frames - 1));
+      };
+      requestAnimationFrame(() => tryFit(10));
     };
 
     const onDrawForeground = nodeType.prototype.onDrawForeground;
