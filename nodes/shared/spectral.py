@@ -55,19 +55,23 @@ def disc_area_in_spectrum(r: float) -> float:
 
 
 @functools.lru_cache(maxsize=256)
+def _bisect_radius(covered, threshold: float, lo: float, hi: float, iterations: int) -> float:
+    """The radius in [lo, hi] whose ``covered(radius)`` share of the spectrum is ``threshold`` (increasing)."""
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if covered(mid) < threshold:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def low_radius(threshold: float) -> float:
     """Radius (cycles/pixel) of the low band: the disc covering ``threshold`` of the spectrum's area."""
     threshold = validate_threshold(threshold)
     if threshold <= math.pi / 4:
         return math.sqrt(threshold / math.pi)
-    lo, hi = 0.5, math.sqrt(0.5)
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if disc_area_in_spectrum(mid) < threshold:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return _bisect_radius(disc_area_in_spectrum, threshold, 0.5, math.sqrt(0.5), 80)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,14 +121,7 @@ def low_radius_3d(threshold: float) -> float:
     threshold = validate_threshold(threshold)
     if threshold <= math.pi / 6:
         return (3.0 * threshold / (4.0 * math.pi)) ** (1.0 / 3.0)
-    lo, hi = 0.5, math.sqrt(0.75)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if ball_volume_in_spectrum(mid) < threshold:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return _bisect_radius(ball_volume_in_spectrum, threshold, 0.5, math.sqrt(0.75), 60)
 
 
 @functools.lru_cache(maxsize=64)
