@@ -5,6 +5,22 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const WIDGET = "prompt_anatomy_report";
 const MAX_GROWTH = 600; // px a report may add to its node; a longer one scrolls inside the text box
+const FRAMES = 10; // fit tries on the frames after a run
+const POLLS = 100; // then tries every POLL_MS (about 30 s) until the node's text box is drawn
+const POLL_MS = 300;
+
+// The text box that shows the report, and the node height growth starts from.
+function reportBox(node, widget) {
+  const own = widget.element ?? widget.inputEl;
+  if (own?.isConnected) return { el: own, height: node.size[1] };
+  // Nodes 2.0 draws the node in the DOM with a text box of its own; the node's body may be taller than
+  // node.size (its content's minimum height), so growth starts from the height it is drawn at
+  const nodeEl = document.querySelector(`[data-node-id="${node.id}"]`);
+  const el = nodeEl && [...nodeEl.querySelectorAll("textarea")].find((t) => t.value === widget.value);
+  if (!el) return null;
+  const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  return { el, vue: true, height: Math.max(node.size[1], nodeEl.offsetHeight - title) };
+}
 
 // Grow the node by the part of the report its text box hides (up to MAX_GROWTH), so a short report is read
 // whole without resizing by hand; the node never shrinks, so a size the user chose stays. Nodes with an IMAGE
@@ -12,16 +28,25 @@ const MAX_GROWTH = 600; // px a report may add to its node; a longer one scrolls
 // Returns false while there is more to do: the text box is not laid out yet (node off screen) or it has not
 // caught up with the last growth; tried again on the next frames and draws.
 function fitReport(node, widget) {
-  const el = widget.element ?? widget.inputEl;
+  const box = reportBox(node, widget);
+  const el = box?.el;
   if (!el?.isConnected || el.clientHeight === 0) return false;
-  if (node.paWaitFrom === el.clientHeight) return false; // the box has not followed the last growth yet
+  if (node.paWaitFrom === el.clientHeight) {
+    // the box has not followed the last growth yet; Nodes 2.0 of some frontends (1.32) never does (its nodes
+    // keep their drawn size): there the text box takes the height and the node follows its content
+    node.paWaits = (node.paWaits ?? 0) + 1;
+    if (box.vue && node.paWaits > 2) el.style.minHeight = `${el.clientHeight + node.paLastGrow}px`;
+    return false;
+  }
   const hidden = el.scrollHeight - el.clientHeight;
   const room = MAX_GROWTH - (node.paGrown ?? 0);
   if (hidden <= 1 || room <= 0) return true;
   const grow = Math.min(hidden, room);
   node.paGrown = (node.paGrown ?? 0) + grow;
   node.paWaitFrom = el.clientHeight;
-  node.setSize([node.size[0], node.size[1] + grow]);
+  node.paLastGrow = grow;
+  node.paWaits = 0;
+  node.setSize([node.size[0], box.height + grow]);
   node.setDirtyCanvas?.(true, true);
   return false;
 }
@@ -63,11 +88,14 @@ app.registerExtension({
       this.paFitPending = true;
       this.paGrown = 0;
       this.paWaitFrom = undefined;
-      const tryFit = (frames) => {
+      // the next frames first; then a slow poll, for Nodes 2.0 (no canvas draw calls) drawing the node later
+      const tryFit = (tries) => {
+        if (!this.paFitPending) return;
         if (fitReport(this, widget)) this.paFitPending = false;
-        else if (frames > 0) requestAnimationFrame(() => tryFit(frames - 1));
+        else if (tries > POLLS) requestAnimationFrame(() => tryFit(tries - 1));
+        else if (tries > 0) setTimeout(() => tryFit(tries - 1), POLL_MS);
       };
-      requestAnimationFrame(() => tryFit(10));
+      tryFit(POLLS + FRAMES);
     };
 
     const onDrawForeground = nodeType.prototype.onDrawForeground;

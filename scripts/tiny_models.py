@@ -693,7 +693,7 @@ def make_hunyuan_video15(seed: int = 0, dtype=None) -> TinyModel:
 
 def _lumina_unet(**kw):
     base = {
-        "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 2,
+        "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 2, "n_refiner_layers": 2, "n_heads": 2,
         "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 4.0, "qk_norm": True,
         "cap_feat_dim": LLM_SMALL["hidden_size"], "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512],
         "rope_theta": 10000.0,

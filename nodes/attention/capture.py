@@ -64,6 +64,7 @@ from ..core.layers import (
     ensure_layer_tracking,
     model_layers,
     parse_layers,
+    running_dit_layer,
     text_call,
 )
 from .probs import (
@@ -176,6 +177,7 @@ class CaptureConfig:
     patch: tuple[int, ...]  # DiT token patch: (h, w), or (t, h, w) for video
     register_length: int  # register tokens in front of the text (SD3, AuraFlow)
     text_pad: int | None  # the model left-pads the text to this length (Flux.2)
+    text_multiple: int | None  # the model right-pads the text to a multiple of this (Z-Image's learned pad tokens)
     modules: dict  # UNet: attn2 key -> module (fallback projections)
     text_calls: dict = dataclasses.field(default_factory=dict)  # cross: layer key -> ordinal of its text attention call
 
@@ -339,7 +341,7 @@ class CaptureRun:
 
     # ---- DiT
     def dit_override(self, args, kwargs, to) -> None:
-        layer = self.by_key.get(to.get(LAYER_KEY))
+        layer = self.by_key.get(running_dit_layer(to, self.calls))
         txt_len = to.get(TXT_LEN_KEY)
         if layer is None or txt_len is None:
             return
@@ -366,7 +368,7 @@ class CaptureRun:
                 self._skip("text streams whose length differs from the prompt's")
                 continue
             stats: dict = {}
-            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(first, txt_len),
+            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(first, first + length),
                                 other=True, mask=mask_rows(mask, rows), stats=stats)
             self._add(layer, step, length, to_grid(p, gh, gw), stats.get("transient", 0))
             added += 1
@@ -412,7 +414,10 @@ class CaptureRun:
 
     def _prompt_start(self, txt_len: int, length: int) -> int | None:
         """Where the prompt's ``length`` tokens start in a text stream of ``txt_len``: after the family's register
-        tokens, or at the end of a zero-padded stream (Flux.2); None when the stream does not hold the prompt."""
+        tokens, at the end of a zero-padded stream (Flux.2), at the start of one padded up to a multiple (Z-Image);
+        None when the stream does not hold the prompt."""
+        if self.cfg.text_multiple:
+            return 0 if txt_len == length + (-length) % self.cfg.text_multiple else None
         if self.cfg.text_pad:
             return txt_len - length if txt_len == max(self.cfg.text_pad, length) else None
         return self.cfg.register_length if txt_len - self.cfg.register_length == length else None
@@ -550,6 +555,7 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                         patch=_patch(ml.family, dm),
                         register_length=_count(getattr(dm, register, 0)) if register else 0,
                         text_pad=ml.family.text_pad, modules=modules,
+                        text_multiple=getattr(dm, ml.family.text_multiple, None) if ml.family.text_multiple else None,
                         text_calls={layer.key: text_call(ml, layer) for layer in chosen} if arch == "cross" else {})
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"

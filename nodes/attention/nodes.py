@@ -29,9 +29,10 @@ class CrossAttentionCapture(io.ComfyNode):
                 "while any sampler runs with the returned MODEL — for CrossAttentionMapViewer (paper 1, Fig. 1 and "
                 "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
                 "the sampled image is bit-identical to an uncaptured run. UNets (SD1.x, SD2.x, SDXL: cross-attention), "
-                "the joint-attention DiTs of the family registry (SD3, Flux.1, Flux.2, Chroma, Qwen-Image, AuraFlow: "
-                "image queries against the text keys) and the cross-attention of Wan 2.1 / 2.2 text-to-video "
-                "models (video queries against the text keys, maps kept per latent frame)."),
+                "the joint-attention DiTs of the family registry (SD3, Flux.1, Flux.2, Chroma, Qwen-Image, AuraFlow, "
+                "and the single-stream Lumina 2 and Z-Image: image queries against the text keys) and the "
+                "cross-attention of Wan 2.1 / 2.2 text-to-video models (video queries against the text keys, maps "
+                "kept per latent frame)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
                                                 "with the MODEL output."),

@@ -16,9 +16,10 @@ CLIP-G / OpenCLIP-H / T5 with their pad id; T5 has no [SOS]). SD3 / Flux records
 * ``class_shares``: the share of [SOS] / semantic / [EOS] / padding (/ [image]) per step (Fig. 3).
 * ``time_slices``: each token's map in every step bucket, early to late (columns), on one colour scale
   per token; ``animation``: the same as one frame per bucket (an IMAGE batch).
-* ``convergence``: F1_t / F1_last (Fig. 1b): the F1 score between the Canny edges (kornia, as ComfyUI's
-  Canny node) of a token's map in bucket t and those of the final image, relative to the last bucket;
-  edges count as matched within ``edge_tolerance`` pixels.
+* ``convergence``: F1_t / F1_last (Fig. 1b): the F1 score between the Canny edges (kornia; the image with
+  ComfyUI's Canny thresholds, maps with the same fractions of their own strongest gradient) of a token's map in
+  bucket t and those of the final image, relative to the last bucket; edges count as matched within
+  ``edge_tolerance`` pixels. The plots say which steps the maps cover and why a curve is missing.
 * ``video_frames`` (the last output, added for video records): one image per latent frame, each chosen
   token's whole-run map on that frame over the decoded frame (one colour scale per token across the frames);
   for image records the heat-map grid once.
@@ -75,8 +76,8 @@ from ..shared.tokens import (
 from .capture import OTHER_LABEL, AttentionRun, MapSums, context_print
 
 NODE_ID = "CrossAttentionMapViewer"
-CLASSES = ("[SOS]", "semantic", "[EOS]", "padding")
-CLASS_COLORS = {"[SOS]": (120, 120, 120), "semantic": (31, 119, 180), "[EOS]": (214, 39, 40),
+CLASSES = ("template", "[SOS]", "semantic", "[EOS]", "padding")  # template: an LLM encoder's chat-template head
+CLASS_COLORS = {"template": (188, 189, 34), "[SOS]": (120, 120, 120), "semantic": (31, 119, 180), "[EOS]": (214, 39, 40),
                 "padding": (255, 127, 14), OTHER_LABEL: (44, 160, 44)}
 SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
                  (227, 119, 194), (23, 190, 207)]
@@ -94,13 +95,16 @@ EDGE_SIZE = 128  # long side of the images the Canny edges are taken on
 class TokenInfo:
     pos: int  # position in the recorded context
     text: str  # shown label
-    klass: str  # [SOS], semantic, [EOS], padding
+    klass: str  # template, [SOS], semantic, [EOS], padding
     chunk: int
     weight: float  # prompt weight the tokenizer gave it
     encoder: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
 
 
 def _display(part: EncoderPart, token, klass: str) -> str:
+    if part.kind == families.LLM and isinstance(token, numbers.Integral):  # chat-template tokens read as themselves
+        text = token_text(part, token).strip()
+        return text or "·"
     if klass != "semantic":
         return {"[SOS]": "[SOS]", "[EOS]": "[EOS]"}.get(klass, "[pad]")
     if not isinstance(token, numbers.Integral):
@@ -145,7 +149,7 @@ def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
                              f"ships inside its text encoder checkpoint: connect the CLIP that encoded the prompt "
                              f"(clip input) to label the tokens, or record one prompt length at a time.")
         return positions_only(family, lengths[0])
-    if any(e.kind == families.LLM for e in family.context_encoders):
+    if any(e.kind == families.LLM and e.no_eos for e in family.context_encoders):  # no token rules (Gemma-2)
         if len(lengths) != 1:
             raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s token labels "
                              f"are positions only: record one prompt length at a time.")
@@ -197,12 +201,12 @@ def check_labels(run: AttentionRun, table: list[TokenInfo], text: str, clip=None
     if all(not bool(p.any()) for p in prints):
         return "the recorded conditioning is all zeros (ConditioningZeroOut): labels checked by token count only"
     mine = context_print(clip.encode_from_tokens(clip.tokenize(text)))
-    keep = [t.pos for t in table if t.klass in ("[SOS]", "semantic")]
+    keep = [t.pos for t in table if t.klass in ("[SOS]", "template", "semantic")]
     firsts = [_mismatch(mine, p, keep) for p in prints]
     if any(f is None for f in firsts):
         return ""
     k = max(firsts)
-    causal = all(e.kind == "clip" for e in families.by_name(run.family).context_encoders)
+    causal = all(e.kind in ("clip", families.LLM) for e in families.by_name(run.family).context_encoders)
     where = (f"they differ from position {k} ({table[k].text!r} in this text) on" if causal else
              "they differ (this text encoder reads the whole prompt at every position, so the first differing word "
              "cannot be named)")
@@ -367,13 +371,25 @@ def hysteresis(weak_or_strong: torch.Tensor, strong: torch.Tensor) -> torch.Tens
     return out
 
 
-def canny_edges(images: torch.Tensor) -> torch.Tensor:
+def canny_edges(images: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Canny edges (kornia.filters.canny with the thresholds of ComfyUI's Canny node) of (N, C, H, W) images in
     [0, 1] -> (N, 1, H, W) in {0, 1}. kornia gives the weak (0.5) and strong (1) edges after non-maximum
-    suppression; :func:`hysteresis` links them (kornia's own iterated hysteresis is slow on CPU)."""
-    _mag, edges = kornia.filters.canny(images.float(), low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH,
-                                       hysteresis=False)
-    return hysteresis(edges > 0.25, edges > 0.75)
+    suppression; :func:`hysteresis` links them (kornia's own iterated hysteresis is slow on CPU).
+    ``relative``: the thresholds are fractions of each image's strongest gradient instead (attention maps: smooth
+    fields upsampled from a coarse grid, whose gradients shrink with the upsampling factor)."""
+    if not relative:
+        _mag, edges = kornia.filters.canny(images.float(), low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH,
+                                           hysteresis=False)
+        return hysteresis(edges > 0.25, edges > 0.75)
+    mag, _ = kornia.filters.canny(images.float(), low_threshold=1e-12, high_threshold=2e-12, hysteresis=False)
+    out = torch.zeros_like(mag)
+    for i in range(images.shape[0]):
+        top = float(mag[i].amax())
+        if top > 1e-6:
+            _m, edges = kornia.filters.canny(images[i:i + 1].float(), low_threshold=CANNY_LOW * top,
+                                             high_threshold=CANNY_HIGH * top, hysteresis=False)
+            out[i:i + 1] = hysteresis(edges > 0.25, edges > 0.75)
+    return out
 
 
 def edge_f1(pred: torch.Tensor, ref: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
@@ -407,7 +423,7 @@ def shape_convergence(bucket_maps: list[torch.Tensor | None], image: torch.Tenso
         if m is None:
             continue
         up = F.interpolate(m[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
-        out[:, j] = edge_f1(canny_edges(normalise(up)), ref, tolerance)
+        out[:, j] = edge_f1(canny_edges(normalise(up), relative=True), ref, tolerance)
     return out
 
 
@@ -436,13 +452,26 @@ def _short(label: str, n: int = 18) -> str:
     return label if len(label) <= n else label[:n - 1] + "…"
 
 
-def class_plot(steps: list[int], shares: dict[str, list[float]], n_steps: int) -> Image.Image:
+def class_plot(steps: list[int], shares: dict[str, list[float]], n_steps: int, message: str = "") -> Image.Image:
     series = [(name, steps, ys, CLASS_COLORS[name], False) for name, ys in shares.items()]
     return line_plot(series, title="token-class share of the attention per step (Fig. 3)",
-                     xlabel=f"sampler step (0 = first of {n_steps})", ylabel="share")
+                     xlabel=f"sampler step (0 = first of {n_steps})", ylabel="share", message=message)
 
 
-def convergence_plot(xs: list[float], rel: torch.Tensor, labels: list[str]) -> Image.Image:
+def step_coverage(per_step: dict[str, list[float]], n_steps: int, rows: str, skipped: dict) -> str:
+    """What steps the maps cover and, when they stop early or start late, why (empty when they cover all)."""
+    seen = [i for i in range(n_steps) if any(math.isfinite(v[i]) for v in per_step.values())]
+    if not seen:
+        return f"no step reached the chosen layers with {rows} rows"
+    if seen[0] == 0 and seen[-1] == n_steps - 1 and len(seen) == n_steps:
+        return ""
+    why = "; ".join(f"{count}x {reason}" for reason, count in skipped.items()) or (
+        f"the sampler ran no {rows} rows there (e.g. a guidance cutoff with keep=negative drops the positive rows)")
+    return (f"maps cover {len(seen)} of {n_steps} steps ({seen[0]}-{seen[-1]}): no {rows} rows reached the chosen "
+            f"layers in the others ({why})")
+
+
+def convergence_plot(xs: list[float], rel: torch.Tensor, labels: list[str], message: str = "") -> Image.Image:
     series = []
     with warnings.catch_warnings():  # all-NaN columns (a bucket with no edges anywhere) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -453,7 +482,19 @@ def convergence_plot(xs: list[float], rel: torch.Tensor, labels: list[str]) -> I
     series.insert(0, ("mean", xs, [float(v) for v in mean], (0, 0, 0), False))
     return line_plot(series, title="shape convergence F1_t / F1_last (Canny edges: map vs final image, Fig. 1b)",
                      xlabel="sampler step (end of the bucket)", ylabel="F1_t / F1_last",
-                     hlines=[(1.0, "", (160, 160, 160))])
+                     hlines=[(1.0, "", (160, 160, 160))], message=message)
+
+
+def convergence_notes(f1: torch.Tensor, rel: torch.Tensor, labels: list[str], filled: bool) -> list[str]:
+    """Why a token has no shape-convergence curve (F1_t / F1_last undefined), one note per cause."""
+    if not filled:
+        return ["shape convergence not computed: no step bucket holds maps"]
+    if f1.numel() and not torch.isfinite(rel).any() and float(f1.nan_to_num(0).amax()) == 0.0:
+        return ["shape convergence not computed: no map edge lies near an edge of the image in any bucket (F1 = 0 "
+                "everywhere; a flat image or uniform maps have no Canny edges)"]
+    flat = [lab for lab, r in zip(labels, rel, strict=True) if not torch.isfinite(r).any()]
+    return [f"no shape-convergence curve for {', '.join(flat)}: F1 of the last bucket is 0 (no map edge near an "
+            f"image edge at the end), so F1_t / F1_last is undefined"] if flat else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,13 +682,15 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
             seg = [v for v in per_step_lists[name][a:b + 1] if math.isfinite(v)] if a >= 0 else []
             vals.append(sum(seg) / len(seg) if seg else float("nan"))
         bucket_share[name] = vals
-    plot_classes = pil_to_image([class_plot(steps, per_step_lists, run.n_steps)])
+    coverage = step_coverage(per_step_lists, run.n_steps, run.rows, run.skipped)
+    plot_classes = pil_to_image([class_plot(steps, per_step_lists, run.n_steps, coverage)])
 
     # shape convergence
     f1 = shape_convergence(bucket_maps, img, int(edge_tolerance)) if filled else torch.zeros(len(items), 0)
     rel = relative_to_last(f1)
     xs = [float(b) for _a, b in run.buckets]
-    conv = pil_to_image([convergence_plot(xs, rel, labels)])
+    conv_notes = convergence_notes(f1, rel, labels, bool(filled))
+    conv = pil_to_image([convergence_plot(xs, rel, labels, "\n".join(filter(None, [coverage, *conv_notes])))])
 
     chips = picker_chips(table, extra, items)
     layer_note = []
@@ -657,12 +700,13 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
     if run.missing:
         layer_note.append(f"{len(run.missing)} chosen layer(s) were never seen during sampling and are not in the "
                           f"maps: {', '.join(run.missing)}")
-    notes = list(layer_note) + ([label_note] if label_note else [])
+    notes = list(layer_note) + ([label_note] if label_note else []) + ([coverage] if coverage else []) + conv_notes
     if table[0].text == "#0":
         fam = families.by_name(run.family)
-        why = (f"{fam.label}'s tokenizer ships inside its text encoder checkpoint: connect the CLIP that encoded the "
-               f"prompt to label them" if not fam.stock_tokens else
-               f"the registry has no token rules for {fam.label}'s chat-template encoder yet")
+        ruleless = [e for e in fam.context_encoders if e.kind == families.LLM and e.no_eos]
+        why = (f"the registry gives {fam.label}'s {ruleless[0].label} no token classes ({ruleless[0].no_eos})"
+               if ruleless else f"{fam.label}'s tokenizer ships inside its text encoder checkpoint: connect the CLIP "
+               f"that encoded the prompt to label them")
         notes.append(f"token labels are positions only: {why}; the class plot shows them all as semantic")
     if not matched:
         notes.append("no recorded run produced exactly this LATENT; showing the newest run of the capture")

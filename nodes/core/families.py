@@ -30,13 +30,19 @@ SINGLE = "single"  # text and image tokens in one sequence (single-stream blocks
 class EncoderSpec:
     """One text encoder of a family's CLIP object and where its tokens land in the conditioning tensor."""
 
-    key: str  # clip.tokenize key: 'l', 'g', 'h', 't5xxl'
-    label: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
-    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk) or "t5" (no [SOS], end token, one chunk)
+    key: str  # clip.tokenize key: 'l', 'g', 'h', 't5xxl', 'qwen25_7b'
+    label: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL, Qwen2.5-VL
+    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk), "t5" (no [SOS], end token, one chunk) or LLM
     attr: str  # attribute of the CLIP's cond_stage_model holding this encoder (None there: not loaded)
     group: int = 0  # 0: token block at the start (encoders of group 0 share positions, concatenated on channels)
     in_context: bool = True  # False: only its pooled vector is used (Flux's CLIP-L)
     missing_width: int | None = None  # channels the context keeps for it when it is not loaded (SD3 CLIP-L: 768)
+    # LLM encoders: the chat template around the prompt, as text the encoder's own tokenizer turns into ids (so a
+    # stand-in tokenizer with the same special tokens resolves them too)
+    head_end: str = ""  # template text right before the prompt: the template head ends with its tokens
+    tail_start: str = ""  # template text right after the prompt: its first token (end of turn) is the [EOS] analogue
+    drops_head: bool = False  # the encoder cuts the template head off its output (Qwen-Image)
+    no_eos: str = ""  # why no state follows the prompt (the [EOS] constructions have no meaning then)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +91,11 @@ class Family:
     text_embedder: str | None = None  # DIT_CROSS: diffusion_model attribute that maps the encoder's context to the
     #                                   blocks' text stream token by token (Wan: text_embedding)
     stock_tokens: bool = True  # False: the tokenizer ships inside the checkpoint, so token labels need the CLIP
+    lead_calls: tuple[str, ...] = ()  # blocks without a block replace (BlockKind.replace None) are found by counting
+    #                                   attention calls per forward: diffusion_model attributes of the blocks that
+    #                                   each make one call before them (NextDiT: context_refiner, noise_refiner)
+    text_multiple: str | None = None  # diffusion_model attribute: the model right-pads the text stream to a multiple
+    #                                   of it (Z-Image's learned pad tokens; None there: no padding)
 
     @property
     def is_unet(self) -> bool:
@@ -113,8 +124,8 @@ def _module_in_features(*attrs: str) -> Callable:
         dm = model.model.diffusion_model
         for attr in attrs:
             mod = getattr(dm, attr, None)
-            if isinstance(mod, torch.nn.Sequential) and len(mod):  # an MLP: its first layer (Wan)
-                mod = mod[0]
+            if isinstance(mod, torch.nn.Sequential):  # an MLP (Wan), a norm + linear (NextDiT): its first linear
+                mod = next((m for m in mod if hasattr(m, "in_features")), None)
             if mod is not None and hasattr(mod, "in_features"):
                 return int(mod.in_features)
         return None
@@ -131,11 +142,13 @@ def _sd3_medium(model, n_layers: int) -> bool:
     return n_layers == 24 and not cfg.get("x_block_self_attn_layers")  # SD3.5 Medium has self-attention x-blocks
 
 
-def _clip_is(cls_name: str, clip_name: str | None = None) -> Callable:
+def _clip_is(cls_name: str, clip_name: str | None = None, exclude: str | None = None) -> Callable:
     """cond_stage_model matcher: an instance of ComfyUI's ``cls_name`` (by class name anywhere in its MRO, so the
-    subclasses ComfyUI's loaders make match too), optionally with that SD1ClipModel ``clip_name``."""
+    subclasses ComfyUI's loaders make match too), optionally with that SD1ClipModel ``clip_name``; a subclass
+    named ``exclude`` is another model's text encoder (HunyuanImage's subclasses Qwen-Image's)."""
     def match(csm) -> bool:
-        if not any(c.__name__ == cls_name for c in type(csm).__mro__):
+        names = {c.__name__ for c in type(csm).__mro__}
+        if cls_name not in names or exclude in names:
             return False
         return clip_name is None or getattr(csm, "clip_name", None) == clip_name
 
@@ -177,7 +190,35 @@ UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
 # Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
 WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
                         text_call=1, text_attn="cross_attn"),)
-LLM = "llm"  # decoder-only LLM encoder behind a chat template (its [EOS] analogue is not defined yet)
+# Decoder-only LLM encoders are causal like CLIP: the states after the prompt's last word (the chat template's
+# end-of-turn token and the template tokens after it) are the [EOS] analogue. Token ids: research/families.md §8-§14.
+LLM = "llm"
+# Qwen-Image: 34-token system template head (dropped by QwenImageTEModel) + prompt + <|im_end|> \n <|im_start|>
+# assistant \n; Z-Image: <|im_start|> user \n + prompt + the same 5 tokens, nothing dropped
+QWEN25 = EncoderSpec("qwen25_7b", "Qwen2.5-VL", LLM, "qwen25_7b", head_end="<|im_start|>user\n",
+                     tail_start="<|im_end|>", drops_head=True)
+QWEN3 = EncoderSpec("qwen3_4b", "Qwen3", LLM, "qwen3_4b", head_end="<|im_start|>user\n", tail_start="<|im_end|>")
+# Flux.2: <s> [SYSTEM_PROMPT] ... [/SYSTEM_PROMPT] [INST] prompt [/INST], nothing after [/INST], nothing dropped
+MISTRAL3 = EncoderSpec("mistral3_24b", "Mistral-3", LLM, "mistral3_24b", head_end="[INST]", tail_start="[/INST]")
+GEMMA2 = EncoderSpec("gemma2_2b", "Gemma-2", LLM, "gemma2_2b", no_eos=(
+    "its tokenizer puts only <bos> before the text and nothing after it (no chat template, no end-of-text token; "
+    "CLIPTextEncodeLumina2 only adds a system prompt in front), so no token state follows the prompt's last word "
+    "and there is no [EOS] analogue to swap, zero or repeat"))
+# NextDiT (Lumina 2, Z-Image): 2 text refiner blocks, 2 image refiner blocks, then the joint layers on [text, image];
+# one attention call each, no block replace: the layers are found by counting calls (core.layers.CallPlan)
+NEXTDIT = dict(blocks=(BlockKind("single", "layers", None, ("layers.{i}.attention.",), "attention.n_local_heads"),),
+               lead_calls=("context_refiner", "noise_refiner"), text_multiple="pad_tokens_multiple")
+# text encoders the pack knows but refuses (no registry family): cond_stage_model class name -> why
+REFUSED_CLIPS = {
+    "HiDreamTEModel": (
+        "HiDream's four text encoders put T5-XXL states in the context and the states of every Llama-3.1 layer in a "
+        "second conditioning entry (conditioning_llama3, read block by block), which the [EOS] constructions do not "
+        "rebuild: a swap would change T5 and keep the source's Llama states"),
+    "HunyuanImageTEModel": (
+        "HunyuanImage 2.1 and HunyuanVideo 1.5 wrap Qwen2.5-VL in their own chat templates (hidden layer -3, not "
+        "Qwen-Image's) and put ByT5 glyph states in a second conditioning entry (conditioning_byt5small); the family "
+        "registry has no entry for these models yet, so their [EOS]-analogue positions are not defined"),
+}
 
 FAMILIES: tuple[Family, ...] = (
     Family("sd1", "SD1.x", ("SD15", "SD15_instructpix2pix"), (UNET_CROSS,), (CLIP_L,),
@@ -219,13 +260,13 @@ FAMILIES: tuple[Family, ...] = (
            "none (Chroma takes no pooled vector)", "ChromaRadiance", _module_in_features("txt_in"), blocks=FLUX_BLOCKS,
            attention_name="Chroma's double/single blocks", no_training=FLUX_NO_TRAINING),
     Family("flux2", "Flux.2", ("Flux2",), (JOINT, SINGLE),
-           (EncoderSpec("mistral3_24b", "Mistral-3", LLM, "mistral3_24b"),), _clip_is("Flux2TEModel"),
+           (MISTRAL3,), _clip_is("Flux2TEModel"),
            "comfy.text_encoders.flux:Flux2Tokenizer", "none (Flux.2 takes no pooled vector)", "Flux2",
            _module_in_features("txt_in"), blocks=FLUX_BLOCKS, guidance_distilled=True, cond_extra=(("guidance", 3.5),),
-           text_pad=512, latent_patch=2, attention_name="Flux.2's double/single blocks",
+           text_pad=512, latent_patch=2, stock_tokens=False, attention_name="Flux.2's double/single blocks",
            no_training=FLUX_NO_TRAINING),
     Family("qwen_image", "Qwen-Image", ("QwenImage",), (JOINT,),
-           (EncoderSpec("qwen25_7b", "Qwen2.5-VL", LLM, "qwen25_7b"),), _clip_is("QwenImageTEModel"),
+           (QWEN25,), _clip_is("QwenImageTEModel", exclude="HunyuanImageTEModel"),
            "comfy.text_encoders.qwen_image:QwenImageTokenizer", "none (Qwen-Image takes no pooled vector)", "Wan21",
            _module_in_features("txt_in"),
            blocks=(BlockKind("double", "transformer_blocks", "double_block", ("transformer_blocks.{i}.attn.",),
@@ -256,6 +297,14 @@ FAMILIES: tuple[Family, ...] = (
            "Wan21", WAN_NO_HOOK["i2v"]),
           ("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), "Wan21", WAN_NO_HOOK["s2v"]),
           ("wan_humo", "Wan HuMo", ("WAN21_HuMo",), "Wan21", WAN_NO_HOOK["humo"]))),
+    # Lumina 2 / Z-Image: single-stream NextDiT (text first); Gemma's SentencePiece ships inside its checkpoint
+    Family("lumina2", "Lumina 2", ("Lumina2",), (SINGLE,), (GEMMA2,), _clip_is("LuminaModel", "gemma2_2b"),
+           "comfy.text_encoders.lumina2:LuminaTokenizer", "none (Lumina 2 takes no pooled vector)", "Flux",
+           _module_in_features("cap_embedder"), stock_tokens=False, attention_name="Lumina 2's NextDiT layers",
+           **NEXTDIT),
+    Family("zimage", "Z-Image", ("ZImage",), (SINGLE,), (QWEN3,), _clip_is("ZImageTEModel"),
+           "comfy.text_encoders.z_image:ZImageTokenizer", "none (Z-Image takes no pooled vector)", "Flux",
+           _module_in_features("cap_embedder"), attention_name="Z-Image's NextDiT layers", **NEXTDIT),
 )
 
 _extra: list[Family] = []  # families registered at run time (another pack's model, or a test's)

@@ -17,6 +17,8 @@ import functools
 import itertools
 import re
 
+import torch
+
 from . import PACK, families, hooks
 from .errors import InternalError
 
@@ -401,16 +403,75 @@ def text_call(ml: ModelLayers, layer) -> int:
     return block_kind(ml, layer).text_call or 0
 
 
+CALLS_KEY = f"{PACK}.layer_calls"  # transformer_options key: the CallPlan of the running forward (counted layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+    """Which attention call of one forward is which layer, for DiTs without a block replace (NextDiT): every
+    forward makes ``lead`` attention calls first (text and image refiner blocks), then one per layer in order."""
+
+    lead: int
+    layers: tuple[Layer, ...]
+
+    def layer(self, ordinal: int) -> Layer | None:
+        i = ordinal - self.lead
+        return self.layers[i] if 0 <= i < len(self.layers) else None
+
+
+def running_dit_layer(transformer_options: dict, counter: CallCounter) -> tuple | None:
+    """The DiT layer whose attention runs now, inside an attention override: the key a block replace stamped, or,
+    on counted models, the layer of this call's ordinal in the forward (``counter``: the override's own)."""
+    to = transformer_options or {}
+    plan = to.get(CALLS_KEY)
+    if isinstance(plan, CallPlan):
+        return plan.layer(counter.next(to))
+    return to.get(LAYER_KEY)
+
+
+def _text_tokens(dm, family: families.Family, context) -> int | None:
+    """Text tokens in front of the image tokens of a counted single-stream DiT: the context, padded up to the
+    model's multiple (Z-Image's learned pad tokens)."""
+    if not torch.is_tensor(context):
+        return None
+    n = int(context.shape[1])
+    multiple = getattr(dm, family.text_multiple, None) if family.text_multiple else None
+    return n + (-n) % int(multiple) if multiple else n
+
+
+def _counting_wrapper(ml: ModelLayers):
+    family, layers = ml.family, tuple(ml.layers)
+
+    def wrapper(executor, x, timesteps, context, *args, **kwargs):
+        to = kwargs.get("transformer_options")
+        if isinstance(to, dict):
+            dm = executor.class_obj
+            lead = sum(len(getattr(dm, attr, None) or ()) for attr in family.lead_calls)
+            to[CALLS_KEY] = CallPlan(lead, layers)
+            to[BLOCK_RUN_KEY] = next(_block_runs)
+            to[TXT_LEN_KEY] = _text_tokens(dm, family, context)
+        return executor(x, timesteps, context, *args, **kwargs)
+
+    return wrapper
+
+
 def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
-    """Make the attention layer that runs visible to attention overrides: :func:`current_attn2_layer` for UNets
-    (an attn2_patch / attn2_output_patch pair), and ``transformer_options[LAYER_KEY]`` = (kind, i) plus
-    ``[TXT_LEN_KEY]`` for DiTs (chained "dit" block replaces). Idempotent."""
+    """Make the attention layer that runs visible to attention overrides (read it with
+    :func:`current_attn2_layer` on UNets, :func:`running_dit_layer` on DiTs): an attn2_patch / attn2_output_patch
+    pair on UNets; chained "dit" block replaces that stamp ``transformer_options[LAYER_KEY]`` = (kind, i) and
+    ``[TXT_LEN_KEY]``; on DiTs without a block replace a DIFFUSION_MODEL wrapper that stamps the forward's
+    :class:`CallPlan` (layers found by counting attention calls) and ``[TXT_LEN_KEY]``. Idempotent."""
     to = model_patcher.model_options.setdefault("transformer_options", {})
     if ml.kind == "unet":
         if not isinstance(to.get(LAYER_KEY), Marker):
             to[LAYER_KEY] = Marker()
         if not hooks.has_attn2_patch(model_patcher, TRACKING_KEY):
             hooks.set_attn2_patches(model_patcher, TRACKING_KEY, _flag_attn2_on, _flag_attn2_off)
+        return
+    if all(kind.replace is None for kind in ml.family.blocks):
+        from comfy.patcher_extension import WrappersMP
+
+        hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY, _counting_wrapper(ml))
         return
     replaces = to.get("patches_replace", {}).get("dit", {})
     for layer in ml.layers:

@@ -1,11 +1,14 @@
 """EOS conditioning swap (paper 1, Sec. 5 and App. C-G): build conditionings from the [SOS], semantic and
-[EOS] token states of two prompts, for every text encoder ComfyUI's SD1.x / SD2.x / SDXL / SD3 / Flux.1 use.
+[EOS] token states of two prompts, for every text encoder the family registry gives token rules (CLIP, T5 and
+the chat-template LLMs of Qwen-Image, Z-Image and Flux.2).
 
 Every position of a text conditioning belongs to one token of the CLIP object's own tokenization
 (``clip.tokenize``). Per encoder chunk the positions are classified as
 
     CLIP (L, G, H): [SOS] at 0, semantic 1..n, the first [EOS] at n+1, padding n+2..76 (77 per chunk)
     T5-XXL:         no [SOS], semantic 0..n-1, the end token at n, padding after it (one chunk)
+    LLM:            chat-template head ("template", kept everywhere), the prompt, then the template tail: its
+                    end-of-turn token is the [EOS], the tail tokens after it the "padding" (one chunk)
 
 and the constructions splice these position ranges between the encodings of source A and target B
 (both made with ``clip.encode_from_tokens_scheduled``, so prompt weights, embeddings, clip skip and LoRA
@@ -19,6 +22,11 @@ Where they sit in the conditioning tensor (see :func:`detect_layout`):
     SD3     CLIP-L ‖ CLIP-G as SDXL on tokens [0:77k], zero channels up to 4096, then T5 tokens appended
             ([77k:77k+max(77, n+1)], all channels); pooled = CLIP-L ‖ CLIP-G [EOS] states
     Flux.1  context = T5 tokens only ([0:max(256, n+1)]); CLIP-L gives only the pooled vector
+    Qwen-Image  Qwen2.5-VL: prompt [0:n], <|im_end|> at n, \n <|im_start|> assistant \n at n+1..n+4 (the 34-token
+            system-template head is cut off by the encoder)
+    Z-Image     Qwen3: <|im_start|> user \n at 0..2, prompt [3:3+n], <|im_end|> at 3+n, the 4 tail tokens after it
+    Flux.2  Mistral-3: <s> [SYSTEM_PROMPT] ... [INST] head, prompt, [/INST] last (no tail after it); channels are
+            layers 10 ‖ 20 ‖ 30
 
 Alignment: the k-th [EOS]/padding slot of the result is the donor's k-th slot of the same chunk; when the
 donor has fewer slots, the remaining slots repeat the donor's last slot. Chunk c of the result takes the
@@ -38,8 +46,8 @@ import math
 
 import torch
 
-from ..core import hooks
-from ..shared.tokens import Layout, chunk_positions, context_length, entry_size
+from ..core import families, hooks
+from ..shared.tokens import Layout, chunk_positions, context_length, entry_size, llm_bounds
 
 SWAP_CONSTRUCTIONS = ("source_sem+target_eos", "target_sem+source_eos", "repeat_sem")
 CONSTRUCTIONS = ("source_sem+target_eos", "target_sem+source_eos", "sem+zero", "sem+noise", "zero+eos",
@@ -69,7 +77,8 @@ RANGE_NUDGE = 1e-5
 
 def repeat_semantic_tokens(layout: Layout, tokens: dict, count: int) -> dict:
     """App. C: the tokens with each chunk's semantic tokens repeated ``count`` times (weights and embedding
-    vectors kept), so fewer [EOS]/padding slots remain. CLIP chunks stay 77 long; T5 grows if needed."""
+    vectors kept), so fewer [EOS]/padding slots remain. CLIP chunks stay 77 long; T5 grows if needed; an LLM
+    chunk keeps its whole chat template (head and tail) around the repeated prompt."""
     if count < 1:
         raise ValueError(f"repeat_count must be at least 1, got {count}.")
     out = dict(tokens)
@@ -78,14 +87,17 @@ def repeat_semantic_tokens(layout: Layout, tokens: dict, count: int) -> dict:
             continue  # Flux's CLIP-L gives only the pooled vector, which comes from the plain prompts
         chunks = []
         for ci, (chunk, pos) in enumerate(zip(tokens[p.key], chunk_positions(p, tokens[p.key]), strict=True)):
-            n = len(pos.sem)
-            head = [chunk[0]] if pos.sos is not None else []
-            sem = list(chunk[len(head):len(head) + n]) if all(entry_size(e[0]) == 1 for e in chunk) else None
-            if sem is None:
+            if not all(entry_size(e[0]) == 1 for e in chunk):
                 raise ValueError("repeat_sem: multi-vector embedding entries cannot be repeated token by token; "
                                  "use an embedding with one vector per entry or another construction.")
-            eos_entry = chunk[len(head) + n]
-            body = head + sem * count + [eos_entry]
+            n = len(pos.sem)
+            if p.kind == families.LLM:  # token-list indices (an encoder that drops the head still gets it)
+                first, tail = llm_bounds(p, chunk)
+                head, sem, rest = list(chunk[:first]), list(chunk[first:tail]), list(chunk[tail:])
+            else:
+                head = [chunk[0]] if pos.sos is not None else []
+                sem, rest = list(chunk[len(head):len(head) + n]), [chunk[len(head) + n]]
+            body = head + sem * count + rest
             length = len(chunk)
             if p.kind == "clip" and len(body) > length:
                 most = max(1, (length - len(head) - 1) // max(n, 1))
@@ -159,11 +171,14 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
     else:
         base, base_pos, donor, donor_pos, base_name, donor_name = cond_a, pos_a, cond_b, pos_b, base_label, "B"
     if construction == "sos_only":
-        t5 = [p.label for p in layout.context_parts if p.kind == "t5"]
-        if t5:
+        no_sos = next((p for p in layout.context_parts if p.start_token is None), None)
+        if no_sos is not None:
+            why = ("T5 has no [SOS]. Use eos_only, or for SD3 a CLIP loaded without T5 (CLIP-L + CLIP-G)."
+                   if no_sos.kind == "t5" else
+                   f"{no_sos.label}, a decoder-only LLM, has no [SOS]: the prompt follows its chat template, whose "
+                   f"states are the same for every prompt. Use eos_only.")
             raise ValueError(f"construction sos_only needs a [SOS] token at every position, but {layout.label} "
-                             f"puts {t5[0]} tokens in the context and T5 has no [SOS]. Use eos_only, or for SD3 a "
-                             f"CLIP loaded without T5 (CLIP-L + CLIP-G).")
+                             f"puts {no_sos.label} tokens in the context and {why}")
 
     out = base.clone()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -207,8 +222,8 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                     src[i] = (base_name, chunk.sos)
                     shown[i] = chunk.tokens[0]
                     klass[i] = "[SOS]"
-            elif construction == "eos_only":
-                targets = [i for i in range(chunk.start, chunk.end) if i not in (chunk.sos, chunk.eos)]
+            elif construction == "eos_only":  # [SOS] / the LLM template head stay, the rest is A's first [EOS]
+                targets = [i for i in range(chunk.sem.start, chunk.end) if i != chunk.eos]
                 for i in targets:
                     src[i] = (base_name, chunk.eos)
                     shown[i] = chunk.tokens[chunk.eos - chunk.start]

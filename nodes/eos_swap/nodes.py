@@ -6,7 +6,7 @@ import uuid
 
 from comfy_api.latest import io, ui
 
-from ..core import LOG, hooks, runs
+from ..core import LOG, families, hooks, runs
 from ..core.errors import InternalError
 from ..shared.tokens import Layout, detect_layout, semantic_count, token_positions, token_text
 from .construct import (
@@ -35,7 +35,8 @@ def _span(a: int, b: int) -> str:
 
 
 def format_table(layout: Layout, header: list[str], result: Construction, pooled_line: str) -> str:
-    """Readable token table: one line per position, runs of identical padding collapsed."""
+    """Readable token table: one line per position, runs of identical padding and of chat-template tokens
+    collapsed."""
     lines = list(header)
     for part in layout.parts:
         rows = result.provenance.get(part.key, [])
@@ -52,25 +53,30 @@ def format_table(layout: Layout, header: list[str], result: Construction, pooled
             continue
         lines.append(f"\n{part.label} · key '{part.key}' · context tokens {rows[0].pos}–{rows[-1].pos} · channels "
                      f"{part.channels[0]}–{part.channels[1] - 1}")
+        if part.drops_head:
+            lines.append("(the encoder cuts the chat template's head off its output: the context starts at the "
+                         "prompt)")
         lines.append(f"{'pos':>9}  {'token':<22} {'class':<9} from")
-        merged: list[dict] = []  # runs of identical padding rows (same token, source, source step)
+        merged: list[dict] = []  # runs of identical padding rows (same token, source, source step) and of template rows
         for r in rows:
             text = token_text(part, r.token)
             m = merged[-1] if merged else None
-            if (m is not None and r.klass != "semantic" and m["klass"] == r.klass and m["text"] == text
-                    and m["source"] == r.source and r.pos == m["last"] + 1):
+            same = m is not None and m["klass"] == r.klass and (m["text"] == text or r.klass == "template")
+            if (same and r.klass != "semantic" and m["source"] == r.source and r.pos == m["last"] + 1):
                 if r.source_pos is None and m["sp_last"] is None:
                     m["last"] = r.pos
                     continue
                 if r.source_pos is not None and m["sp_last"] is not None:
                     step = r.source_pos - m["sp_last"]
                     if step in (0, 1) and m["step"] in (None, step):
-                        m.update(last=r.pos, sp_last=r.source_pos, step=step)
+                        m.update(last=r.pos, sp_last=r.source_pos, step=step, text_last=text)
                         continue
             merged.append({"first": r.pos, "last": r.pos, "text": text, "klass": r.klass, "source": r.source,
-                           "sp_first": r.source_pos, "sp_last": r.source_pos, "step": None})
+                           "sp_first": r.source_pos, "sp_last": r.source_pos, "step": None, "text_last": text})
         for m in merged:
             first, last, text, klass = m["first"], m["last"], m["text"], m["klass"]
+            if klass == "template" and last > first:
+                text = f"{text} … {m['text_last']}"
             if m["sp_first"] is None:
                 frm = m["source"]
             elif m["step"] == 0:
@@ -93,8 +99,8 @@ def format_table(layout: Layout, header: list[str], result: Construction, pooled
 def _positions_checked(layout: Layout, tokens: dict, which: str, text: str) -> dict:
     pos = token_positions(layout, tokens)
     if not text.strip() or semantic_count(layout, pos) == 0:
-        raise ValueError(f"{which} is empty (no tokens between [SOS] and [EOS]): the constructions need its semantic "
-                         f"and [EOS] tokens. Type a prompt into {which}.")
+        raise ValueError(f"{which} is empty (no tokens between [SOS] / the chat template and [EOS]): the "
+                         f"constructions need its semantic and [EOS] tokens. Type a prompt into {which}.")
     return pos
 
 
@@ -190,10 +196,15 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         + (", plain source outside" if (start_percent > 0 or end_percent < 1) else " (every step)"),
         f"A (source): {source_text!r}",
         f"B (target): {target_text!r}" + ("" if uses_b else " (not used by this construction)"),
-        f"result laid out on {result.base}'s tokens; classes: [SOS] semantic [EOS] padding; from: A B zero noise",
+        f"result laid out on {result.base}'s tokens; classes: " + (
+            "template (chat template before the prompt) semantic [EOS] (end-of-turn token after the prompt) "
+            "padding (the template tokens after it)" if any(p.kind == families.LLM for p in layout.parts)
+            else "[SOS] semantic [EOS] padding") + "; from: A B zero noise",
     ]
     why = " (follow_eos: the prompt that supplies the [EOS] slots)" if pooled == "follow_eos" else ""
     pooled_line = f"pooled_output: {donor}'s{why} ({layout.family.pooled})"
+    if constructed[-1][1].get("pooled_output") is None:  # T5 / LLM-only families: nothing to choose
+        pooled_line = f"pooled_output: {layout.family.pooled}"
     table = format_table(layout, header, result, pooled_line)
     LOG.debug("EOSConditioningSwap: %s", header[1])
     return conditioning, out_model, table
@@ -210,8 +221,9 @@ class EOSConditioningSwap(io.ComfyNode):
                 "Builds a conditioning from the token states of two prompts (paper 'Towards Understanding the "
                 "Working Mechanism of Text-to-Image Diffusion Model', Sec. 5): e.g. [SOS] + the semantic tokens of "
                 "the source + the [EOS] tokens of the target draws the target's object with some of the source's "
-                "attributes. Token positions come from the CLIP's own tokenizer for SD1.x, SD2.x, SDXL, SD3 and "
-                "Flux; a token table shows what each position holds."),
+                "attributes. Token positions come from the CLIP's own tokenizer for SD1.x, SD2.x, SDXL, SD3, "
+                "Flux, Wan and the chat-template LLM encoders of Qwen-Image, Z-Image and Flux.2 (the end-of-turn "
+                "token after the prompt is their [EOS]); a token table shows what each position holds."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP (text encoder) of your model; its own tokenizer gives the "
                               "token positions."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 
 import numpy as np
 import torch
@@ -63,9 +64,10 @@ def _fmt(v: float) -> str:
 
 
 def line_plot(series, *, title: str, xlabel: str, ylabel: str, log_y: bool = False, size=(640, 420),
-              hlines=(), vlines=()) -> Image.Image:
+              hlines=(), vlines=(), message: str = "") -> Image.Image:
     """A line plot drawn with PIL. ``series``: iterable of (label, xs, ys, color, dashed). Points with
-    non-finite y (and y <= 0 on a log axis) are skipped. ``hlines``/``vlines``: (value, label, color)."""
+    non-finite y (and y <= 0 on a log axis) are skipped. ``hlines``/``vlines``: (value, label, color).
+    ``message``: lines written in the plot area (what the plot covers, or why it has no curve)."""
     w, h = size
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -151,6 +153,13 @@ def line_plot(series, *, title: str, xlabel: str, ylabel: str, log_y: bool = Fal
                 d.line([xa, ya, xb, yb], fill=col, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=col)
+    per_line = max(20, int(10 * (pw - 16) / max(1, _text_size(d, "abcdefghij", small)[0])))
+    lines = [part for m in message.splitlines() for part in textwrap.wrap(m, per_line)]
+    for k, line in enumerate(lines):
+        xy = (left + 8, top + ph - 16 * (len(lines) - k) - 4)
+        tw, th = _text_size(d, line, small)
+        d.rectangle([xy[0] - 2, xy[1], xy[0] + tw + 2, xy[1] + th + 4], fill=(255, 255, 255))
+        d.text(xy, line, fill=(150, 30, 30), font=small)
     # legend, in the corner that covers the fewest data points
     if series:
         sizes = [_text_size(d, lab, small) for lab, *_ in series]

@@ -6,6 +6,9 @@ Per encoder chunk the positions are classified as
 
     CLIP (L, G, H): [SOS] at 0, semantic 1..n, the first [EOS] at n+1, padding n+2..76 (77 per chunk)
     T5-XXL:         no [SOS], semantic 0..n-1, the end token at n, padding after it (one chunk)
+    LLM:            chat-template head (class "template", kept by every construction; cut off by encoders that
+                    drop it), the prompt, then the template tail: its first token (end of turn) is the [EOS]
+                    analogue, the tail tokens after it are "padding" (one chunk; markers from EncoderSpec)
 
 Encoders of group 0 share positions and are concatenated on channels (SDXL / SD3 CLIP-L ‖ CLIP-G), cut to the
 shortest; group 1 (SD3's T5) is appended after them.
@@ -30,13 +33,16 @@ class EncoderPart:
 
     key: str  # clip.tokenize key: 'l', 'g', 'h', 't5xxl'
     label: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
-    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk) or "t5" (no [SOS], one chunk)
+    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk), "t5" (no [SOS], one chunk) or families.LLM
     channels: tuple[int, int] | None  # channel range in the conditioning; None: not in the context
     group: int  # 0: token block at the start; 1: tokens appended after group 0
     encoded: bool  # the CLIP object has this encoder (SD3 may come without T5, or without CLIP-L)
-    start_token: int | None
-    end_token: int
+    start_token: int | None  # None for T5 and LLM encoders (an LLM's <s> / <bos> belongs to the template head)
+    end_token: int | None  # None for LLM encoders (the tail marker ends the prompt)
     pad_token: int
+    head_ids: tuple[int, ...] = ()  # LLM: token ids of EncoderSpec.head_end
+    tail_ids: tuple[int, ...] = ()  # LLM: token ids of EncoderSpec.tail_start
+    drops_head: bool = False  # LLM: the encoder cuts the template head off its output
     inv_vocab: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -67,8 +73,10 @@ class Layout:
 
 
 def _clip_width(sub) -> int:
-    """Hidden width of a CLIP / T5 encoder module (the channels it contributes to the conditioning)."""
-    return int(sub.transformer.get_input_embeddings().weight.shape[-1])
+    """Channels a CLIP / T5 / LLM encoder module contributes to the conditioning: its hidden width, times the
+    number of layers it concatenates (Flux.2's Mistral: layers 10, 20, 30)."""
+    width = int(sub.transformer.get_input_embeddings().weight.shape[-1])
+    return width * len(sub.layer) if isinstance(getattr(sub, "layer", None), (list, tuple)) else width
 
 
 def sub_tokenizer(tokenizer, key: str):
@@ -79,8 +87,21 @@ def sub_tokenizer(tokenizer, key: str):
     raise ValueError(f"clip: its tokenizer ({type(tokenizer).__name__}) has no sub-tokenizer for key {key!r}.")
 
 
+def _marker_ids(t, spec: families.EncoderSpec, text: str) -> tuple[int, ...]:
+    """Token ids of a chat-template marker, by the encoder's own tokenizer (no <s> / <bos> added)."""
+    ids = tuple(int(i) for i in t.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise InternalError(f"{spec.label}: template marker {text!r} tokenizes to nothing")
+    return ids
+
+
 def _part(tokenizer, spec: families.EncoderSpec, channels, encoded: bool) -> EncoderPart:
     t = sub_tokenizer(tokenizer, spec.key)
+    if spec.kind == families.LLM:
+        return EncoderPart(key=spec.key, label=spec.label, kind=spec.kind, channels=channels, group=spec.group,
+                           encoded=encoded, start_token=None, end_token=None, pad_token=int(t.pad_token),
+                           head_ids=_marker_ids(t, spec, spec.head_end), tail_ids=_marker_ids(t, spec, spec.tail_start),
+                           drops_head=spec.drops_head, inv_vocab=getattr(t, "inv_vocab", {}))
     if t.end_token is None:
         raise ValueError(f"clip: the {spec.label} tokenizer has no end token, so there is no [EOS] to swap.")
     return EncoderPart(key=spec.key, label=spec.label, kind=spec.kind, channels=channels, group=spec.group,
@@ -105,13 +126,18 @@ def detect_layout(clip, what: str = "Prompt Anatomy") -> Layout:
         raise ValueError("clip: expected a CLIP object (from a checkpoint or CLIP loader).")
     family = families.lookup_clip(clip)
     if family is None:
+        why = next((w for name, w in families.REFUSED_CLIPS.items()
+                    if any(c.__name__ == name for c in type(csm).__mro__)), None)
+        if why:
+            raise ValueError(f"clip: {what} does not support this text encoder ({type(csm).__name__}): {why}. Use the "
+                             f"CLIP of another model family for this node.")
         raise unsupported_clip(clip, what)
-    llm = [e.label for e in family.encoders if e.kind == families.LLM]
-    if llm:
-        raise ValueError(f"clip: {what} does not support {family.label}'s {llm[0]} text encoder yet: it is a decoder-only "
-                         f"LLM behind a chat template, and the family registry does not define its [EOS]-analogue "
-                         f"positions (the end-of-turn tokens after the prompt) yet. Use an SD1.x / SD2.x / SDXL / SD3 / "
-                         f"Flux.1 / Chroma / AuraFlow model for this node.")
+    no_eos = next((e for e in family.encoders if e.no_eos), None)
+    if no_eos is not None:
+        raise ValueError(f"clip: {what} does not support {family.label}'s {no_eos.label} text encoder: {no_eos.no_eos}. "
+                         f"Use a model whose text encoder ends the prompt with a token (CLIP, T5, or a chat-template "
+                         f"LLM: Qwen-Image, Z-Image, Flux.2); on {family.label}, mix two prompts with core "
+                         f"ConditioningAverage / ConditioningConcat instead.")
     parts, offset = [], 0
     for spec in family.encoders:
         sub = getattr(csm, spec.attr, None)
@@ -165,13 +191,14 @@ class Chunk:
     index: int
     start: int
     end: int
-    sos: int | None  # [SOS] position (None for T5)
-    eos: int  # first end token: the [EOS]
+    sos: int | None  # [SOS] position (None for T5 and LLM encoders)
+    eos: int  # first end token: the [EOS] (LLM: the end-of-turn token after the prompt)
     tokens: tuple  # one (token, weight) entry per position (embedding vectors expanded)
+    head: int = 0  # LLM: chat-template positions at the chunk's start (kept by every construction)
 
     @property
     def sem(self) -> range:
-        return range(self.start if self.sos is None else self.sos + 1, self.eos)
+        return range(self.start + self.head if self.sos is None else self.sos + 1, self.eos)
 
     @property
     def padding(self) -> range:
@@ -184,15 +211,37 @@ class Chunk:
     def klass(self, pos: int) -> str:
         if pos == self.sos:
             return "[SOS]"
+        if pos < self.start + self.head:
+            return "template"
         if pos < self.eos:
             return "semantic"
         return "[EOS]" if pos == self.eos else "padding"
 
 
+def _find(ids: list, marker: tuple, last: bool = False) -> int | None:
+    """Index of the first (or last) occurrence of the id sequence ``marker`` in ``ids``."""
+    hits = [i for i in range(len(ids) - len(marker) + 1) if tuple(ids[i:i + len(marker)]) == marker]
+    return (hits[-1] if last else hits[0]) if hits else None
+
+
+def llm_bounds(part: EncoderPart, entries) -> tuple[int, int]:
+    """(first prompt index, first tail index) in one LLM chunk's token entries: the prompt follows the first
+    template-head marker, the tail starts at the last tail marker (the prompt may contain either text)."""
+    ids = [int(e[0]) if isinstance(e[0], numbers.Integral) else None for e in entries]
+    head, tail = _find(ids, part.head_ids), _find(ids, part.tail_ids, last=True)
+    if head is None or tail is None or tail < head + len(part.head_ids):
+        raise ValueError(f"text: the {part.label} tokens do not hold the chat template around the prompt (its head "
+                         f"ends with ids {list(part.head_ids)}, its tail starts with ids {list(part.tail_ids)}), so the "
+                         f"prompt's end cannot be found. Write the prompt without chat-template tokens (a text starting "
+                         f"with <|im_start|> makes Qwen-Image's tokenizer skip its template).")
+    return head + len(part.head_ids), tail
+
+
 def chunk_positions(part: EncoderPart, chunks: list, offset: int = 0) -> list[Chunk]:
     """Classify every position of ``chunks`` (the ``clip.tokenize`` list of one encoder key) into
-    [SOS] / semantic / [EOS] / padding by the tokenizer's own special tokens. The first end token of a
-    chunk is its [EOS] (CLIP-L also pads with that id, so position, not id, tells [EOS] from padding)."""
+    [SOS] / semantic / [EOS] / padding (LLM: template / semantic / [EOS] / padding) by the tokenizer's own
+    special tokens. The first end token of a chunk is its [EOS] (CLIP-L also pads with that id, so position,
+    not id, tells [EOS] from padding); an LLM's is the first token of its chat-template tail."""
     out = []
     pos = offset
     for ci, chunk in enumerate(chunks):
@@ -207,6 +256,13 @@ def chunk_positions(part: EncoderPart, chunks: list, offset: int = 0) -> list[Ch
                 flat = token.reshape(-1, token.shape[-1])
                 expanded.extend((flat[i], weight) for i in range(n))
         start = pos
+        if part.kind == families.LLM:
+            first, tail = llm_bounds(part, expanded)
+            if part.drops_head:  # the context starts at the prompt
+                expanded, first, tail = expanded[first:], 0, tail - first
+            pos = start + len(expanded)
+            out.append(Chunk(ci, start, pos, None, start + tail, tuple(expanded), head=first))
+            continue
         sos = None
         first = 0
         if part.start_token is not None:
@@ -259,6 +315,8 @@ def semantic_count(layout: Layout, positions: dict[str, list[Chunk]]) -> int:
 
 def token_text(part: EncoderPart, token) -> str:
     if isinstance(token, numbers.Integral):
-        return part.inv_vocab.get(int(token), str(int(token)))
+        text = part.inv_vocab.get(int(token), str(int(token)))
+        # byte-level BPE pieces (Qwen, Tekken): Ċ is a newline, Ġ a leading space
+        return text.replace("Ċ", "\\n").replace("Ġ", " ") if part.kind == families.LLM else text
     return "<embedding>"
 

@@ -38,8 +38,8 @@ class TextLayerPatch(io.ComfyNode):
                         "the text see the edited prompt, the rest of the model keeps the original prompt, so the "
                         "words on a sign change and the image stays. UNet models (SD1.x/SD2.x/SDXL) get the target's "
                         "keys/values in the selected cross-attention layers; joint-attention DiTs (SD3, Flux.1, Flux.2, "
-                        "Chroma, Qwen-Image, AuraFlow) run the target prompt as one extra batch row per image on "
-                        "patched steps and swap its text keys/values into the selected blocks; Wan 2.1 / 2.2 "
+                        "Chroma, Qwen-Image, AuraFlow, Lumina 2, Z-Image) run the target prompt as one extra batch "
+                        "row per image on patched steps and swap its text keys/values into the selected blocks; Wan 2.1 / 2.2 "
                         "text-to-video models get the target's text stream in the selected blocks' cross-attention.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),

@@ -65,6 +65,7 @@ from ..core.layers import (
     model_layers,
     module_of,
     parse_layers,
+    running_dit_layer,
     text_call,
 )
 
@@ -509,10 +510,12 @@ def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str
                 f"hook. Remove that node or choose other blocks.")
         return out[:n]
 
+    calls = CallCounter()
+
     def override(call_next, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
+        layer = running_dit_layer(to, calls)  # first: counted models need every call
         plan = to.get(PLAN_KEY)
-        layer = to.get(LAYER_KEY)
         if plan is None or layer not in layer_set or layer in plan.done or to.get(ACTIVE_KEY) != token:
             return call_next(*args, **kwargs)
         plan.done.add(layer)  # the first attention call of a block is the joint one (SD3.5's 2nd is image-only)

@@ -44,3 +44,14 @@ def count_rows(model):
 
     m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "test.count_rows", wrapper)
     return m, counter
+
+
+def rank1_lora(model, keys) -> dict:
+    """A rank-1 LoRA (lora_up/lora_down, all 0.1) on the ``keys`` (module paths under diffusion_model.) of ``model``."""
+    sd = model.model.state_dict()
+    lora = {}
+    for key in keys:
+        out_f, in_f = sd[f"diffusion_model.{key}.weight"].shape
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.full((out_f, 1), 0.1)
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.full((1, in_f), 0.1)
+    return lora

@@ -33,7 +33,7 @@ NODES = ("GuidanceCutoffKSampler", "EOSConditioningSwap", "TextLayerPatch", "Tex
          "CrossAttentionCapture", "CrossAttentionMapViewer", "FrequencySplitPreview")
 RESULTS: dict = {}
 ARTIFACT = Path(__file__).resolve().parents[2] / "tests" / "_artifacts" / "coverage.json"
-SOURCE, TARGET = "a red cat", "a blue dog"
+SOURCE, TARGET = "a red cat", "a red car"  # one token count with every tokenizer (text-layer swaps)
 
 
 def _sample(model, t, pos, neg, steps=2):

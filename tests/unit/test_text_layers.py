@@ -174,20 +174,21 @@ def test_unsupported_family_raises():
 
 
 # ============================================================================== capture helpers
-def _layer_of(to):
+def _layer_of(to, calls):
     layer = cl.current_attn2_layer(to)
     if layer is not None:
         return layer
-    value = to.get(cl.LAYER_KEY)
+    value = cl.running_dit_layer(to, calls)
     return value if isinstance(value, tuple) else None
 
 
 def spy_override(records):
     """Attention override recording the K/V of every cross-attention (UNet) / joint block (DiT) call."""
+    calls = cl.CallCounter()
 
     def spy(call_next, func, *args, **kwargs):
         to = kwargs["transformer_options"]
-        layer = _layer_of(to)
+        layer = _layer_of(to, calls)
         if layer is not None:
             records.append({
                 "step": runs.current_step(to), "layer": layer, "k": args[1].clone(), "v": args[2].clone(),

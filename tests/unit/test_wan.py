@@ -10,7 +10,7 @@ import json
 import comfy.supported_models
 import pytest
 import torch
-from pa_support import tiny
+from pa_support import rank1_lora, tiny
 from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.attention import nodes as att_nodes
 from prompt_anatomy.nodes.attention.viewer import render_view
@@ -248,14 +248,8 @@ def test_patch_errors_on_wan():
 
 def test_lora_keeps_only_the_selected_cross_attention():
     t = tiny("wan21_t2v")
-    sd = t.model.model.state_dict()
-    lora = {}
-    for block in (0, 1):
-        for part in ("cross_attn.q", "cross_attn.v", "self_attn.q"):
-            out_f, in_f = sd[f"diffusion_model.blocks.{block}.{part}.weight"].shape
-            key = f"diffusion_model.blocks.{block}.{part}"
-            lora[f"{key}.lora_up.weight"] = torch.full((out_f, 1), 0.1)
-            lora[f"{key}.lora_down.weight"] = torch.full((1, in_f), 0.1)
+    lora = rank1_lora(t.model, [f"blocks.{b}.{part}" for b in (0, 1)
+                                for part in ("cross_attn.q", "cross_attn.v", "self_attn.q")])
     patched, report = load_text_layer_lora(t.model, lora, "cross.1")
     assert "kept 2 of 6" in report and "cross.1 [1]: 2 weights" in report
     assert sorted(k[0] if isinstance(k, tuple) else k for k in patched.patches) == [
