@@ -26,7 +26,7 @@ function reportBox(node, widget) {
 // whole without resizing by hand; the node never shrinks, so a size the user chose stays. Nodes with an IMAGE
 // output are left alone (their images take the height).
 // Returns false while there is more to do: the text box is not laid out yet (node off screen) or it has not
-// caught up with the last growth; tried again on the next frames and draws.
+// caught up with the last growth; tried again on the next frames, canvas draws and a slow poll.
 function fitReport(node, widget) {
   const box = reportBox(node, widget);
   const el = box?.el;
