@@ -66,6 +66,7 @@ from ..core.layers import (
     parse_layers,
     running_dit_layer,
     text_call,
+    text_multiple,
 )
 from .probs import (
     attention_probs,
@@ -555,7 +556,7 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                         patch=_patch(ml.family, dm),
                         register_length=_count(getattr(dm, register, 0)) if register else 0,
                         text_pad=ml.family.text_pad, modules=modules,
-                        text_multiple=getattr(dm, ml.family.text_multiple, None) if ml.family.text_multiple else None,
+                        text_multiple=text_multiple(dm, ml.family),
                         text_calls={layer.key: text_call(ml, layer) for layer in chosen} if arch == "cross" else {})
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"

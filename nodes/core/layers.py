@@ -429,27 +429,22 @@ def running_dit_layer(transformer_options: dict, counter: CallCounter) -> tuple 
     return to.get(LAYER_KEY)
 
 
-def _text_tokens(dm, family: families.Family, context) -> int | None:
-    """Text tokens in front of the image tokens of a counted single-stream DiT: the context, padded up to the
-    model's multiple (Z-Image's learned pad tokens)."""
-    if not torch.is_tensor(context):
-        return None
-    n = int(context.shape[1])
+def text_multiple(dm, family: families.Family) -> int | None:
+    """The multiple the model right-pads its text stream to (registry ``text_multiple``; Z-Image: 32), or None."""
     multiple = getattr(dm, family.text_multiple, None) if family.text_multiple else None
-    return n + (-n) % int(multiple) if multiple else n
+    return int(multiple) if multiple else None
 
 
-def _counting_wrapper(ml: ModelLayers):
-    family, layers = ml.family, tuple(ml.layers)
+def _counting_wrapper(plan: CallPlan, multiple: int | None):
+    """DIFFUSION_MODEL wrapper stamping ``plan``, a new block-run number and the text length on every forward."""
 
     def wrapper(executor, x, timesteps, context, *args, **kwargs):
         to = kwargs.get("transformer_options")
         if isinstance(to, dict):
-            dm = executor.class_obj
-            lead = sum(len(getattr(dm, attr, None) or ()) for attr in family.lead_calls)
-            to[CALLS_KEY] = CallPlan(lead, layers)
+            to[CALLS_KEY] = plan
             to[BLOCK_RUN_KEY] = next(_block_runs)
-            to[TXT_LEN_KEY] = _text_tokens(dm, family, context)
+            n = int(context.shape[1]) if torch.is_tensor(context) else None
+            to[TXT_LEN_KEY] = n + (-n) % multiple if n is not None and multiple else n
         return executor(x, timesteps, context, *args, **kwargs)
 
     return wrapper
@@ -471,7 +466,10 @@ def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
     if all(kind.replace is None for kind in ml.family.blocks):
         from comfy.patcher_extension import WrappersMP
 
-        hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY, _counting_wrapper(ml))
+        dm = model_patcher.model.diffusion_model
+        plan = CallPlan(sum(len(getattr(dm, attr, None) or ()) for attr in ml.family.lead_calls), tuple(ml.layers))
+        hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY,
+                                _counting_wrapper(plan, text_multiple(dm, ml.family)))
         return
     replaces = to.get("patches_replace", {}).get("dit", {})
     for layer in ml.layers:

@@ -54,7 +54,6 @@ def disc_area_in_spectrum(r: float) -> float:
     return math.pi * r * r - 4.0 * segment
 
 
-@functools.lru_cache(maxsize=256)
 def _bisect_radius(covered, threshold: float, lo: float, hi: float, iterations: int) -> float:
     """The radius in [lo, hi] whose ``covered(radius)`` share of the spectrum is ``threshold`` (increasing)."""
     for _ in range(iterations):
@@ -66,6 +65,7 @@ def _bisect_radius(covered, threshold: float, lo: float, hi: float, iterations: 
     return 0.5 * (lo + hi)
 
 
+@functools.lru_cache(maxsize=256)
 def low_radius(threshold: float) -> float:
     """Radius (cycles/pixel) of the low band: the disc covering ``threshold`` of the spectrum's area."""
     threshold = validate_threshold(threshold)
