@@ -58,6 +58,9 @@ TESTS_DIR = ROOT / "tests"
 BUILDER_VERSION = 1
 EXTRA_KEY = "prompt_anatomy"
 DEMO_LOADER = "PromptAnatomyDemoLoader"
+# a spec's "_ui" key (not part of the prompt): {"about": one line shown on the thumbnail and in the first Note,
+# "needs": the model a user must supply (full-size workflows), "groups": [{"title", "note", "nodes": [ids]}]}
+UI_KEY = "_ui"
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/prompt-anatomy/comfyui-prompt-anatomy/workflows")
 
 # layout (graph units)
@@ -66,10 +69,17 @@ COLUMN_GAP = 80
 ROW_GAP = 50
 TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above node.pos
 PREVIEW_SIZE = {"PreviewImage": (260, 300), "SaveImage": (260, 330), "PreviewAny": (360, 220)}
+GROUP_PAD = 30  # space between a group's frame and its nodes
+GROUP_HEADER = 50  # a group's title bar (font 24)
+GROUP_GAP = 90  # between groups
+NOTE_W, NOTE_LINE_H, NOTE_MIN_H = 460, 20, 90  # Note nodes: width, text line height, minimum height
+READABLE_SCALE = 0.7  # the opening view of a grouped workflow is at least this zoom (text drawn in full)
 # the view stored in extra.ds is fitted to this canvas size
 VIEW_W, VIEW_H = 1400, 860
 
-# thumbnail
+# thumbnail: a caption band above the screenshot carries the one-line description (the template browser
+# shows custom-node templates with their file name as title and description, nothing else)
+CAPTION_H = 84
 THUMB_VIEWPORT = (1280, 1280)  # square: the template browser shows thumbnails in aspect-square cards
 THUMB_PREVIEW_PX = 256  # previews smaller than this (64 px test images) are magnified for the thumbnail
 THUMB_WIDTH = 512
@@ -101,7 +111,7 @@ def demo_twin(path: Path, twin: dict) -> dict:
     with every CheckpointLoaderSimple replaced by PromptAnatomyDemoLoader (same outputs MODEL, CLIP, VAE),
     the node ids in ``remove`` dropped, and ``set`` applied: ``{node id: {input: value, "_meta": {...}}}``
     updates a node's inputs (links included); a full node (with ``class_type``) adds or replaces one."""
-    unknown = set(twin) - {"demo_twin_of", "set", "remove"}
+    unknown = set(twin) - {"demo_twin_of", "set", "remove", UI_KEY}
     base_name = twin.get("demo_twin_of")
     if unknown or not isinstance(base_name, str) or base_name.startswith("demo_"):
         raise ValueError(f"{path}: a demo twin has keys demo_twin_of (a base spec's name, not another twin), "
@@ -137,6 +147,8 @@ def load_spec(name: str) -> dict:
         raise ValueError(f"{path}: cannot read the spec as JSON: {exc}") from exc
     if isinstance(spec, dict) and "demo_twin_of" in spec:
         spec = demo_twin(path, spec)
+    if isinstance(spec, dict):
+        spec = {k: v for k, v in spec.items() if k != UI_KEY}
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"{path}: a spec must be a non-empty JSON object of nodes (POST /prompt format)")
     for node_id, node in spec.items():
@@ -154,6 +166,35 @@ def load_spec(name: str) -> dict:
     return spec
 
 
+def load_ui(name: str) -> dict:
+    """The spec's "_ui" (about, needs, groups) checked against its nodes. A demo twin's own "_ui" keys replace
+    its base's; it inherits the base's about and groups (without the nodes it removed), never its "needs"."""
+    path = spec_path(name)
+    raw = json.loads(path.read_text())
+    ui = dict(raw.get(UI_KEY) or {})
+    spec = load_spec(name)
+    if raw.get("demo_twin_of"):
+        base = load_ui(raw["demo_twin_of"])
+        if "about" in base:
+            ui.setdefault("about", base["about"])
+        if base.get("groups") and "groups" not in ui:
+            ui["groups"] = [{**g, "nodes": [n for n in g["nodes"] if n in spec]} for g in base["groups"]]
+    unknown = set(ui) - {"about", "needs", "groups"}
+    if unknown or not all(isinstance(ui.get(k, ""), str) for k in ("about", "needs")):
+        raise ValueError(f"{path}: {UI_KEY} has the keys about and needs (one line of text each) and groups; "
+                         f"got {sorted(ui)}")
+    seen: set[str] = set()
+    for group in ui.get("groups") or []:
+        ids = [str(n) for n in group.get("nodes") or []]
+        bad = [n for n in ids if n not in spec or n in seen]
+        if not isinstance(group.get("title"), str) or not ids or bad:
+            raise ValueError(f"{path}: every group needs a title and node ids of the spec, each in one group; "
+                             f"group {group.get('title')!r} has {bad or 'no nodes'}")
+        seen.update(ids)
+        group["nodes"] = ids
+    return ui
+
+
 def spec_hash(spec: dict) -> str:
     """sha256 of the spec's canonical JSON (key order and whitespace do not matter)."""
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -161,7 +202,8 @@ def spec_hash(spec: dict) -> str:
 
 
 def build_stamp(name: str, spec: dict) -> dict:
-    return {"spec": f"scripts/workflow_specs/{name}.json", "spec_sha256": spec_hash(spec),
+    ui = load_ui(name)
+    return {"spec": f"scripts/workflow_specs/{name}.json", "spec_sha256": spec_hash({**spec, UI_KEY: ui} if ui else spec),
             "builder_version": BUILDER_VERSION}
 
 
@@ -264,6 +306,91 @@ def layout(spec: dict, sizes: dict[str, tuple[float, float]]) -> dict[str, tuple
     return pos
 
 
+def _subspec(spec: dict, ids: list[str]) -> dict:
+    """The nodes `ids` with only the links between them (layout of one group)."""
+    keep = set(ids)
+    return {n: {**spec[n], "inputs": {k: v for k, v in spec[n].get("inputs", {}).items()
+                                      if not isinstance(v, list) or str(v[0]) in keep}} for n in ids}
+
+
+def note_size(text: str) -> tuple[int, int]:
+    """Size of a Note node showing `text` whole (wrapped at the width's ~58 characters)."""
+    lines = sum(max(1, math.ceil(len(line) / 58)) for line in text.split("\n"))
+    return NOTE_W, max(NOTE_MIN_H, lines * NOTE_LINE_H + 30)
+
+
+def header_text(ui: dict, spec: dict) -> str:
+    """The first Note: what the workflow shows and which model it runs on."""
+    if ui.get("needs"):
+        model = (f"Needs: {ui['needs']}; pick it in the loader node. With the pack's random test checkpoints "
+                 "(prompt_anatomy_random_*) every image is noise: that is expected, the graph still runs. "
+                 "The demo_ twin of this workflow runs on the bundled demo model.")
+    elif any(n["class_type"] == DEMO_LOADER for n in spec.values()):
+        model = "Runs on the pack's demo model (ships with the pack): a CPU finishes it in seconds."
+    else:
+        model = ""
+    return "\n".join(t for t in (ui.get("about", ""), model) if t)
+
+
+def plan_layout(spec: dict, ui: dict, sizes: dict) -> tuple[dict, list[dict], list[dict]]:
+    """Positions of the spec's nodes, the Note nodes and the groups' frames. A header Note sits top left; without
+    groups the dependency layout follows below it; with groups, the nodes of no group (inputs) stay in a column
+    under the header and the groups are stacked to their right, each with its Note above its own layout."""
+    next_id = max(int(n) for n in spec) + 1
+    notes, groups, pos = [], [], {}
+    y = ORIGIN[1]
+    text = header_text(ui, spec)
+    if text:
+        notes.append({"id": next_id, "title": "About this workflow", "text": text, "pos": list(ORIGIN),
+                      "size": list(note_size(text))})
+        next_id += 1
+        y += notes[0]["size"][1] + ROW_GAP + TITLE_H
+    grouped = [n for g in ui.get("groups") or [] for n in g["nodes"]]
+    free = [n for n in spec if n not in grouped]
+    sub = layout(_subspec(spec, free), sizes) if free else {}
+    pos.update({n: (x, yy + y) for n, (x, yy) in sub.items()})
+    right = max([p[0] + sizes[n][0] for n, p in pos.items()] + [ORIGIN[0] + (NOTE_W if notes else 0)])
+    gx, gy = right + GROUP_GAP, ORIGIN[1] - TITLE_H
+    for i, group in enumerate(ui.get("groups") or []):
+        inner_y = gy + GROUP_HEADER
+        if group.get("note"):
+            size = note_size(group["note"])
+            notes.append({"id": next_id, "title": "What to look at", "text": group["note"],
+                          "pos": [gx + GROUP_PAD, inner_y + TITLE_H], "size": list(size)})
+            next_id += 1
+            inner_y += TITLE_H + size[1] + ROW_GAP
+        sub = layout(_subspec(spec, group["nodes"]), sizes)
+        for n, (x, yy) in sub.items():
+            pos[n] = (gx + GROUP_PAD + x, inner_y + TITLE_H + yy)
+        boxes = [(p[0], p[1] - TITLE_H, p[0] + sizes[n][0], p[1] + sizes[n][1]) for n, p in pos.items()
+                 if n in group["nodes"]] + [(nt["pos"][0], nt["pos"][1] - TITLE_H, nt["pos"][0] + nt["size"][0],
+                                             nt["pos"][1] + nt["size"][1]) for nt in notes[-1:] if group.get("note")]
+        w = max(b[2] for b in boxes) - gx + GROUP_PAD
+        h = max(b[3] for b in boxes) - gy + GROUP_PAD
+        groups.append({"id": i + 1, "title": group["title"], "bounding": [gx, gy, int(w), int(h)]})
+        gy += int(h) + GROUP_GAP
+    return pos, notes, groups
+
+
+def opening_view(nodes: list[dict], groups: list[dict]) -> dict:
+    """extra.ds: the whole graph fitted, or, for a grouped workflow, its inputs and first group at a readable
+    zoom (READABLE_SCALE or more), anchored top left when they do not fit."""
+    if not groups:
+        return fitted_view(nodes)
+    first = groups[0]["bounding"]
+    left = [n for n in nodes if n["pos"][0] < first[0]]
+    x0 = min([n["pos"][0] for n in left] + [first[0]])
+    y0 = min([n["pos"][1] - TITLE_H for n in left] + [first[1]])
+    x1 = max([n["pos"][0] + n["size"][0] for n in left] + [first[0] + first[2]])
+    y1 = max([n["pos"][1] + n["size"][1] for n in left] + [first[1] + first[3]])
+    view = fitted_view([{"pos": [x0, y0 + TITLE_H], "size": [x1 - x0, y1 - y0 - TITLE_H]}])
+    if view["scale"] >= READABLE_SCALE:
+        return view
+    margin = 30
+    return {"scale": READABLE_SCALE, "offset": [round(margin / READABLE_SCALE - x0, 1),
+                                                round(margin / READABLE_SCALE - y0, 1)]}
+
+
 def fitted_view(nodes: list[dict], width: int = VIEW_W, height: int = VIEW_H) -> dict:
     """extra.ds that shows the whole graph in a width x height canvas (LGraphCanvas.ds.fitToBounds)."""
     x0 = min(n["pos"][0] for n in nodes)
@@ -282,7 +409,7 @@ def fitted_view(nodes: list[dict], width: int = VIEW_W, height: int = VIEW_H) ->
 # making the serialized graph deterministic
 # ---------------------------------------------------------------------------------------------
 def normalize_workflow(name: str, spec: dict, wf: dict) -> dict:
-    """Stable ids, links numbered 1..N, fixed view, build stamp; returns a new dict."""
+    """Stable ids, links numbered 1..N, groups numbered 1..N, fixed view, build stamp; returns a new dict."""
     wf = json.loads(json.dumps(wf))
     nodes = sorted(wf["nodes"], key=lambda n: int(n["id"]))
     links = sorted(wf.get("links") or [], key=lambda link: link[0])
@@ -298,8 +425,12 @@ def normalize_workflow(name: str, spec: dict, wf: dict) -> dict:
                 out["links"] = sorted(renumber[i] for i in out["links"])
         node["pos"] = [int(round(v)) for v in node["pos"]]
         node["size"] = [int(math.ceil(v)) for v in node["size"]]
+    groups = sorted(wf.get("groups") or [], key=lambda g: (g["bounding"][1], g["bounding"][0]))
+    for i, group in enumerate(groups):
+        group["id"] = i + 1
+        group["bounding"] = [int(round(v)) for v in group["bounding"]]
     extra = dict(wf.get("extra") or {})
-    extra["ds"] = fitted_view(nodes)
+    extra["ds"] = opening_view(nodes, groups)
     extra[EXTRA_KEY] = build_stamp(name, spec)
     out = {
         "id": str(uuid.uuid5(UUID_NAMESPACE, name)),
@@ -308,7 +439,7 @@ def normalize_workflow(name: str, spec: dict, wf: dict) -> dict:
         "last_link_id": len(links),
         "nodes": nodes,
         "links": links,
-        "groups": wf.get("groups") or [],
+        "groups": groups,
         "config": wf.get("config") or {},
         "extra": {k: extra[k] for k in sorted(extra)},
         "version": wf.get("version", 0.4),
@@ -413,9 +544,23 @@ LOAD_API_JS = """async ([spec, fileName, previewSizes]) => {
   return {sizes, controls};
 }"""
 
-PLACE_JS = """([positions, sizes]) => {
+PLACE_JS = """([positions, sizes, notes, groups]) => {
   for (const [id, s] of Object.entries(sizes)) app.graph.getNodeById(+id).setSize([s[0], s[1]]);
   for (const [id, p] of Object.entries(positions)) app.graph.getNodeById(+id).pos = [p[0], p[1]];
+  for (const n of notes || []) {  // Note nodes (frontend-only, never queued) and group frames
+    let node = app.graph.getNodeById(n.id);
+    if (!node) { node = LiteGraph.createNode('Note'); node.id = n.id; app.graph.add(node); }
+    node.title = n.title;
+    node.widgets[0].value = n.text;
+    node.pos = [n.pos[0], n.pos[1]];
+    node.setSize([n.size[0], n.size[1]]);
+  }
+  for (const g of app.graph.groups || app.graph._groups || []) app.graph.remove(g);
+  for (const g of groups || []) {
+    const group = new LiteGraph.LGraphGroup(g.title);
+    group.configure({id: g.id, title: g.title, bounding: g.bounding, color: '#3f789e', font_size: 24, flags: {}});
+    app.graph.add(group);
+  }
   app.canvas.deselectAll?.();
   app.graph.setDirtyCanvas(true, true);
   return JSON.parse(JSON.stringify(app.graph.serialize()));
@@ -522,12 +667,58 @@ class BuildError(RuntimeError):
     pass
 
 
-def make_thumbnail(png: bytes) -> bytes:
-    from PIL import Image
+def caption_lines(ui: dict, spec: dict) -> tuple[str, str]:
+    """(what the workflow shows, which model it runs on) for the thumbnail's caption band."""
+    if ui.get("needs"):
+        model = "needs " + ui["needs"].split(" (")[0].split(";")[0]
+    elif any(n["class_type"] == DEMO_LOADER for n in spec.values()):
+        model = "DEMO - runs on the bundled demo model, CPU"
+    else:
+        model = ""
+    return ui.get("about", ""), model
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".,;") + " ..."
+    return lines
+
+
+def make_thumbnail(png: bytes, caption: tuple[str, str] = ("", "")) -> bytes:
+    """A THUMB_WIDTH-wide JPEG: the screenshot, under a caption band with the description and the model when
+    given (square then, as the template browser's cards are)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
-    height = max(1, round(img.height * THUMB_WIDTH / img.width))
-    img = img.resize((THUMB_WIDTH, height), Image.LANCZOS)
+    if any(caption):
+        shot_h = THUMB_WIDTH - CAPTION_H
+        k = min(THUMB_WIDTH / img.width, shot_h / img.height)
+        shot = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.LANCZOS)
+        img = Image.new("RGB", (THUMB_WIDTH, THUMB_WIDTH), (24, 24, 24))
+        img.paste(shot, ((THUMB_WIDTH - shot.width) // 2, CAPTION_H + (shot_h - shot.height) // 2))
+        draw = ImageDraw.Draw(img)
+        draw.rectangle([0, 0, THUMB_WIDTH, CAPTION_H - 1], fill=(40, 52, 70))
+        big, small = ImageFont.load_default(size=17), ImageFont.load_default(size=14)
+        y = 7
+        for line in _wrap(draw, caption[0], big, THUMB_WIDTH - 20, 2):
+            draw.text((10, y), line, font=big, fill=(240, 240, 240))
+            y += 22
+        if caption[1]:
+            draw.text((10, CAPTION_H - 24), caption[1], font=small,
+                      fill=(140, 220, 140) if caption[1].startswith("DEMO") else (250, 200, 110))
+    else:
+        height = max(1, round(img.height * THUMB_WIDTH / img.width))
+        img = img.resize((THUMB_WIDTH, height), Image.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=THUMB_QUALITY, optimize=True, progressive=False)
     return buf.getvalue()
@@ -587,7 +778,7 @@ def build_one(page, server, name: str) -> dict:
     if res.get("error"):
         raise BuildError(res["error"])
     sizes = {k: tuple(v) for k, v in res["sizes"].items()}
-    page.evaluate(PLACE_JS, [{k: list(v) for k, v in layout(spec, sizes).items()}, {}])
+    page.evaluate(PLACE_JS, [{k: list(v) for k, v in layout(spec, sizes).items()}, {}, [], []])
     page.evaluate(harness.FIT_VIEW_JS)  # node.imgs are only loaded for nodes the canvas draws
     _check_prompt(page, spec, "the converted graph", log_notes=True, name=name)
     t_convert = time.monotonic() - t0
@@ -608,8 +799,10 @@ def build_one(page, server, name: str) -> dict:
         raise BuildError(f"previews of nodes {image_nodes} did not appear in the page: {exc}") from exc
     grown = page.evaluate(SIZES_JS, list(spec))
     sizes = {k: (math.ceil(max(sizes[k][0], grown[k][0])), math.ceil(max(sizes[k][1], grown[k][1]))) for k in spec}
-    raw = page.evaluate(PLACE_JS, [{k: list(v) for k, v in layout(spec, sizes).items()},
-                                   {k: list(v) for k, v in sizes.items()}])
+    ui = load_ui(name)
+    positions, notes, groups = plan_layout(spec, ui, sizes)
+    raw = page.evaluate(PLACE_JS, [{k: list(v) for k, v in positions.items()},
+                                   {k: list(v) for k, v in sizes.items()}, notes, groups])
     text = dump_workflow(normalize_workflow(name, spec, raw))
     wf = json.loads(text)  # exactly what will be written
 
@@ -624,15 +817,15 @@ def build_one(page, server, name: str) -> dict:
     loaded = page.evaluate(harness.LOAD_WORKFLOW_JS, [wf, f"{name}.json"])
     problems = {k: loaded[k] for k in ("unknownBefore", "unknownAfter", "missingNodes", "missingModels",
                                        "dialogs", "toasts") if loaded[k]}
-    if problems or loaded["nodeCount"] != len(spec):
+    if problems or loaded["nodeCount"] != len(spec) + len(notes):
         raise BuildError(f"the built workflow does not load cleanly: {json.dumps(problems)}; "
-                         f"{loaded['nodeCount']} nodes of {len(spec)}")
+                         f"{loaded['nodeCount']} nodes of {len(spec) + len(notes)}")
     _check_prompt(page, spec, "the built workflow")
     t_verify = time.monotonic() - t1
 
     WORKFLOWS_DIR.mkdir(exist_ok=True)
     workflow_path(name).write_text(text)
-    thumbnail_path(name).write_bytes(make_thumbnail(png))
+    thumbnail_path(name).write_bytes(make_thumbnail(png, caption_lines(ui, spec)))
     return {"build_s": t_convert + t_verify, "run_s": t_run, "total_s": time.monotonic() - t0,
             "nodes": len(spec), "links": len(wf["links"]), "images": image_nodes}
 

@@ -42,7 +42,8 @@ chosen layer that was never seen.
 
 Per-run state lives in the run's store (:func:`runs.ensure_run_tracking`): every run starts empty, and
 a finished run is published, moved to the CPU, to the ``PA_ATTENTION_RECORD`` handle (the last few runs
-are kept; the viewer picks the one that produced its LATENT).
+are kept; the viewer picks the one that produced its LATENT). The accumulators (``MapSums``) and the published
+record (``AttentionRun``) are defined in :mod:`.capture_record`.
 """
 
 
@@ -68,6 +69,7 @@ from ..core.layers import (
     text_call,
     text_multiple,
 )
+from .capture_record import AttentionRun, MapSums, context_print
 from .probs import (
     attention_probs,
     bucket_of,
@@ -75,7 +77,6 @@ from .probs import (
     fold_repeats,
     heads_first,
     mask_rows,
-    resize_maps,
     tensor_bytes,
     to_grid,
 )
@@ -90,82 +91,8 @@ OTHER_LABEL = "[image]"  # the extra DiT channel: weight on every non-text key
 
 
 # ----------------------------------------------------------------------------------------------
-# accumulators
+# per-run capture state
 # ----------------------------------------------------------------------------------------------
-class MapSums:
-    """Running sums of the maps of one conditioning group (prompts of one token count) for a run."""
-
-    def __init__(self, length: int, extra: bool, batch: int, ref_hw: tuple[int, ...], n_steps: int,
-                 n_buckets: int, device):
-        self.length = length  # text tokens of the prompt
-        self.extra = extra  # one more channel: weight on non-text keys (DiT)
-        self.batch = batch
-        self.ref_hw = tuple(ref_hw)  # (h, w), or (frames, h, w) for video
-        channels = length + (1 if extra else 0)
-        self.bucket_sum = torch.zeros(n_buckets, batch, channels, *ref_hw, device=device)
-        self.bucket_count = torch.zeros(n_buckets, dtype=torch.int64)
-        self.step_sum = torch.zeros(n_steps, batch, channels, device=device)
-        self.step_count = torch.zeros(n_steps, dtype=torch.int64)
-        self.layer_sum: dict[str, torch.Tensor] = {}
-        self.layer_count: dict[str, int] = {}
-
-    @property
-    def channels(self) -> int:
-        return self.length + (1 if self.extra else 0)
-
-    @property
-    def video(self) -> bool:
-        return len(self.ref_hw) == 3
-
-    def add(self, layer: str, step: int, bucket: int, maps: torch.Tensor) -> int:
-        """Add maps (batch, channels, h, w) — video: (batch, channels, frames, h, w) — of one layer evaluation;
-        returns bytes of the temporaries."""
-        per_layer = maps.mean(dim=2) if self.video else maps  # video: per-layer sums keep the frame mean
-        total = self.layer_sum.get(layer)
-        if total is None:
-            self.layer_sum[layer] = per_layer.clone()
-            self.layer_count[layer] = 1
-        else:
-            total += per_layer
-            self.layer_count[layer] += 1
-        self.step_sum[step] += maps.mean(dim=tuple(range(2, maps.ndim)))
-        self.step_count[step] += 1
-        ref = maps if self.video else resize_maps(maps, self.ref_hw)
-        self.bucket_sum[bucket] += ref
-        self.bucket_count[bucket] += 1
-        return ref.numel() * 4 if ref is not maps else 0
-
-    def to_cpu(self) -> MapSums:
-        self.bucket_sum = self.bucket_sum.cpu()
-        self.step_sum = self.step_sum.cpu()
-        self.layer_sum = {k: v.cpu() for k, v in self.layer_sum.items()}
-        return self
-
-    # ---- views used by the viewer and the tests
-    def mean(self) -> torch.Tensor:
-        """Whole-run mean on the reference grid (batch, channels, H, W); video: (batch, channels, frames, H, W)."""
-        n = int(self.bucket_count.sum())
-        return self.bucket_sum.sum(0) / max(1, n)
-
-    def bucket_mean(self, j: int) -> torch.Tensor | None:
-        n = int(self.bucket_count[j])
-        return None if n == 0 else self.bucket_sum[j] / n
-
-    def layer_mean(self, layer: str) -> torch.Tensor:
-        return self.layer_sum[layer] / self.layer_count[layer]
-
-    def step_share(self) -> torch.Tensor:
-        """Per step, each channel's spatial-mean weight (steps, batch, channels); NaN for steps not seen."""
-        counts = self.step_count.to(self.step_sum.dtype).clamp(min=1)[:, None, None]
-        out = self.step_sum / counts
-        out[self.step_count == 0] = float("nan")
-        return out
-
-    def token_share(self) -> torch.Tensor:
-        """Whole-run spatial-mean weight of each channel (batch, channels)."""
-        return self.step_sum.sum(0) / max(1, int(self.step_count.sum()))
-
-
 @dataclasses.dataclass
 class CaptureConfig:
     arch: str  # "unet" / "dit" (joint attention) / "cross" (DiT cross-attention, Wan)
@@ -181,6 +108,9 @@ class CaptureConfig:
     text_multiple: int | None  # the model right-pads the text to a multiple of this (Z-Image's learned pad tokens)
     modules: dict  # UNet: attn2 key -> module (fallback projections)
     text_calls: dict = dataclasses.field(default_factory=dict)  # cross: layer key -> ordinal of its text attention call
+    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5)
+    text_extras: bool = False  # other per-prompt tokens join the text stream (ByT5 glyphs, CLIP-vision tokens)
+    prompt_last: bool = False  # ... in front of the prompt (the prompt ends the stream), else after it
 
     @property
     def by_key(self) -> dict[tuple, Layer]:
@@ -351,17 +281,20 @@ class CaptureRun:
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         q4, k4 = heads_first(q, int(heads), skip_reshape), heads_first(k, int(heads), skip_reshape)
         seq = q4.shape[2]
-        gh, gw = self.ref_hw
-        n_img = gh * gw
+        n_img = math.prod(self.ref_hw)
         if k4.shape[2] != seq or seq == n_img:
             return  # image-only self-attention (SD3.5 x-blocks), not the joint attention
         if seq < txt_len + n_img:
             self._skip("area-conditioned calls (cropped latent)")
             return
+        if self.cfg.text_last and seq != txt_len + n_img:
+            self._skip("calls with more image tokens than the latent's (reference images, edit models)")
+            return
         step = self._step(to)
         if step is None:
             return
         mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        img0, txt0 = (seq - txt_len - n_img, seq - txt_len) if self.cfg.text_last else (txt_len, 0)
         added = 0
         for rows, length in self._groups(to, q4.shape[0]):
             first = self._prompt_start(txt_len, length)
@@ -369,9 +302,10 @@ class CaptureRun:
                 self._skip("text streams whose length differs from the prompt's")
                 continue
             stats: dict = {}
-            p = attention_probs(q4[rows], k4[rows], queries=(txt_len, txt_len + n_img), columns=(first, first + length),
+            p = attention_probs(q4[rows], k4[rows], queries=(img0, img0 + n_img),
+                                columns=(txt0 + first, txt0 + first + length),
                                 other=True, mask=mask_rows(mask, rows), stats=stats)
-            self._add(layer, step, length, to_grid(p, gh, gw), stats.get("transient", 0))
+            self._add(layer, step, length, to_grid(p, *self.ref_hw), stats.get("transient", 0))
             added += 1
         if added:
             self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
@@ -416,7 +350,12 @@ class CaptureRun:
     def _prompt_start(self, txt_len: int, length: int) -> int | None:
         """Where the prompt's ``length`` tokens start in a text stream of ``txt_len``: after the family's register
         tokens, at the end of a zero-padded stream (Flux.2), at the start of one padded up to a multiple (Z-Image);
+        next to other per-prompt tokens (HunyuanImage's glyphs: after it; HunyuanVideo 1.5's: before it);
         None when the stream does not hold the prompt."""
+        if self.cfg.text_extras:
+            if txt_len < length:
+                return None
+            return txt_len - length if self.cfg.prompt_last else 0
         if self.cfg.text_multiple:
             return 0 if txt_len == length + (-length) % self.cfg.text_multiple else None
         if self.cfg.text_pad:
@@ -448,40 +387,6 @@ class CaptureRun:
             contexts={k: list(v.values()) for k, v in self.captured_prints.items()})
 
 
-@dataclasses.dataclass
-class AttentionRun:
-    """What one sampling run leaves in the record (CPU tensors)."""
-
-    family: str
-    arch: str
-    rows: str
-    layers: list[str]  # chosen layer labels
-    all_layers: int
-    seen: dict[str, int]  # label -> evaluations captured through the attention override
-    fallback: dict[str, int]  # label -> evaluations recomputed from to_q / to_k (an attn2 replace was there)
-    missing: list[str]  # chosen layers never seen
-    skipped: dict[str, int]
-    errors: list[str]
-    n_steps: int
-    buckets: list[tuple[int, int]]
-    ref_hw: tuple[int, ...]  # (h, w), or (frames, h, w) for video records
-    sums: dict[int, MapSums]  # by text token count
-    final: torch.Tensor  # the sampler's output latent (CPU fp32)
-    latent_format: object
-    sampler: str | None
-    peak_bytes: int  # accumulators + the largest temporaries of one layer evaluation
-    # text token count -> fingerprints of the captured prompts' contexts (context_print), to check viewer labels
-    contexts: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def batch(self) -> int:
-        return int(self.final.shape[0])
-
-    @property
-    def video(self) -> bool:
-        return len(self.ref_hw) == 3
-
-
 # ----------------------------------------------------------------------------------------------
 # installation
 # ----------------------------------------------------------------------------------------------
@@ -494,18 +399,6 @@ def _cond_lengths(guider) -> dict:
             if isinstance(entry, dict) and "uuid" in entry and isinstance(entry.get("cross_attn"), torch.Tensor):
                 out[entry["uuid"]] = int(entry["cross_attn"].shape[1])
     return out
-
-
-PRINT_CHANNELS = 64
-
-
-def context_print(context: torch.Tensor) -> torch.Tensor:
-    """A small fingerprint of a prompt's text context (first batch row, at most PRINT_CHANNELS evenly spaced
-    channels, fp32 CPU): a CONDITIONING carries no token ids, so the viewer checks its text by re-encoding it
-    and comparing these values position by position."""
-    ctx = context[0].detach()
-    idx = torch.linspace(0, ctx.shape[-1] - 1, min(ctx.shape[-1], PRINT_CHANNELS)).round().long()
-    return ctx[:, idx.to(ctx.device)].to("cpu", torch.float32, copy=True)
 
 
 def _cond_prints(guider) -> dict:
@@ -556,7 +449,8 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                         patch=_patch(ml.family, dm),
                         register_length=_count(getattr(dm, register, 0)) if register else 0,
                         text_pad=ml.family.text_pad, modules=modules,
-                        text_multiple=text_multiple(dm, ml.family),
+                        text_multiple=text_multiple(dm, ml.family), text_last=ml.family.text_last,
+                        text_extras=bool(ml.family.text_extras), prompt_last=ml.family.prompt_last,
                         text_calls={layer.key: text_call(ml, layer) for layer in chosen} if arch == "cross" else {})
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"
@@ -631,7 +525,3 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
 
         hooks.set_attn2_patches(m, f"{WRAPPER_KEY}.{handle.serial}", attn2_in, attn2_out)
     return m, handle
-
-
-# ----------------------------------------------------------------------------------------------
-# node

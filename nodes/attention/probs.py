@@ -3,10 +3,13 @@ of repeated contexts, grids, step buckets and memory accounting."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
 import torch.nn.functional as F
+
+from ..core.errors import InternalError
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32), queries x keys x heads x rows
 
@@ -95,12 +98,12 @@ def fold_repeats(p: torch.Tensor, length: int) -> torch.Tensor:
     return p.reshape(*p.shape[:-1], total // length, length).sum(-2)
 
 
-def to_grid(p: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, C) query-major probabilities -> maps (B, C, h, w)."""
+def to_grid(p: torch.Tensor, *dims: int) -> torch.Tensor:
+    """(B, h*w, C) query-major probabilities -> maps (B, C, h, w); video: dims (frames, h, w)."""
     b, n, c = p.shape
-    if n != h * w:
-        raise ValueError(f"internal: {n} queries do not form a {h}x{w} grid")
-    return p.transpose(1, 2).reshape(b, c, h, w)
+    if n != math.prod(dims):
+        raise InternalError(f"{n} queries do not form a {'x'.join(map(str, dims))} grid")
+    return p.transpose(1, 2).reshape(b, c, *dims)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

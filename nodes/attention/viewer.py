@@ -34,23 +34,20 @@ the connected IMAGE batch (per batch item), or on the latent preview of that fra
 
 The node shows the heat maps, the plots and a short summary; its JS lists the prompt's tokens as chips
 that edit the ``tokens`` input (so the choice is saved with the workflow).
+
+Token labels and the ``tokens`` items are in :mod:`.viewer_tokens`, class shares and shape convergence in
+:mod:`.viewer_measures`, the plots and their notes in :mod:`.viewer_plots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import warnings
 
-import kornia
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..core import families
-from ..core.errors import InternalError
 from ..shared import drawing
 from ..shared.drawing import (
     caption,
@@ -58,439 +55,31 @@ from ..shared.drawing import (
     colormap,
     labelled_grid,
     latent_to_rgb,
-    line_plot,
     overlay,
     pil_to_image,
     upsample,
 )
-from ..shared.tokens import (
-    EncoderPart,
-    Layout,
-    context_length,
-    detect_layout,
-    stock_layout,
-    stock_tokenizer,
-    token_positions,
-    token_text,
+from .capture import AttentionRun, MapSums
+from .viewer_measures import (
+    CANNY_HIGH,
+    CANNY_LOW,
+    canny_edges,
+    class_of_channels,
+    class_shares,
+    edge_f1,
+    normalise,
+    relative_to_last,
+    shape_convergence,
 )
-from .capture import OTHER_LABEL, AttentionRun, MapSums, context_print
+from .viewer_plots import _short, _steps_label, class_plot, convergence_notes, convergence_plot, step_coverage
+from .viewer_tokens import MAX_AUTO_ITEMS, Item, check_labels, item_maps, parse_items, picker_chips, prompt_tokens, token_table
+
+__all__ = ["CANNY_HIGH", "CANNY_LOW", "NODE_ID", "SCALES", "View", "canny_edges", "convergence_notes", "edge_f1", "item_maps",
+           "parse_items", "picker_chips", "prompt_tokens", "relative_to_last", "render_view", "shape_convergence",
+           "step_coverage", "token_table"]
 
 NODE_ID = "CrossAttentionMapViewer"
-CLASSES = ("template", "[SOS]", "semantic", "[EOS]", "padding")  # template: an LLM encoder's chat-template head
-CLASS_COLORS = {"template": (188, 189, 34), "[SOS]": (120, 120, 120), "semantic": (31, 119, 180), "[EOS]": (214, 39, 40),
-                "padding": (255, 127, 14), OTHER_LABEL: (44, 160, 44)}
-SERIES_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-                 (227, 119, 194), (23, 190, 207)]
 SCALES = ("per_map", "shared")
-MAX_AUTO_ITEMS = 24
-MAX_ITEMS = 64
-CANNY_LOW, CANNY_HIGH = 0.4, 0.8  # ComfyUI Canny node defaults, on min-max stretched maps and image grey levels
-EDGE_SIZE = 128  # long side of the images the Canny edges are taken on
-
-
-# ----------------------------------------------------------------------------------------------
-# token labels
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TokenInfo:
-    pos: int  # position in the recorded context
-    text: str  # shown label
-    klass: str  # template, [SOS], semantic, [EOS], padding
-    chunk: int
-    weight: float  # prompt weight the tokenizer gave it
-    encoder: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL
-
-
-def _display(part: EncoderPart, token, klass: str) -> str:
-    if part.kind == families.LLM and isinstance(token, numbers.Integral):  # chat-template tokens read as themselves
-        text = token_text(part, token).strip()
-        return text or "·"
-    if klass != "semantic":
-        return {"[SOS]": "[SOS]", "[EOS]": "[EOS]"}.get(klass, "[pad]")
-    if not isinstance(token, numbers.Integral):
-        return "<emb>"
-    text = token_text(part, token)
-    text = text.replace("</w>", "").replace("\u2581", " ").strip()
-    return text or "·"
-
-
-def token_table(layout: Layout, tokens: dict) -> list[TokenInfo]:
-    """One TokenInfo per context position of a conditioning made from ``tokens`` by ``layout``'s encoders.
-    CLIP-L and CLIP-G share positions (SDXL, SD3); the first in-context encoder labels them."""
-    positions = token_positions(layout, tokens)
-    length = context_length(layout, positions)
-    table: list[TokenInfo | None] = [None] * length
-    for part in layout.context_parts:
-        for chunk in positions[part.key]:
-            for i in range(chunk.start, min(chunk.end, length)):
-                if table[i] is None:
-                    entry = chunk.tokens[i - chunk.start]
-                    klass = chunk.klass(i)
-                    table[i] = TokenInfo(i, _display(part, entry[0], klass), klass, chunk.index, float(entry[1]),
-                                         part.label)
-    if any(t is None for t in table):
-        raise InternalError("context positions without a token")
-    return table  # type: ignore[return-value]
-
-
-def positions_only(family: families.Family, length: int) -> list[TokenInfo]:
-    """A table that names positions only, for encoders whose token rules the registry does not hold yet."""
-    label = "+".join(e.label for e in family.context_encoders)
-    return [TokenInfo(i, f"#{i}", "semantic", 0, 1.0, label) for i in range(length)]
-
-
-def prompt_tokens(run: AttentionRun, text: str, clip=None) -> list[TokenInfo]:
-    """The token table of ``text`` for the recorded run, checked against the recorded context lengths."""
-    family = families.by_name(run.family)
-    lengths = sorted(run.sums)
-    if clip is None and not family.stock_tokens:  # the tokenizer ships inside the checkpoint: positions only
-        if len(lengths) != 1:
-            raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s tokenizer "
-                             f"ships inside its text encoder checkpoint: connect the CLIP that encoded the prompt "
-                             f"(clip input) to label the tokens, or record one prompt length at a time.")
-        return positions_only(family, lengths[0])
-    if any(e.kind == families.LLM and e.no_eos for e in family.context_encoders):  # no token rules (Gemma-2)
-        if len(lengths) != 1:
-            raise ValueError(f"the record holds maps for prompts of {lengths} tokens and {family.label}'s token labels "
-                             f"are positions only: record one prompt length at a time.")
-        return positions_only(family, lengths[0])
-    if clip is not None:
-        layout = detect_layout(clip, "CrossAttentionMapViewer")
-        if layout.family.encoders != family.encoders:
-            raise ValueError(f"clip is the {layout.label} text encoder but the record comes from a "
-                             f"{family.label} model: connect the CLIP of the sampled model.")
-        candidates = [(layout, clip.tokenize(text))]
-    else:
-        tokens = stock_tokenizer(family).tokenize_with_weights(text)
-        candidates = [(stock_layout(family), tokens)]
-        first = tuple(e.key for e in family.encoders if e.group == 0)
-        if len(first) < len(family.encoders):  # e.g. SD3 without T5: only the first encoders in the context
-            candidates.append((stock_layout(family, first), tokens))
-    tables = [token_table(layout, toks) for layout, toks in candidates]
-    for table in tables:
-        if len(table) in run.sums:
-            return table
-    got = ", ".join(str(len(t)) for t in tables)
-    raise ValueError(
-        f"text tokenizes to {got} context positions, but the record holds maps for prompts of {lengths} tokens: "
-        f"give the text of the conditioning that was recorded (the {run.rows} prompt), and the CLIP that encoded it.")
-
-
-LABEL_RTOL = 1e-3  # re-encoding on the same device gives the same values; this absorbs dtype round trips
-
-
-def _mismatch(mine: torch.Tensor, recorded: torch.Tensor, keep: list[int]) -> int | None:
-    """The first of the ``keep`` positions where the two fingerprints differ (None: they agree)."""
-    if mine.shape != recorded.shape:
-        return keep[0] if keep else 0
-    tol = LABEL_RTOL * (1.0 + float(recorded[keep].abs().max())) if keep else 0.0
-    bad = [i for i in keep if float((mine[i] - recorded[i]).abs().max()) > tol]
-    return bad[0] if bad else None
-
-
-def check_labels(run: AttentionRun, table: list[TokenInfo], text: str, clip=None) -> str:
-    """Check that ``text`` is the prompt the capture saw: re-encode it with ``clip`` and compare its [SOS] and
-    semantic positions (the ones every [EOS]/padding construction keeps) with the recorded fingerprints. Returns
-    a note for the summary ('' when checked); raises ValueError on a different prompt."""
-    prints = run.contexts.get(len(table)) or []
-    if not prints or table[0].text == "#0":
-        return ""
-    if clip is None:
-        return ("labels checked by token count only: connect the CLIP that encoded the prompt to check them "
-                "token by token")
-    if all(not bool(p.any()) for p in prints):
-        return "the recorded conditioning is all zeros (ConditioningZeroOut): labels checked by token count only"
-    mine = context_print(clip.encode_from_tokens(clip.tokenize(text)))
-    keep = [t.pos for t in table if t.klass in ("[SOS]", "template", "semantic")]
-    firsts = [_mismatch(mine, p, keep) for p in prints]
-    if any(f is None for f in firsts):
-        return ""
-    k = max(firsts)
-    causal = all(e.kind in ("clip", families.LLM) for e in families.by_name(run.family).context_encoders)
-    where = (f"they differ from position {k} ({table[k].text!r} in this text) on" if causal else
-             "they differ (this text encoder reads the whole prompt at every position, so the first differing word "
-             "cannot be named)")
-    listed = " ".join(f"{t.pos}:{t.text}" for t in table if t.klass != "padding")
-    raise ValueError(
-        f"text: {text!r} is not the prompt the capture recorded ({run.rows} rows). Both have {len(table)} context "
-        f"positions, but {where}. This text's tokens: {listed}. A CONDITIONING carries no token ids, so the recorded "
-        f"prompt's words cannot be listed: give the text of the conditioning the capture saw (and the CLIP that "
-        f"encoded it). If that conditioning was changed after encoding (e.g. ConditioningAverage, or "
-        f"CLIPTextEncodeSDXL with different text_g and text_l), disconnect clip to label the maps by token count only.")
-
-
-# ----------------------------------------------------------------------------------------------
-# token selection
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Item:
-    key: str  # what the tokens input says: "5", "8-76", "sos", "eos", "pad", "sem", "img"
-    label: str
-    channels: tuple[int, ...]
-    klass: str
-
-
-def _item_for_positions(key: str, positions: list[int], table: list[TokenInfo]) -> Item:
-    if len(positions) == 1:
-        t = table[positions[0]]
-        return Item(key, f"{t.pos} {t.text}", (t.pos,), t.klass)
-    classes = {table[p].klass for p in positions}
-    klass = classes.pop() if len(classes) == 1 else "mixed"
-    return Item(key, f"{positions[0]}-{positions[-1]} ({len(positions)})", tuple(positions), klass)
-
-
-def default_items(table: list[TokenInfo], extra: bool) -> list[Item]:
-    """Every semantic token and the first [EOS] of each chunk (at most MAX_AUTO_ITEMS)."""
-    keep = [t for t in table if t.klass in ("semantic", "[EOS]")]
-    return [_item_for_positions(str(t.pos), [t.pos], table) for t in keep[:MAX_AUTO_ITEMS]]
-
-
-def parse_items(spec: str, table: list[TokenInfo], extra: bool) -> list[Item]:
-    """Items of the ``tokens`` input: comma-separated context positions ("5"), ranges summed into one map
-    ("8-76"), or the class words sos, eos, sem, pad (all positions of that class, summed) and img (SD3 / Flux:
-    the weight on the image keys). Empty or "auto": every semantic token and the first [EOS] of each chunk."""
-    text = (spec or "").strip().lower()
-    if text in ("", "auto"):
-        return default_items(table, extra)
-    n = len(table)
-    words = {"sos": "[SOS]", "eos": "[EOS]", "sem": "semantic", "pad": "padding"}
-    items: list[Item] = []
-    seen = set()
-    for raw in text.replace(";", ",").split(","):
-        key = raw.strip()
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        if key in words:
-            positions = [t.pos for t in table if t.klass == words[key]]
-            if not positions:
-                raise ValueError(f"tokens: this prompt has no {words[key]} positions (item {key!r}); remove it.")
-            items.append(Item(key, f"{words[key]} ({len(positions)})", tuple(positions), words[key]))
-            continue
-        if key in ("img", "image"):
-            if not extra:
-                raise ValueError("tokens: 'img' (weight on the image keys) exists only for SD3 / Flux records, whose "
-                                 "joint attention also attends to image tokens; remove it for this UNet model.")
-            items.append(Item(key, OTHER_LABEL, (n,), OTHER_LABEL))
-            continue
-        try:
-            a, _, b = key.partition("-")
-            lo, hi = int(a), int(b if b else a)
-        except ValueError:
-            raise ValueError(f"tokens: {key!r} is not a token. Use context positions (e.g. '1, 2, 5'), ranges summed "
-                             f"into one map ('8-76'), 'sos', 'eos', 'sem', 'pad'{', img' if extra else ''} or 'auto'.") \
-                from None
-        if lo > hi or lo < 0 or hi >= n:
-            raise ValueError(f"tokens: {key!r} is outside the prompt's {n} context positions (0-{n - 1}). See the token "
-                             f"list in the summary or pick the tokens in the node.")
-        items.append(_item_for_positions(key, list(range(lo, hi + 1)), table))
-    if not items:
-        return default_items(table, extra)
-    if len(items) > MAX_ITEMS:
-        raise ValueError(f"tokens: {len(items)} maps asked for; at most {MAX_ITEMS} fit in one grid. Sum ranges ('8-76') "
-                         f"or pick fewer.")
-    return items
-
-
-def picker_chips(table: list[TokenInfo], extra: bool, selected: list[Item]) -> list[dict]:
-    """What the JS token picker shows: one chip per non-padding position, one per chunk for its padding, and
-    [image] for SD3 / Flux. ``item`` is the text the chip adds to the tokens input; ``selected``: shown in this
-    run; ``auto``: part of the automatic choice."""
-    chosen = {it.key for it in selected}
-    auto = {it.key for it in default_items(table, extra)}
-    chips = []
-    pad_runs: dict[int, list[int]] = {}
-    for t in table:
-        if t.klass == "padding":
-            pad_runs.setdefault(t.chunk, []).append(t.pos)
-            continue
-        chips.append({"item": str(t.pos), "label": t.text, "class": t.klass, "chunk": t.chunk,
-                      "weight": round(t.weight, 3), "selected": str(t.pos) in chosen, "auto": str(t.pos) in auto})
-    for chunk, positions in pad_runs.items():
-        key = f"{positions[0]}-{positions[-1]}" if len(positions) > 1 else str(positions[0])
-        chips.append({"item": key, "label": f"[pad]×{len(positions)}", "class": "padding", "chunk": chunk,
-                      "weight": 1.0, "selected": key in chosen, "auto": False})
-    if extra:
-        chips.append({"item": "img", "label": OTHER_LABEL, "class": OTHER_LABEL, "chunk": -1, "weight": 1.0,
-                      "selected": "img" in chosen, "auto": False})
-    order = {c["item"]: i for i, c in enumerate(chips)}
-    chips.sort(key=lambda c: (int(c["item"].split("-")[0]) if c["item"][0].isdigit() else 1 << 30, order[c["item"]]))
-    return chips
-
-
-def item_maps(maps: torch.Tensor, items: list[Item]) -> torch.Tensor:
-    """(channels, h, w) -> (items, h, w): each item's channels summed."""
-    return torch.stack([maps[list(it.channels)].sum(0) for it in items])
-
-
-# ----------------------------------------------------------------------------------------------
-# numbers
-# ----------------------------------------------------------------------------------------------
-def class_of_channels(table: list[TokenInfo], extra: bool) -> list[str]:
-    return [t.klass for t in table] + ([OTHER_LABEL] if extra else [])
-
-
-def class_shares(shares: torch.Tensor, classes: list[str]) -> dict[str, torch.Tensor]:
-    """(..., channels) spatial-mean weights -> {class: (...)} summed per class."""
-    out = {}
-    for name in list(CLASSES) + [OTHER_LABEL]:
-        idx = [i for i, c in enumerate(classes) if c == name]
-        if idx:
-            out[name] = shares[..., idx].sum(-1)
-    return out
-
-
-def normalise(maps: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
-    """Min-max to [0, 1] over ``dims`` (flat maps -> 0)."""
-    lo = maps.amin(dim=dims, keepdim=True)
-    hi = maps.amax(dim=dims, keepdim=True)
-    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(maps))
-
-
-def edge_size(h: int, w: int, long_side: int = EDGE_SIZE) -> tuple[int, int]:
-    s = min(1.0, long_side / max(h, w))
-    return max(8, round(h * s)), max(8, round(w * s))
-
-
-def hysteresis(weak_or_strong: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
-    """Canny hysteresis: keep the 8-connected components of ``weak_or_strong`` (N, 1, H, W) that contain a pixel of
-    ``strong``. The same result as kornia's iterated 3x3 growth (``hysteresis=True``), in one labelling pass."""
-    import scipy.ndimage
-
-    out = torch.zeros_like(weak_or_strong, dtype=torch.float32)
-    structure = np.ones((3, 3), dtype=bool)
-    for i in range(weak_or_strong.shape[0]):
-        cand = weak_or_strong[i, 0].cpu().numpy().astype(bool)
-        labels, n = scipy.ndimage.label(cand, structure=structure)
-        if n == 0:
-            continue
-        keep = np.zeros(n + 1, dtype=bool)
-        keep[np.unique(labels[strong[i, 0].cpu().numpy().astype(bool)])] = True
-        keep[0] = False
-        out[i, 0] = torch.from_numpy(keep[labels].astype(np.float32))
-    return out
-
-
-def canny_edges(images: torch.Tensor, relative: bool = False) -> torch.Tensor:
-    """Canny edges (kornia.filters.canny with the thresholds of ComfyUI's Canny node) of (N, C, H, W) images in
-    [0, 1] -> (N, 1, H, W) in {0, 1}. kornia gives the weak (0.5) and strong (1) edges after non-maximum
-    suppression; :func:`hysteresis` links them (kornia's own iterated hysteresis is slow on CPU).
-    ``relative``: the thresholds are fractions of each image's strongest gradient instead (attention maps: smooth
-    fields upsampled from a coarse grid, whose gradients shrink with the upsampling factor)."""
-    if not relative:
-        _mag, edges = kornia.filters.canny(images.float(), low_threshold=CANNY_LOW, high_threshold=CANNY_HIGH,
-                                           hysteresis=False)
-        return hysteresis(edges > 0.25, edges > 0.75)
-    # the gradient magnitude is linear in the image: scaling each image by 1 / its strongest gradient puts the
-    # relative thresholds on the absolute scale, so one batched pass finds every image's edges
-    mag, _ = kornia.filters.canny(images.float(), low_threshold=1e-12, high_threshold=2e-12, hysteresis=False)
-    top = mag.amax(dim=(1, 2, 3), keepdim=True)
-    return canny_edges(images.float() / top.clamp(min=1e-6)) * (top > 1e-6)
-
-
-def edge_f1(pred: torch.Tensor, ref: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
-    """F1 of edge maps (N, 1, H, W) against ``ref`` (1 or N, 1, H, W): an edge pixel counts as matched when
-    the other map has an edge within ``tolerance`` pixels (Chebyshev distance). No edges at all -> 0."""
-    k = 2 * int(tolerance) + 1
-
-    def dilate(x):
-        return F.max_pool2d(x, k, stride=1, padding=int(tolerance)) if tolerance > 0 else x
-
-    ref = ref.expand_as(pred)
-    tp_p = (pred * dilate(ref)).sum((1, 2, 3))
-    tp_r = (ref * dilate(pred)).sum((1, 2, 3))
-    n_p, n_r = pred.sum((1, 2, 3)), ref.sum((1, 2, 3))
-    precision = torch.where(n_p > 0, tp_p / n_p.clamp(min=1), torch.zeros_like(n_p))
-    recall = torch.where(n_r > 0, tp_r / n_r.clamp(min=1), torch.zeros_like(n_r))
-    denom = precision + recall
-    return torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(denom))
-
-
-def shape_convergence(bucket_maps: list[torch.Tensor | None], image: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
-    """F1 (items, buckets) between the Canny edges of each item's map per bucket (None = empty bucket -> NaN)
-    and those of ``image`` (H, W, 3), both at the edge size of the image. Maps and the image's grey levels are
-    stretched to 0..1 first, so the thresholds do not depend on their contrast."""
-    h, w = edge_size(int(image.shape[0]), int(image.shape[1]))
-    img = F.interpolate(image.movedim(-1, 0)[None].float(), size=(h, w), mode="bilinear", align_corners=False)
-    ref = canny_edges(normalise(kornia.color.rgb_to_grayscale(img.clamp(0, 1))))  # contrast-stretched grey
-    n_items = next(m.shape[0] for m in bucket_maps if m is not None)
-    out = torch.full((n_items, len(bucket_maps)), float("nan"))
-    for j, m in enumerate(bucket_maps):
-        if m is None:
-            continue
-        up = F.interpolate(m[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
-        out[:, j] = edge_f1(canny_edges(normalise(up), relative=True), ref, tolerance)
-    return out
-
-
-def relative_to_last(f1: torch.Tensor) -> torch.Tensor:
-    """F1_t / F1_last per row, the last non-NaN column being "last"; NaN where F1_last is 0."""
-    out = torch.full_like(f1, float("nan"))
-    for r in range(f1.shape[0]):
-        valid = [j for j in range(f1.shape[1]) if not math.isnan(float(f1[r, j]))]
-        if not valid:
-            continue
-        last = float(f1[r, valid[-1]])
-        if last > 0:
-            out[r] = f1[r] / last
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# drawing
-# ----------------------------------------------------------------------------------------------
-def _steps_label(bucket: tuple[int, int], sep: str = " ") -> str:
-    a, b = bucket
-    return f"step{sep}{a}" if a == b else f"steps{sep}{a}-{b}"
-
-
-def _short(label: str, n: int = 18) -> str:
-    return label if len(label) <= n else label[:n - 1] + "…"
-
-
-def class_plot(steps: list[int], shares: dict[str, list[float]], n_steps: int, message: str = "") -> Image.Image:
-    series = [(name, steps, ys, CLASS_COLORS[name], False) for name, ys in shares.items()]
-    return line_plot(series, title="token-class share of the attention per step (Fig. 3)",
-                     xlabel=f"sampler step (0 = first of {n_steps})", ylabel="share", message=message)
-
-
-def step_coverage(per_step: dict[str, list[float]], n_steps: int, rows: str, skipped: dict) -> str:
-    """What steps the maps cover and, when they stop early or start late, why (empty when they cover all)."""
-    seen = [i for i in range(n_steps) if any(math.isfinite(v[i]) for v in per_step.values())]
-    if not seen:
-        return f"no step reached the chosen layers with {rows} rows"
-    if seen[0] == 0 and seen[-1] == n_steps - 1 and len(seen) == n_steps:
-        return ""
-    why = "; ".join(f"{count}x {reason}" for reason, count in skipped.items()) or (
-        f"the sampler ran no {rows} rows there (e.g. a guidance cutoff with keep=negative drops the positive rows)")
-    return (f"maps cover {len(seen)} of {n_steps} steps ({seen[0]}-{seen[-1]}): no {rows} rows reached the chosen "
-            f"layers in the others ({why})")
-
-
-def convergence_plot(xs: list[float], rel: torch.Tensor, labels: list[str], message: str = "") -> Image.Image:
-    series = []
-    with warnings.catch_warnings():  # all-NaN columns (a bucket with no edges anywhere) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(rel.numpy(), axis=0) if rel.numel() else np.array([])
-    if rel.shape[0] > 1:
-        for r in range(min(rel.shape[0], len(SERIES_COLORS))):
-            series.append((_short(labels[r], 14), xs, [float(v) for v in rel[r]], SERIES_COLORS[r], True))
-    series.insert(0, ("mean", xs, [float(v) for v in mean], (0, 0, 0), False))
-    return line_plot(series, title="shape convergence F1_t / F1_last (Canny edges: map vs final image, Fig. 1b)",
-                     xlabel="sampler step (end of the bucket)", ylabel="F1_t / F1_last",
-                     hlines=[(1.0, "", (160, 160, 160))], message=message)
-
-
-def convergence_notes(f1: torch.Tensor, rel: torch.Tensor, labels: list[str], filled: bool) -> list[str]:
-    """Why a token has no shape-convergence curve (F1_t / F1_last undefined), one note per cause."""
-    if not filled:
-        return ["shape convergence not computed: no step bucket holds maps"]
-    if f1.numel() and not torch.isfinite(rel).any() and float(f1.nan_to_num(0).amax()) == 0.0:
-        return ["shape convergence not computed: no map edge lies near an edge of the image in any bucket (F1 = 0 "
-                "everywhere; a flat image or uniform maps have no Canny edges)"]
-    flat = [lab for lab, r in zip(labels, rel, strict=True) if not torch.isfinite(r).any()]
-    return [f"no shape-convergence curve for {', '.join(flat)}: F1 of the last bucket is 0 (no map edge near an "
-            f"image edge at the end), so F1_t / F1_last is undefined"] if flat else []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Adding a family = one entry in :data:`FAMILIES` (+ a tiny-model factory in ``scr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -96,6 +97,14 @@ class Family:
     #                                   each make one call before them (NextDiT: context_refiner, noise_refiner)
     text_multiple: str | None = None  # diffusion_model attribute: the model right-pads the text stream to a multiple
     #                                   of it (Z-Image's learned pad tokens; None there: no padding)
+    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5), not [text, image]
+    text_extras: tuple[tuple[str, str], ...] = ()  # (conditioning key, model input) of per-prompt tokens that join the
+    #                                   text stream next to the prompt (HunyuanImage's ByT5 glyph tokens)
+    prompt_last: bool = False  # those extra tokens come before the prompt in the text stream (HunyuanVideo 1.5)
+    text_extras_hint: str = ""  # how to make the target's extra tokens match the source's (TextLayerPatch's error)
+    text_len: Callable | None = None  # counted DiTs: (forward's arguments by name) -> text tokens of the joint
+    #                                   attention (HiDream: T5 + two Llama segments); None: the context's length
+    no_eos_swap: str = ""  # why EOSConditioningSwap cannot rebuild this family's text input (the model still works)
 
     @property
     def is_unet(self) -> bool:
@@ -120,10 +129,11 @@ def _unet_context_dim(model) -> int | None:
 
 
 def _module_in_features(*attrs: str) -> Callable:
+    """Input width of the first of these diffusion_model modules (dotted paths allowed) that exists."""
     def width(model) -> int | None:
         dm = model.model.diffusion_model
         for attr in attrs:
-            mod = getattr(dm, attr, None)
+            mod = functools.reduce(lambda m, a: getattr(m, a, None), attr.split("."), dm)
             if isinstance(mod, torch.nn.Sequential):  # an MLP (Wan), a norm + linear (NextDiT): its first linear
                 mod = next((m for m in mod if hasattr(m, "in_features")), None)
             if mod is not None and hasattr(mod, "in_features"):
@@ -208,17 +218,34 @@ GEMMA2 = EncoderSpec("gemma2_2b", "Gemma-2", LLM, "gemma2_2b", no_eos=(
 # one attention call each, no block replace: the layers are found by counting calls (core.layers.CallPlan)
 NEXTDIT = dict(blocks=(BlockKind("single", "layers", None, ("layers.{i}.attention.",), "attention.n_local_heads"),),
                lead_calls=("context_refiner", "noise_refiner"), text_multiple="pad_tokens_multiple")
-# text encoders the pack knows but refuses (no registry family): cond_stage_model class name -> why
-REFUSED_CLIPS = {
-    "HiDreamTEModel": (
-        "HiDream's four text encoders put T5-XXL states in the context and the states of every Llama-3.1 layer in a "
-        "second conditioning entry (conditioning_llama3, read block by block), which the [EOS] constructions do not "
-        "rebuild: a swap would change T5 and keep the source's Llama states"),
-    "HunyuanImageTEModel": (
-        "HunyuanImage 2.1 and HunyuanVideo 1.5 wrap Qwen2.5-VL in their own chat templates (hidden layer -3, not "
-        "Qwen-Image's) and put ByT5 glyph states in a second conditioning entry (conditioning_byt5small); the family "
-        "registry has no entry for these models yet, so their [EOS]-analogue positions are not defined"),
-}
+# HiDream: T5-XXL states in the context, CLIP-L ‖ CLIP-G pooled, and the states of every Llama-3.1 layer in
+# conditioning_llama3 (batch, layers, tokens, 4096). No block replace: one attention call per double then single
+# block, each on [image, T5 ‖ last Llama layer ‖ that block's Llama layer], so the text is 128 + 2 x Llama tokens.
+HIDREAM_NO_SWAP = (
+    "HiDream's four text encoders put T5-XXL states in the context and the states of every Llama-3.1 layer in a "
+    "second conditioning entry (conditioning_llama3, read block by block), which the [EOS] constructions do not "
+    "rebuild: a swap would change T5 and keep the source's Llama states")
+
+
+def _hidream_text_len(a: dict) -> int | None:
+    context, llama = a.get("context"), a.get("encoder_hidden_states_llama3")
+    if not (torch.is_tensor(context) and torch.is_tensor(llama)):
+        return None
+    return int(context.shape[1]) + 2 * int(llama.shape[2])
+
+
+def _hidream_t5_width(model) -> int | None:
+    projections = getattr(model.model.diffusion_model, "caption_projection", None)
+    linear = getattr(projections[-1], "linear", None) if projections else None
+    return int(linear.in_features) if linear is not None else None
+
+
+# HunyuanImage 2.1 / HunyuanVideo 1.5: Qwen2.5-VL with Qwen-Image's template rules (the encoder drops the head; the
+# prompt ends with <|im_end|>), plus ByT5 glyph states of the prompt's quoted text in conditioning_byt5small
+# the image comes first in their joint attention (double blocks flip img/txt; single blocks run on [img, txt])
+HUNYUAN = dict(blocks=FLUX_BLOCKS, text_last=True, text_extras=(("conditioning_byt5small", "txt_byt5"),),
+               text_extras_hint='quote text of the same length in both prompts (e.g. "HELLO" => "WORLD"), or none',
+               no_training=FLUX_NO_TRAINING)
 
 FAMILIES: tuple[Family, ...] = (
     Family("sd1", "SD1.x", ("SD15", "SD15_instructpix2pix"), (UNET_CROSS,), (CLIP_L,),
@@ -297,6 +324,28 @@ FAMILIES: tuple[Family, ...] = (
            "Wan21", WAN_NO_HOOK["i2v"]),
           ("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), "Wan21", WAN_NO_HOOK["s2v"]),
           ("wan_humo", "Wan HuMo", ("WAN21_HuMo",), "Wan21", WAN_NO_HOOK["humo"]))),
+    Family("hunyuan_image21", "HunyuanImage 2.1", ("HunyuanImage21",), (JOINT, SINGLE), (QWEN25,),
+           _clip_is("HunyuanImageTEModel"), "comfy.text_encoders.hunyuan_image:HunyuanImageTokenizer",
+           "none (HunyuanImage 2.1 takes no pooled vector)", "HunyuanImage21", _module_in_features("txt_in.input_embedder"),
+           patch=(1, 1), attention_name="HunyuanImage 2.1's double/single blocks", **HUNYUAN),
+    # HunyuanVideo 1.5: 5-D latents; its text stream is [CLIP-vision tokens (I2V), ByT5 glyphs, prompt]
+    Family("hunyuan_video15", "HunyuanVideo 1.5", ("HunyuanVideo15",), (JOINT, SINGLE), (QWEN25,),
+           _clip_is("HunyuanImageTEModel"), "comfy.text_encoders.hunyuan_video:HunyuanVideo15Tokenizer",
+           "none (HunyuanVideo 1.5 takes no pooled vector)", "HunyuanVideo15", _module_in_features("txt_in.input_embedder"),
+           patch=(1, 1, 1), prompt_last=True, attention_name="HunyuanVideo 1.5's double/single blocks", **HUNYUAN),
+    Family("hidream", "HiDream", ("HiDream",), (JOINT, SINGLE),
+           (T5XXL, dataclasses.replace(CLIP_L, in_context=False), dataclasses.replace(CLIP_G, in_context=False)),
+           _clip_is("HiDreamTEModel"), "comfy.text_encoders.hidream:HiDreamTokenizer",
+           "CLIP-L ‖ CLIP-G [EOS] states, HiDream's adaLN input", "Flux", _hidream_t5_width,
+           blocks=(BlockKind("double", "double_stream_blocks", None, ("double_stream_blocks.{i}.block.attn1.",),
+                             "block.attn1.heads"),
+                   BlockKind("single", "single_stream_blocks", None, ("single_stream_blocks.{i}.block.attn1.",),
+                             "block.attn1.heads")),
+           text_last=True, text_extras=(("conditioning_llama3", "encoder_hidden_states_llama3"),),
+           text_extras_hint="keep both prompts under 128 Llama tokens (the Llama states are padded to 128)",
+           text_len=_hidream_text_len, no_eos_swap=HIDREAM_NO_SWAP, attention_name="HiDream's double/single blocks",
+           no_training=("the MoE gate of its blocks reads its weight directly instead of through ComfyUI's weight "
+                        "patching, so under the server's inference mode autograd cannot train through them.")),
     # Lumina 2 / Z-Image: single-stream NextDiT (text first); Gemma's SentencePiece ships inside its checkpoint
     Family("lumina2", "Lumina 2", ("Lumina2",), (SINGLE,), (GEMMA2,), _clip_is("LuminaModel", "gemma2_2b"),
            "comfy.text_encoders.lumina2:LuminaTokenizer", "none (Lumina 2 takes no pooled vector)", "Flux",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import re
 
@@ -435,17 +436,32 @@ def text_multiple(dm, family: families.Family) -> int | None:
     return int(multiple) if multiple else None
 
 
-def _counting_wrapper(plan: CallPlan, multiple: int | None):
-    """DIFFUSION_MODEL wrapper stamping ``plan``, a new block-run number and the text length on every forward."""
+def _context_len(arguments: dict) -> int | None:
+    context = arguments.get("context")
+    return int(context.shape[1]) if torch.is_tensor(context) else None
 
-    def wrapper(executor, x, timesteps, context, *args, **kwargs):
-        to = kwargs.get("transformer_options")
+
+def _counting_wrapper(plan: CallPlan, multiple: int | None, signature: inspect.Signature, text_len):
+    """DIFFUSION_MODEL wrapper stamping ``plan``, a new block-run number and the text length on every forward. The
+    forward's arguments are read by name (``signature``: the diffusion model's own; HiDream passes them all by
+    position, NextDiT transformer_options by keyword)."""
+
+    var_kw = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def wrapper(executor, *args, **kwargs):
+        try:
+            arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        except TypeError as e:
+            raise InternalError(f"the diffusion model's forward was called with arguments its signature {signature} "
+                                f"does not take; the pack cannot find its layers") from e
+        arguments.update(arguments.pop(var_kw, None) or {})  # NextDiT: transformer_options inside **kwargs
+        to = arguments.get("transformer_options")
         if isinstance(to, dict):
             to[CALLS_KEY] = plan
             to[BLOCK_RUN_KEY] = next(_block_runs)
-            n = int(context.shape[1]) if torch.is_tensor(context) else None
+            n = text_len(arguments)
             to[TXT_LEN_KEY] = n + (-n) % multiple if n is not None and multiple else n
-        return executor(x, timesteps, context, *args, **kwargs)
+        return executor(*args, **kwargs)
 
     return wrapper
 
@@ -468,8 +484,10 @@ def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
 
         dm = model_patcher.model.diffusion_model
         plan = CallPlan(sum(len(getattr(dm, attr, None) or ()) for attr in ml.family.lead_calls), tuple(ml.layers))
+        forward = getattr(dm, "_forward", dm.forward)  # what the DIFFUSION_MODEL wrappers wrap
         hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY,
-                                _counting_wrapper(plan, text_multiple(dm, ml.family)))
+                                _counting_wrapper(plan, text_multiple(dm, ml.family), inspect.signature(forward),
+                                                  ml.family.text_len or _context_len))
         return
     replaces = to.get("patches_replace", {}).get("dit", {})
     for layer in ml.layers:

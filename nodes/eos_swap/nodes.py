@@ -96,6 +96,18 @@ def format_table(layout: Layout, header: list[str], result: Construction, pooled
 # ----------------------------------------------------------------------------------------------
 # the node
 # ----------------------------------------------------------------------------------------------
+def _refuse_text_extras(layout: Layout, conds: list, which: str) -> None:
+    """The constructions rebuild the context only: a prompt whose text also reaches the model through another
+    conditioning entry (the registry's ``text_extras``: HunyuanImage's ByT5 glyphs of quoted text) is refused."""
+    for key, _ in layout.family.text_extras:
+        if any(d.get(key) is not None for _, d in conds):
+            raise ValueError(f"{which}: on {layout.family.label} the prompt's quoted text is also encoded into "
+                             f"'{key}' (glyph tokens next to the prompt), which the [EOS] constructions do not "
+                             f"rebuild: a swap would change the {layout.family.encoders[0].label} states and keep the "
+                             f"source's glyphs. Remove the quotation marks from both prompts (the words stay in the "
+                             f"prompt).")
+
+
 def _positions_checked(layout: Layout, tokens: dict, which: str, text: str) -> dict:
     pos = token_positions(layout, tokens)
     if not text.strip() or semantic_count(layout, pos) == 0:
@@ -129,6 +141,9 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         raise ValueError(f"kv={kv} patches the model's cross-attention: connect the MODEL input (and sample with "
                          f"the MODEL output), or use kv=key_and_value.")
     layout = detect_layout(clip, NODE_ID)
+    if layout.family.no_eos_swap:
+        raise ValueError(f"clip: {NODE_ID} does not support {layout.family.label}'s text encoders: "
+                         f"{layout.family.no_eos_swap}. Use the CLIP of another model family for this node.")
     donor = pooled_donor(construction, pooled)
     uses_b = construction in SWAP_CONSTRUCTIONS or donor == "B"
 
@@ -140,6 +155,8 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
         pos_b = _positions_checked(layout, tokens_b, "target_text", target_text)
     conds_a = clip.encode_from_tokens_scheduled(tokens_a)
     conds_b = clip.encode_from_tokens_scheduled(tokens_b) if uses_b else None
+    _refuse_text_extras(layout, conds_a, "source_text")
+    _refuse_text_extras(layout, conds_b or [], "target_text")
     if model is not None:
         check_model(layout, model, kv, conds_a[0][0].shape[-1])
 

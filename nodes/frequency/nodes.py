@@ -358,13 +358,17 @@ class FrequencySplitViewer(io.ComfyNode):
         if not 0 <= batch_index < run.batch:
             raise ValueError(f"batch_index {batch_index} is out of range: the recorded run has {run.batch} image(s) "
                              f"(use 0..{run.batch - 1}).")
+        pbar = comfy.utils.ProgressBar(3)  # summary, grid (VAE decodes), plots: about a second on a CPU
         summary = run_summary(run, batch_index, float(settle_threshold), cutoff_signal)
         summary["matched_latent"] = matched
         text = summary_text(summary, matched)
         summary["summary"] = text
+        pbar.update(1)
         grid = run_grid(run, batch_index, vae) if grid_over == "steps" else \
             run_frames_grid(run, batch_index, vae, int(grid_step))
+        pbar.update(1)
         plots = run_plots(summary)
+        pbar.update(1)
         preview = drawing.stack_padded([grid, plots[0:1], plots[1:2]])
         return io.NodeOutput(grid, plots, to_json(summary), float(summary["suggested_cutoff"]),
                              ui=_ui(preview, text, cls))

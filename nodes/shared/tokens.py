@@ -126,11 +126,6 @@ def detect_layout(clip, what: str = "Prompt Anatomy") -> Layout:
         raise ValueError("clip: expected a CLIP object (from a checkpoint or CLIP loader).")
     family = families.lookup_clip(clip)
     if family is None:
-        why = next((w for name, w in families.REFUSED_CLIPS.items()
-                    if any(c.__name__ == name for c in type(csm).__mro__)), None)
-        if why:
-            raise ValueError(f"clip: {what} does not support this text encoder ({type(csm).__name__}): {why}. Use the "
-                             f"CLIP of another model family for this node.")
         raise unsupported_clip(clip, what)
     no_eos = next((e for e in family.encoders if e.no_eos), None)
     if no_eos is not None:

@@ -48,8 +48,9 @@ def load_text_layer_lora(model, lora_sd: dict, layers: str, strength: float = 1.
              f"the other {len(patches) - len(kept)} and any text-encoder weights are ignored."]
     for layer in resolved:
         lines.append(f"  {layer_label(layer)} [{ml.index(layer)}]: {counts.get(layer, 0)} weights")
-    if ml.kind == "dit" and any(layer[0] == "single" for layer in resolved):
-        lines.append("note: Flux single blocks fuse attention and MLP in linear1/linear2, so their MLP part is kept too.")
+    if any(w.endswith("linear1.") for layer in resolved for w in weight_prefixes(ml, layer)):
+        lines.append(f"note: {ml.label}'s single blocks fuse attention and MLP in linear1/linear2, so their MLP part "
+                     f"is kept too.")
     if strength == 0:
         lines.append("strength 0: the model is unchanged.")
         return model, "\n".join(lines)

@@ -126,6 +126,9 @@ class TextLayerWordSubstitute(io.ComfyNode):
             raise ValueError("clip: no CLIP connected. Connect the CLIP output of your checkpoint or CLIP loader.")
         rules = parse_replacements(replacements)
         new_text, counts = substitute_words(text, rules)
+        if text.strip() and not new_text.strip():
+            raise ValueError("replacements: they remove every word of the prompt, so the target prompt is empty and the "
+                             "patched layers would see no words. Replace the words instead of removing all of them.")
         lines = []
         for (left, right), n in zip(rules, counts, strict=True):
             lines.append(f"{left!r} => {right!r}: " + (f"replaced {n}×" if n else "not in the prompt"))

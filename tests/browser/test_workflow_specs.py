@@ -218,3 +218,102 @@ def test_demo_twin_derivation_errors_are_clear(tmp_path):
                          ({"demo_twin_of": "guidance_cutoff", "sett": {}}, "keys")]:
         with pytest.raises(ValueError, match=message):
             bw.demo_twin(tmp_path / "t.json", bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a new user sees first: notes, groups, the opening view, the thumbnail's caption (no server)
+# ---------------------------------------------------------------------------------------------
+def _notes(wf: dict) -> dict[str, str]:
+    return {n.get("title") or "": (n.get("widgets_values") or [""])[0] for n in wf["nodes"] if n["type"] == "Note"}
+
+
+@pytest.mark.parametrize("name", SPECS or _none)
+def test_every_workflow_says_what_it_shows_and_which_model_it_needs(name):
+    """Issue 17.3: a Note says what the workflow shows; a full-size workflow names the model the user must supply,
+    where it goes and that the random test checkpoints draw noise; a demo workflow says it runs on the demo model."""
+    ui, spec = bw.load_ui(name), bw.load_spec(name)
+    assert ui.get("about"), f"scripts/workflow_specs/{name}.json has no _ui.about (one line: what it shows)"
+    about = _notes(json.loads(bw.workflow_path(name).read_text())).get("About this workflow", "")
+    assert about.startswith(ui["about"]), (name, about)
+    if any(n["class_type"] == "CheckpointLoaderSimple" for n in spec.values()):
+        assert ui.get("needs") and f"Needs: {ui['needs']}" in about, (name, about)
+        assert "models/checkpoints" in about and "noise" in about and "expected" in about, about
+    else:
+        assert "demo model" in about and "Needs" not in about, about
+
+
+@pytest.mark.parametrize("name", SPECS or _none)
+def test_thumbnails_carry_a_caption_band(name):
+    """The template browser shows a custom pack's cards with the file name only: the thumbnail's top band carries
+    the description (light text) and the model line (green for demo, amber for 'needs ...') on a dark blue band."""
+    from PIL import Image
+
+    with Image.open(bw.thumbnail_path(name)) as img:
+        rgb = img.convert("RGB")
+        assert rgb.size == (bw.THUMB_WIDTH, bw.THUMB_WIDTH), rgb.size
+        band = rgb.crop((0, 0, bw.THUMB_WIDTH, bw.CAPTION_H - 2))
+        colours = band.getcolors(bw.THUMB_WIDTH * bw.CAPTION_H)
+    background = max(colours)[1]
+    assert all(abs(a - b) <= 6 for a, b in zip(background, (40, 52, 70), strict=True)), background
+    text_px = sum(c for c, rgb_ in colours if sum(rgb_) > 500)
+    assert text_px > 300, f"{name}: no caption text in the band ({text_px} light pixels)"
+    demo = bw.caption_lines(bw.load_ui(name), bw.load_spec(name))[1].startswith("DEMO")
+    tinted = sum(c for c, (r, g, b) in colours if (g - r > 40 and g - b > 30 if demo else r - b > 50 and g - b > 25))
+    assert tinted > 60, f"{name}: the model line ({'green' if demo else 'amber'}) is missing ({tinted} px)"
+
+
+def test_demo_tour_opens_readable_on_its_first_group():
+    """Issue 17.4: demo_tour is grouped by technique (titled groups, a Note in each) and opens at a readable zoom
+    on the inputs and the first group, not on the whole graph at 17 %."""
+    wf = json.loads(bw.workflow_path("demo_tour").read_text())
+    ui = bw.load_ui("demo_tour")
+    assert [g["title"] for g in wf["groups"]] == [g["title"] for g in ui["groups"]]
+    nodes = {str(n["id"]): n for n in wf["nodes"]}
+    for group, want in zip(wf["groups"], ui["groups"], strict=True):
+        x, y, w, h = group["bounding"]
+        for nid in want["nodes"]:
+            n = nodes[nid]
+            assert x <= n["pos"][0] and n["pos"][0] + n["size"][0] <= x + w, (group["title"], nid)
+            assert y <= n["pos"][1] - bw.TITLE_H and n["pos"][1] + n["size"][1] <= y + h, (group["title"], nid)
+        notes = [n for n in wf["nodes"] if n["type"] == "Note" and x <= n["pos"][0] <= x + w and y <= n["pos"][1] <= y + h]
+        assert len(notes) == 1 and notes[0]["widgets_values"][0] == want["note"], group["title"]
+    ds = wf["extra"]["ds"]
+    assert ds["scale"] >= bw.READABLE_SCALE, ds
+    x, y = wf["groups"][0]["bounding"][:2]
+    sx, sy = (x + ds["offset"][0]) * ds["scale"], (y + ds["offset"][1]) * ds["scale"]
+    assert 0 <= sx < bw.VIEW_W / 2 and 0 <= sy < bw.VIEW_H / 3, (sx, sy)  # first group's title on screen
+
+
+def test_grouped_layout_keeps_groups_apart_and_nodes_inside():
+    ui = {"about": "x", "groups": [{"title": "A", "note": "look here\n" * 3, "nodes": ["2", "4"]},
+                                   {"title": "B", "nodes": ["5", "6"]}]}
+    sizes = {nid: (300, 100 + 20 * int(nid)) for nid in SPEC_A}
+    pos, notes, groups = bw.plan_layout(SPEC_A, ui, sizes)
+    assert (pos, notes, groups) == bw.plan_layout(SPEC_A, ui, sizes)
+    boxes = [(n, pos[n][0], pos[n][1] - bw.TITLE_H, pos[n][0] + sizes[n][0], pos[n][1] + sizes[n][1]) for n in pos]
+    boxes += [(f"note{n['id']}", n["pos"][0], n["pos"][1] - bw.TITLE_H, n["pos"][0] + n["size"][0],
+               n["pos"][1] + n["size"][1]) for n in notes]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2], (a, b)
+    assert [n["title"] for n in notes] == ["About this workflow", "What to look at"]
+    (ax, ay, aw, ah), (bx, by, bw_, bh) = groups[0]["bounding"], groups[1]["bounding"]
+    assert ay + ah < by, "groups overlap"
+    for (gx, gy, gw, gh), ids in (((ax, ay, aw, ah), ["2", "4"]), ((bx, by, bw_, bh), ["5", "6"])):
+        for n in ids:
+            assert gx < pos[n][0] and pos[n][0] + sizes[n][0] < gx + gw, n
+            assert gy < pos[n][1] - bw.TITLE_H and pos[n][1] + sizes[n][1] < gy + gh, n
+    for n in ("1", "3"):  # inputs of no group stay left of the groups
+        assert pos[n][0] + sizes[n][0] < ax
+
+
+def test_ui_of_a_spec_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(bw, "SPECS_DIR", tmp_path)
+    for ui, message in [({"groups": [{"title": "A", "nodes": ["2"]}, {"title": "B", "nodes": ["2"]}]}, "each in one group"),
+                        ({"groups": [{"title": "A", "nodes": ["99"]}]}, "node ids of the spec"),
+                        ({"about": "x", "colour": "red"}, "about and needs")]:
+        (tmp_path / "x.json").write_text(json.dumps({**SPEC_A, "_ui": ui}))
+        with pytest.raises(ValueError, match=message):
+            bw.load_ui("x")
+    (tmp_path / "x.json").write_text(json.dumps({**SPEC_A, "_ui": {"about": "shows x"}}))
+    assert bw.load_spec("x") == SPEC_A and bw.load_ui("x") == {"about": "shows x"}

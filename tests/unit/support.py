@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import tiny_models  # noqa: E402  (scripts/ is on sys.path: conftest.py)
 import torch
 from comfy.patcher_extension import WrappersMP
@@ -55,3 +57,88 @@ def rank1_lora(model, keys) -> dict:
         lora[f"diffusion_model.{key}.lora_up.weight"] = torch.full((out_f, 1), 0.1)
         lora[f"diffusion_model.{key}.lora_down.weight"] = torch.full((1, in_f), 0.1)
     return lora
+
+
+@contextlib.contextmanager
+def running_block(dm, blocks):
+    """Which block of ``dm`` runs now, set by forward hooks on every block (test-side ground truth for the pack's
+    layer tracking): ``blocks`` = ((attribute of a block list, name), ...); now["block"] = (name, i) or None."""
+    now = {"block": None}
+    handles = []
+    for attr, name in blocks:
+        for i, block in enumerate(getattr(dm, attr)):
+            handles.append(block.register_forward_pre_hook(lambda *_a, key=(name, i): now.update(block=key)))
+            handles.append(block.register_forward_hook(lambda *_a: now.update(block=None)))
+    try:
+        yield now
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def attention_spy(records: list, now: dict | None = None):
+    """An attention override recording, per call: the block running (``now``), the layer the pack counts, the text
+    length it stamped, K and V, the chunks' roles and the step."""
+    from prompt_anatomy.nodes.core import layers as cl
+    from prompt_anatomy.nodes.core import runs
+
+    calls = cl.CallCounter()
+
+    def override(call_next, func, *args, **kwargs):
+        to = kwargs["transformer_options"]
+        records.append({"running": (now or {}).get("block"), "counted": cl.running_dit_layer(to, calls),
+                        "txt": to.get(cl.TXT_LEN_KEY), "k": args[1].clone(), "v": args[2].clone(),
+                        "roles": runs.chunk_roles(to), "step": runs.current_step(to)})
+        return call_next(*args, **kwargs)
+
+    return override
+
+
+def patch_rows_check(t, pos, neg, tgt, layer, **kwargs) -> None:
+    """TextLayerPatch on ``layer`` from half the steps on: exactly one extra row per patched step (batch 1), a
+    changed result, and start 1.0 bit-identical to the plain run (4 steps)."""
+    from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
+
+    plain, plain_rows = count_rows(t.model)
+    out_a = ksample(plain, pos, neg, steps=4, **kwargs)
+    m, _ = apply_text_layer_patch(t.model, tgt, (layer,), start_percent=0.5)
+    counted, rows = count_rows(m)
+    out_p = ksample(counted, pos, neg, steps=4, **kwargs)
+    assert rows["rows"] == plain_rows["rows"] + 2 and not torch.equal(out_a, out_p)
+    m0, _ = apply_text_layer_patch(t.model, tgt, (layer,), start_percent=1.0)
+    assert torch.equal(ksample(m0, pos, neg, steps=4, **kwargs), out_a)
+
+
+def patched_kv_records(t, pos, neg, tgt, layer, **kwargs) -> list[tuple[dict, int, int]]:
+    """Sample 2 steps with TextLayerPatch on ``layer`` over an attention spy installed before it; returns, per
+    attention call that carries target rows, (record, source row, target row) of batch item 0."""
+    from prompt_anatomy.nodes.core import hooks, runs
+    from prompt_anatomy.nodes.core import layers as cl
+    from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
+
+    base = t.model.clone()
+    runs.ensure_run_tracking(base)
+    cl.ensure_layer_tracking(base, cl.model_layers(base, "test"))
+    inner: list = []
+    hooks.chain_attention_override(base, attention_spy(inner))
+    m, _ = apply_text_layer_patch(base, tgt, (layer,))
+    ksample(m, pos, neg, steps=2, **kwargs)
+    out = []
+    for r in inner:
+        if r["counted"] is None or None not in r["roles"]:
+            continue
+        per = r["k"].shape[0] // len(r["roles"])
+        src = next(j * per for j, role in enumerate(r["roles"]) if role == "positive")
+        out.append((r, src, next(j * per for j, role in enumerate(r["roles"]) if role is None)))
+    return out
+
+
+def capture_check(t, pos, neg, steps: int = 3, **kwargs):
+    """CrossAttentionCapture of every layer: sampling bit-identical to the plain run; returns the recorded run."""
+    from prompt_anatomy.nodes.attention import capture as cap
+
+    ref = ksample(t.model, pos, neg, steps=steps, **kwargs)
+    m, handle = cap.install_capture(t.model, "all", buckets=steps)
+    assert torch.equal(ksample(m, pos, neg, steps=steps, **kwargs), ref)
+    (run,) = handle.runs
+    return run

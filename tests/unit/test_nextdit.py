@@ -5,13 +5,12 @@ loader on its joint layers. Z-Image pads the text stream to a multiple of 32 wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
-from pa_support import count_rows, ksample, rank1_lora, tiny
+from pa_support import attention_spy, count_rows, ksample, rank1_lora, running_block, tiny
 from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.attention import nodes as att_nodes
 from prompt_anatomy.nodes.core import families, hooks, runs
@@ -28,34 +27,7 @@ def kw(t, **extra):
     return {"channels": t.latent_channels, "size": 16, "cfg": 2.0, **extra}
 
 
-@contextlib.contextmanager
-def running_block(dm):
-    """Which NextDiT block runs now (set by forward hooks on every block, test-side only): ('context', i) /
-    ('noise', i) / ('single', i), or None between blocks."""
-    now = {"block": None}
-    handles = []
-    for attr, name in (("context_refiner", "context"), ("noise_refiner", "noise"), ("layers", "single")):
-        for i, block in enumerate(getattr(dm, attr)):
-            handles.append(block.register_forward_pre_hook(lambda *_a, key=(name, i): now.update(block=key)))
-            handles.append(block.register_forward_hook(lambda *_a: now.update(block=None)))
-    try:
-        yield now
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def spy(records, now):
-    calls = cl.CallCounter()
-
-    def override(call_next, func, *args, **kwargs):
-        to = kwargs["transformer_options"]
-        records.append({"running": now["block"], "counted": cl.running_dit_layer(to, calls),
-                        "txt": to.get(cl.TXT_LEN_KEY), "seq": args[1].shape[2], "k": args[1].clone(),
-                        "v": args[2].clone(), "roles": runs.chunk_roles(to), "step": runs.current_step(to)})
-        return call_next(*args, **kwargs)
-
-    return override
+NEXTDIT_BLOCKS = (("context_refiner", "context"), ("noise_refiner", "noise"), ("layers", "single"))
 
 
 # =========================================================================== registry and counting
@@ -82,8 +54,8 @@ def test_counted_layer_is_the_block_that_runs(family):
     cl.ensure_layer_tracking(m, cl.model_layers(m, "test"))  # idempotent: one wrapper
     assert len(m.wrappers[WrappersMP.DIFFUSION_MODEL][cl.TRACKING_KEY]) == 1
     records = []
-    with running_block(m.model.diffusion_model) as live:
-        hooks.chain_attention_override(m, spy(records, live))
+    with running_block(m.model.diffusion_model, NEXTDIT_BLOCKS) as live:
+        hooks.chain_attention_override(m, attention_spy(records, live))
         ksample(m, pos, neg, steps=2, **kw(t))
     order = [r["running"] for r in records]
     per_forward = [("context", 0), ("context", 1), ("noise", 0), ("noise", 1), ("single", 0), ("single", 1)]
@@ -189,7 +161,7 @@ def test_patch_layer_kv_comes_from_the_target_rows(family):
     runs.ensure_run_tracking(base)
     cl.ensure_layer_tracking(base, ml)
     inner = []
-    hooks.chain_attention_override(base, spy(inner, {"block": None}))
+    hooks.chain_attention_override(base, attention_spy(inner))
     m, _ = apply_text_layer_patch(base, tgt, (ml.layers[0],))
     ksample(m, pos, neg, steps=2, **kw(t))
     swapped = 0

@@ -682,6 +682,8 @@ def test_word_substitution_node_encodes_both(sd1):
     assert "'hello' => 'world': replaced 1×" in report and "'moon' => 'sun': not in the prompt" in report
     same = tl_nodes.TextLayerWordSubstitute.execute(sd1.clip, SOURCE, "moon => sun").args
     assert same[1] is same[0] and "None of the words occurs" in same[3]
+    with pytest.raises(ValueError, match="remove every word of the prompt, so the target prompt is empty"):
+        tl_nodes.TextLayerWordSubstitute.execute(sd1.clip, "hello", "hello =>")
 
 
 # ============================================================================== localized LoRA
@@ -942,3 +944,21 @@ def test_start_mode_paper_reads_the_registry(sdxl, sd1, conds):
     assert "steps: from 0.080 to 1.000" in report and "start: paper 2's 0.080 of the steps for SDXL" in report
     _, report = tl.apply_text_layer_patch(sdxl.model, tgt, "output.2.0", start_percent=0.3)
     assert "steps: from 0.300" in report
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux", "wan21_t2v"])
+def test_target_identical_to_the_negative_prompt_is_refused(family):
+    """Issue 17.6: an empty target prompt (with an empty negative) or the negative wired as the target gives the
+    patched layers the negative prompt: refused at the first patched step, with the fix; a real target runs."""
+    t = model(family)
+    pos, empty = t.encode(SOURCE), t.encode("")
+    layer = cl.model_layers(t.model, "test").layers[0]
+    latent = {"samples": torch.zeros(t.latent_shape(1))}
+    m, _ = tl.apply_text_layer_patch(t.model, t.encode(""), (layer,))
+    with pytest.raises(ValueError, match=r"target: the edited prompt's conditioning is identical to the negative "
+                                         r"prompt's.*Text Layer Word Substitute's target output"):
+        ksample(m, pos, empty, steps=2, latent=latent, cfg=2.0)
+    ok, _ = tl.apply_text_layer_patch(t.model, t.encode(TARGET), (layer,))
+    assert torch.isfinite(ksample(ok, pos, empty, steps=2, latent=latent, cfg=2.0)).all()
+    late, _ = tl.apply_text_layer_patch(t.model, t.encode(""), (layer,), start_percent=1.0)  # no patched step
+    assert torch.isfinite(ksample(late, pos, empty, steps=2, latent=latent, cfg=2.0)).all()
