@@ -108,8 +108,8 @@ class CaptureConfig:
     text_multiple: int | None  # the model right-pads the text to a multiple of this (Z-Image's learned pad tokens)
     modules: dict  # UNet: attn2 key -> module (fallback projections)
     text_calls: dict = dataclasses.field(default_factory=dict)  # cross: layer key -> ordinal of its text attention call
-    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5)
-    text_extras: bool = False  # other per-prompt tokens join the text stream (ByT5 glyphs, CLIP-vision tokens)
+    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5, HiDream)
+    text_extras: bool = False  # other per-prompt tokens join the text stream (glyphs, CLIP-vision, Llama states)
     prompt_last: bool = False  # ... in front of the prompt (the prompt ends the stream), else after it
 
     @property
@@ -294,7 +294,7 @@ class CaptureRun:
         if step is None:
             return
         mask = args[4] if len(args) > 4 else kwargs.get("mask")
-        img0, txt0 = (seq - txt_len - n_img, seq - txt_len) if self.cfg.text_last else (txt_len, 0)
+        img0, txt0 = (0, n_img) if self.cfg.text_last else (txt_len, 0)  # [image, text] or [text, image]
         added = 0
         for rows, length in self._groups(to, q4.shape[0]):
             first = self._prompt_start(txt_len, length)

@@ -97,9 +97,9 @@ class Family:
     #                                   each make one call before them (NextDiT: context_refiner, noise_refiner)
     text_multiple: str | None = None  # diffusion_model attribute: the model right-pads the text stream to a multiple
     #                                   of it (Z-Image's learned pad tokens; None there: no padding)
-    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5), not [text, image]
+    text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5, HiDream)
     text_extras: tuple[tuple[str, str], ...] = ()  # (conditioning key, model input) of per-prompt tokens that join the
-    #                                   text stream next to the prompt (HunyuanImage's ByT5 glyph tokens)
+    #                                   text stream next to the prompt (Hunyuan's ByT5 glyphs, HiDream's Llama states)
     prompt_last: bool = False  # those extra tokens come before the prompt in the text stream (HunyuanVideo 1.5)
     text_extras_hint: str = ""  # how to make the target's extra tokens match the source's (TextLayerPatch's error)
     text_len: Callable | None = None  # counted DiTs: (forward's arguments by name) -> text tokens of the joint
