@@ -114,6 +114,12 @@ class PromptFailed(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # HTTP helpers (stdlib only)
 # ---------------------------------------------------------------------------------------------
+def workflow_spec(name: str) -> dict:
+    """The API prompt of scripts/workflow_specs/<name>.json (base specs; the "_ui" key is the builder's)."""
+    spec = json.loads((ROOT / "scripts" / "workflow_specs" / f"{name}.json").read_text())
+    return {k: v for k, v in spec.items() if k != "_ui"}
+
+
 def http_request(base_url: str, path: str, data: bytes | None = None, method: str | None = None,
                  headers: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes, dict]:
     """Return (status, body, headers); HTTP error statuses are returned, not raised."""

@@ -12,13 +12,12 @@ import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
-SPEC = harness.ROOT / "scripts" / "workflow_specs" / "attention_maps.json"
 CAPTURE, VIEWER = "CrossAttentionCapture", "CrossAttentionMapViewer"
 SD15_ATTN2_LAYERS = 16
 
 
 def spec() -> dict:
-    return json.loads(SPEC.read_text())
+    return harness.workflow_spec("attention_maps")
 
 
 def node_out(entry: dict, node_id: str) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 
 import harness
@@ -10,12 +9,11 @@ import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
-SPEC = harness.ROOT / "scripts" / "workflow_specs" / "eos_swap.json"
 NODE = "EOSConditioningSwap"
 
 
 def spec() -> dict:
-    return json.loads(SPEC.read_text())
+    return harness.workflow_spec("eos_swap")
 
 
 def node_text(entry: dict, node_id: str) -> str:

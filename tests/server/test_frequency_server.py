@@ -8,17 +8,15 @@ import io
 import json
 import re
 import uuid
-from pathlib import Path
 
 import harness
 import pytest
 
-SPECS = Path(__file__).resolve().parents[2] / "scripts" / "workflow_specs"
 EXAMPLE_IMAGE = harness.COMFY_DIR / "input" / "example.png"
 
 
 def spec(name: str) -> dict:
-    return json.loads((SPECS / f"{name}.json").read_text())
+    return harness.workflow_spec(name)
 
 
 def node_out(entry: dict, node_id: str) -> dict:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import harness
 import pytest
 
-SPECS = Path(__file__).resolve().parents[2] / "scripts" / "workflow_specs"
-
 
 def spec(name: str) -> dict:
-    return json.loads((SPECS / f"{name}.json").read_text())
+    return harness.workflow_spec(name)
 
 
 def node_text(entry: dict, node_id: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import re
 
 import harness
@@ -12,12 +11,11 @@ import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
-SPECS = harness.ROOT / "scripts" / "workflow_specs"
 MINE = ("TextLayerPatch", "TextLayerWordSubstitute", "LoraLoaderTextLayers", "TextLayerLocalize")
 
 
 def spec(name: str) -> dict:
-    return json.loads((SPECS / f"{name}.json").read_text())
+    return harness.workflow_spec(name)
 
 
 def node_text(entry: dict, node_id: str) -> str:
