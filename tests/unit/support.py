@@ -111,7 +111,8 @@ def patch_rows_check(t, pos, neg, tgt, layer, **kwargs) -> None:
 
 def patched_kv_records(t, pos, neg, tgt, layer, **kwargs) -> list[tuple[dict, int, int]]:
     """Sample 2 steps with TextLayerPatch on ``layer`` over an attention spy installed before it; returns, per
-    attention call that carries target rows, (record, source row, target row) of batch item 0."""
+    attention call that carries target rows, (record, source row, target row) for each positive row and the
+    target row made for it (paired in order, as many of each)."""
     from prompt_anatomy.nodes.core import hooks, runs
     from prompt_anatomy.nodes.core import layers as cl
     from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
@@ -128,8 +129,9 @@ def patched_kv_records(t, pos, neg, tgt, layer, **kwargs) -> list[tuple[dict, in
         if r["counted"] is None or None not in r["roles"]:
             continue
         per = r["k"].shape[0] // len(r["roles"])
-        src = next(j * per for j, role in enumerate(r["roles"]) if role == "positive")
-        out.append((r, src, next(j * per for j, role in enumerate(r["roles"]) if role is None)))
+        src = [j * per for j, role in enumerate(r["roles"]) if role == "positive"]
+        tgt_rows = [j * per for j, role in enumerate(r["roles"]) if role is None]
+        out.extend((r, s, g) for s, g in zip(src, tgt_rows, strict=True))
     return out
 
 

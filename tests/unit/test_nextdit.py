@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
-from pa_support import attention_spy, count_rows, ksample, rank1_lora, running_block, tiny
+from pa_support import attention_spy, count_rows, ksample, patched_kv_records, rank1_lora, running_block, tiny
 from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.attention import nodes as att_nodes
 from prompt_anatomy.nodes.core import families, hooks, runs
@@ -155,28 +155,14 @@ def test_patch_layer_kv_comes_from_the_target_rows(family):
     """Inside the patch (a recorder installed before it), the source rows' text K/V of the patched layer equal the
     target rows' and the image part and every other layer are untouched."""
     t = tiny(family)
-    pos, neg, tgt = t.encode(PROMPT), t.encode(""), t.encode(TARGET)
-    ml = cl.model_layers(t.model, "test")
-    base = t.model.clone()
-    runs.ensure_run_tracking(base)
-    cl.ensure_layer_tracking(base, ml)
-    inner = []
-    hooks.chain_attention_override(base, attention_spy(inner))
-    m, _ = apply_text_layer_patch(base, tgt, (ml.layers[0],))
-    ksample(m, pos, neg, steps=2, **kw(t))
+    layer = cl.model_layers(t.model, "test").layers[0]
     swapped = 0
-    for r in inner:
-        if r["counted"] is None or None not in r["roles"]:
-            continue
-        per = r["k"].shape[0] // len(r["roles"])
-        src = [j * per for j, role in enumerate(r["roles"]) if role == "positive"]
-        tgt_rows = [j * per for j, role in enumerate(r["roles"]) if role is None]
+    for r, s, g in patched_kv_records(t, t.encode(PROMPT), t.encode(""), t.encode(TARGET), layer, **kw(t)):
         txt = r["txt"]
-        for s, g in zip(src, tgt_rows, strict=True):
-            same_txt = torch.equal(r["k"][s, :, :txt], r["k"][g, :, :txt]) and \
-                torch.equal(r["v"][s, :, :txt], r["v"][g, :, :txt])
-            assert same_txt == (r["counted"] == ml.layers[0])
-            swapped += same_txt
+        same_txt = torch.equal(r["k"][s, :, :txt], r["k"][g, :, :txt]) and \
+            torch.equal(r["v"][s, :, :txt], r["v"][g, :, :txt])
+        assert same_txt == (r["counted"] == layer)
+        swapped += same_txt
     assert swapped == 2  # 2 steps, one positive row each
 
 
