@@ -5,8 +5,14 @@ API-format specs in scripts/workflow_specs/<name>.json, through the real ComfyUI
     .venv/bin/python scripts/build_workflows.py [names...] --check  exit 1 if any workflow is missing
                                                                     or stale (no server, no browser)
 
-A spec is exactly a POST /prompt "prompt" (nodes may carry "_meta": {"title": ...}). For each spec
-the builder, in one ComfyUI server + one headless Debian chromium (tests/harness.py):
+A spec is exactly a POST /prompt "prompt" (nodes may carry "_meta": {"title": ...}), plus an optional "_ui" key
+(not part of the prompt): {"about": one line, what it shows; "needs": the model files a user must supply and their
+folders; "groups": [{"title", "note", "nodes": [ids]}]; "demo": the name of an existing demo_ spec}. Every
+workflow has a demo counterpart on the pack's demo model: a twin ``{"demo_twin_of": BASE, ...}`` (see demo_twin),
+or, for a workflow on a model family whose twin would only repeat an existing demo (or cannot show its subject,
+e.g. video), ``"_ui": {"demo": "demo_<name>"}`` naming that demo; the builder checks that it exists and runs on the
+demo model, and the About note says to try the technique there first. For each spec the builder, in one ComfyUI
+server + one headless Debian chromium (tests/harness.py):
 
 1. calls the frontend's own ``app.loadApiJson(spec, "<name>.json")`` (frontend 1.32.9), which
    creates the nodes, sets widget values, links them and applies the ``_meta`` titles; sets every
@@ -59,8 +65,10 @@ BUILDER_VERSION = 1
 EXTRA_KEY = "prompt_anatomy"
 DEMO_LOADER = "PromptAnatomyDemoLoader"
 # a spec's "_ui" key (not part of the prompt): {"about": one line shown on the thumbnail and in the first Note,
-# "needs": the model a user must supply (full-size workflows), "groups": [{"title", "note", "nodes": [ids]}]}
+# "needs": the model a user must supply (full-size workflows), "groups": [{"title", "note", "nodes": [ids]}],
+# "demo": the existing demo_ spec that shows the same technique on the demo model, for a base spec without a twin}
 UI_KEY = "_ui"
+UI_KEYS = ("about", "needs", "groups", "demo")
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/prompt-anatomy/comfyui-prompt-anatomy/workflows")
 
 # layout (graph units)
@@ -179,10 +187,12 @@ def load_ui(name: str) -> dict:
             ui.setdefault("about", base["about"])
         if base.get("groups") and "groups" not in ui:
             ui["groups"] = [{**g, "nodes": [n for n in g["nodes"] if n in spec]} for g in base["groups"]]
-    unknown = set(ui) - {"about", "needs", "groups"}
-    if unknown or not all(isinstance(ui.get(k, ""), str) for k in ("about", "needs")):
-        raise ValueError(f"{path}: {UI_KEY} has the keys about and needs (one line of text each) and groups; "
-                         f"got {sorted(ui)}")
+    unknown = set(ui) - set(UI_KEYS)
+    if unknown or not all(isinstance(ui.get(k, ""), str) for k in ("about", "needs", "demo")):
+        raise ValueError(f"{path}: {UI_KEY} has the keys about and needs (one line of text each), groups and demo "
+                         f"(a demo_ spec's name); got {sorted(ui)}")
+    if "demo" in ui:
+        check_demo_counterpart(path, ui["demo"], twin=bool(raw.get("demo_twin_of")))
     seen: set[str] = set()
     for group in ui.get("groups") or []:
         ids = [str(n) for n in group.get("nodes") or []]
@@ -193,6 +203,18 @@ def load_ui(name: str) -> dict:
         seen.update(ids)
         group["nodes"] = ids
     return ui
+
+
+def check_demo_counterpart(path: Path, demo: str, twin: bool = False) -> None:
+    """A base spec's ``"_ui": {"demo": NAME}``: NAME must be an existing demo_ spec that runs on the demo model."""
+    if twin:
+        raise ValueError(f"{path}: {UI_KEY}.demo names a base workflow's demo counterpart; a demo twin is one itself")
+    if not (isinstance(demo, str) and demo.startswith("demo_") and spec_path(demo).is_file()):
+        have = [n for n in spec_names() if n.startswith("demo_")]
+        raise ValueError(f"{path}: {UI_KEY}.demo is {demo!r}, which is not a demo workflow's spec "
+                         f"(scripts/workflow_specs/demo_<name>.json); have: {have}")
+    if not any(node["class_type"] == DEMO_LOADER for node in load_spec(demo).values()):
+        raise ValueError(f"{path}: {UI_KEY}.demo names {demo}, which does not run on the demo model ({DEMO_LOADER})")
 
 
 def spec_hash(spec: dict) -> str:
@@ -321,7 +343,10 @@ def note_size(text: str) -> tuple[int, int]:
 
 def header_text(ui: dict, spec: dict) -> str:
     """The first Note: what the workflow shows and which model it runs on."""
-    if ui.get("needs"):
+    if ui.get("needs") and ui.get("demo"):
+        model = (f"Needs: {ui['needs']}; pick them in the loader nodes. Try the technique first on the bundled "
+                 f"demo model: {ui['demo']} (a CPU runs it in seconds).")
+    elif ui.get("needs"):
         model = (f"Needs: {ui['needs']}; pick it in the loader node. With the pack's random test checkpoints "
                  "(prompt_anatomy_random_*) every image is noise: that is expected, the graph still runs. "
                  "The demo_ twin of this workflow runs on the bundled demo model.")

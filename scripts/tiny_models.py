@@ -722,15 +722,15 @@ def make_zimage(seed: int = 0, dtype=None) -> TinyModel:
     return _tiny("zimage", cfg, model, clip, min_latent=2, latent_multiple=2)
 
 
-def _wan(family, config_class, channels, seed, dtype):
+def _wan(family, config_class, channels, seed, dtype, *, model_type="t2v", in_dim=None, cond_extra=None):
     cfg, model = _diffusion(config_class, {
-        "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 512, "in_dim": channels, "dim": 64, "ffn_dim": 128,
-        "freq_dim": 256, "text_dim": T5_SMALL["d_model"], "out_dim": channels, "num_heads": 2, "num_layers": 2,
-        "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+        "model_type": model_type, "patch_size": [1, 2, 2], "text_len": 512, "in_dim": in_dim or channels, "dim": 64,
+        "ffn_dim": 128, "freq_dim": 256, "text_dim": T5_SMALL["d_model"], "out_dim": channels, "num_heads": 2,
+        "num_layers": 2, "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
     }, seed, dtype)
     clip = _text_encoder(cfg.clip_target(), seed + 1, dtype, {"umt5xxl_model_config": dict(T5_SMALL, vocab_size=SPIECE_VOCAB)},
                  tokenizer_data={"spiece_model": spiece_standin("umt5")})
-    return _tiny(family, cfg, model, clip, min_latent=2, latent_multiple=2)
+    return _tiny(family, cfg, model, clip, cond_extra=cond_extra, min_latent=2, latent_multiple=2)
 
 
 def make_wan21_t2v(seed: int = 0, dtype=None) -> TinyModel:
@@ -743,6 +743,23 @@ def make_wan22_t2v(seed: int = 0, dtype=None) -> TinyModel:
     return _wan("wan22_t2v", "WAN22_T2V", 48, seed, dtype)
 
 
+WAN_CLIP_VISION_TOKENS = 5  # CLIP-vision tokens of the tiny I2V conditioning (a real CLIP-H image gives 257)
+
+
+def make_wan21_i2v(seed: int = 0, dtype=None) -> TinyModel:
+    """Wan 2.1 image-to-video (i2v cross-attention: CLIP-vision tokens in front of the text, attended in a second
+    call); every conditioning carries a random CLIP-vision output, as WanImageToVideo's does."""
+    bootstrap_comfy()
+    import comfy.clip_vision
+    import torch
+
+    vision = comfy.clip_vision.Output()
+    vision.penultimate_hidden_states = torch.randn(
+        1, WAN_CLIP_VISION_TOKENS, 1280, generator=torch.Generator().manual_seed(seed + 2))
+    return _wan("wan21_i2v", "WAN21_I2V", 16, seed, dtype, model_type="i2v", in_dim=36,
+                cond_extra={"clip_vision_output": vision})
+
+
 FACTORIES = {
     "sd1": make_sd1, "sd2": make_sd2, "sdxl": make_sdxl, "sd3": make_sd3, "flux": make_flux,
     "ssd1b": make_ssd1b, "koala_700m": make_koala_700m, "pixart_alpha": make_pixart_alpha,
@@ -750,6 +767,7 @@ FACTORIES = {
     "chroma": make_chroma, "chroma_radiance": make_chroma_radiance, "flux2": make_flux2,
     "qwen_image": make_qwen_image, "hidream": make_hidream, "hunyuan_image21": make_hunyuan_image21,
     "lumina2": make_lumina2, "zimage": make_zimage, "wan21_t2v": make_wan21_t2v, "wan22_t2v": make_wan22_t2v,
+    "wan21_i2v": make_wan21_i2v,
     "hunyuan_video15": make_hunyuan_video15,
 }
 

@@ -77,6 +77,20 @@ OPTIONAL_MODELS = {
     ("checkpoints", SDXL_CHECKPOINT_NAME): "a random SDXL checkpoint is 6.9 GB and needs about 14 GB of RAM to "
                                            "load, too heavy for CI; make it with scripts/make_sdxl_checkpoint.py",
 }
+# the model-family workflows (workflows/flux_*, qwen_image_*, zimage_*, wan2*_*): ComfyUI's standard file names
+_FAMILY_FILES = {
+    "Flux.1 (or Z-Image)": [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                            ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")],
+    "Qwen-Image": [("diffusion_models", "qwen_image_fp8_e4m3fn.safetensors"),
+                   ("text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors"), ("vae", "qwen_image_vae.safetensors")],
+    "Z-Image": [("diffusion_models", "z_image_turbo_bf16.safetensors"), ("text_encoders", "qwen_3_4b.safetensors")],
+    "Wan 2.1 / 2.2": [("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors"),
+                      ("diffusion_models", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+                      ("diffusion_models", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+                      ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")],
+}
+OPTIONAL_MODELS.update({key: f"not provisioned: no {family} checkpoint can be downloaded here"
+                        for family, keys in _FAMILY_FILES.items() for key in keys})
 
 SERVER_URL_ENV = "PROMPT_ANATOMY_SERVER_URL"
 RENDERERS_ENV = "PROMPT_ANATOMY_RENDERERS"

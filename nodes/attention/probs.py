@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..core.errors import InternalError
 
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32), queries x keys x heads x rows
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk on the CPU (32 MiB in fp32), queries x keys x heads x rows
+GPU_CHUNK_ELEMENTS = 1 << 26  # on an accelerator (256 MiB in fp32): fewer, larger kernels
 
 
 def heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -40,13 +41,14 @@ def mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int] | None = None,
                     columns: tuple[int, int] | None = None, other: bool = False, mask: torch.Tensor | None = None,
-                    budget: int = CHUNK_ELEMENTS, stats: dict | None = None) -> torch.Tensor:
+                    budget: int | None = None, stats: dict | None = None) -> torch.Tensor:
     """Head-averaged softmax(q kᵀ / √d) in fp32, computed in chunks of heads and queries.
 
     ``q``, ``k``: (B, H, L, D). ``queries``: the query rows to keep (start, stop). ``columns``: the key columns
     to return (start, stop), normalised over *all* keys; with ``other`` one more column holds the weight on
     every key outside ``columns``. ``mask``: the attention mask the backend got (bool: True = attend; float:
-    added to the logits), broadcastable to (B, H, Lq, Lk). Returns (B, n_queries, n_columns [+1]).
+    added to the logits), broadcastable to (B, H, Lq, Lk). Returns (B, n_queries, n_columns [+1]). ``budget``:
+    logits per chunk (default by device: :data:`CHUNK_ELEMENTS`, :data:`GPU_CHUNK_ELEMENTS`).
     ``stats["transient"]`` gets the largest number of bytes held by the temporaries of one chunk."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -56,6 +58,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int
     scale = d ** -0.5
     out = torch.zeros(b, nq, nc + (1 if other else 0), device=q.device, dtype=torch.float32)
     kf = k.float()
+    budget = budget or (CHUNK_ELEMENTS if q.device.type == "cpu" else GPU_CHUNK_ELEMENTS)
     per_head = b * nq * lk
     if per_head <= budget:
         hc, qc = max(1, min(h, budget // per_head)), nq

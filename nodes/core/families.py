@@ -104,6 +104,8 @@ class Family:
     text_extras_hint: str = ""  # how to make the target's extra tokens match the source's (TextLayerPatch's error)
     text_len: Callable | None = None  # counted DiTs: (forward's arguments by name) -> text tokens of the joint
     #                                   attention (HiDream: T5 + two Llama segments); None: the context's length
+    text_front: Callable | None = None  # DiT cross-attention with a block replace: (forward's arguments by name) ->
+    #                                   tokens in front of the text in the block's txt (Wan I2V: CLIP-vision tokens)
     no_eos_swap: str = ""  # why EOSConditioningSwap cannot rebuild this family's text input (the model still works)
 
     @property
@@ -188,18 +190,24 @@ PIXART_T5 = dataclasses.replace(T5XXL, attr="t5xxl")  # PixArt's T5 CLIP (also C
 PIXART_NO_HOOK = ("ComfyUI's PixArt drops transformer_options before its blocks and calls attention without them, and "
                   "offers no block replace, so no ComfyUI hook sees its cross-attention")
 WAN_NO_HOOK = {
-    "i2v": ("its image-to-video cross-attention (WanI2VCrossAttention) puts the CLIP-vision image tokens in front of the "
-            "text and attends to them in a second attention call, which the pack does not separate from the text "
-            "yet (text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
     "s2v": ("its block replace passes no transformer_options, so the pack cannot tell which block's attention runs "
-            "(text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
+            "(text-to-video and image-to-video Wan models, VACE and Camera are supported)"),
     "humo": ("its blocks (WanAttentionBlockAudio) add an audio cross-attention the pack does not separate from the text "
-             "yet (text-to-video Wan models, VACE and Wan 2.2 Camera are supported)"),
+             "yet (text-to-video and image-to-video Wan models, VACE and Camera are supported)"),
 }
 UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
 # Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
 WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
                         text_call=1, text_attn="cross_attn"),)
+# Wan image-to-video (WanI2VCrossAttention): self-attention, then the CLIP-vision tokens (k_img/v_img), then the text;
+# the block's txt is [CLIP-vision tokens, text] (model.py: context_img_len)
+WAN_I2V_BLOCKS = (dataclasses.replace(WAN_BLOCKS[0], text_call=2),)
+
+
+def _wan_image_tokens(arguments: dict) -> int:
+    """CLIP-vision tokens in front of the text in a Wan image-to-video block's txt (none without a clip_fea)."""
+    clip_fea = arguments.get("clip_fea")
+    return int(clip_fea.shape[-2]) if clip_fea is not None else 0
 # Decoder-only LLM encoders are causal like CLIP: the states after the prompt's last word (the chat template's
 # end-of-turn token and the template tokens after it) are the [EOS] analogue. Token ids: research/families.md §8-§14.
 LLM = "llm"
@@ -315,15 +323,17 @@ FAMILIES: tuple[Family, ...] = (
     # Wan 2.2 A14B T2V / I2V checkpoints have no img_emb, so ComfyUI loads them as WAN21_T2V.
     *(Family(name, label, configs, (DIT_CROSS,), (UMT5XXL,), _clip_is("WanT5Model"),
              "comfy.text_encoders.wan:WanT5Tokenizer", "none (Wan takes no pooled vector)", latent,
-             _module_in_features("text_embedding"), blocks=WAN_BLOCKS, patch=(1, 2, 2), text_embedder="text_embedding",
-             stock_tokens=False, attention_name=f"{label}'s cross-attention blocks", no_attention_hook=why)
-      for name, label, configs, latent, why in (
-          ("wan21", "Wan 2.1 / 2.2 A14B", ("WAN21_T2V", "WAN21_Vace", "WAN22_Camera"), "Wan21", ""),
-          ("wan22", "Wan 2.2 TI2V-5B", ("WAN22_T2V",), "Wan22", ""),
+             _module_in_features("text_embedding"), blocks=blocks, patch=(1, 2, 2), text_embedder="text_embedding",
+             stock_tokens=False, attention_name=f"{label}'s cross-attention blocks", no_attention_hook=why,
+             text_front=front)
+      for name, label, configs, latent, blocks, front, why in (
+          ("wan21", "Wan 2.1 / 2.2 A14B", ("WAN21_T2V", "WAN21_Vace", "WAN22_Camera"), "Wan21", WAN_BLOCKS, None, ""),
+          ("wan22", "Wan 2.2 TI2V-5B", ("WAN22_T2V",), "Wan22", WAN_BLOCKS, None, ""),
+          # Wan 2.1 I2V / FLF2V, Fun Control, Wan 2.1 Camera and Wan 2.2 Animate build i2v cross-attention blocks
           ("wan_i2v", "Wan image-to-video", ("WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Animate"),
-           "Wan21", WAN_NO_HOOK["i2v"]),
-          ("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), "Wan21", WAN_NO_HOOK["s2v"]),
-          ("wan_humo", "Wan HuMo", ("WAN21_HuMo",), "Wan21", WAN_NO_HOOK["humo"]))),
+           "Wan21", WAN_I2V_BLOCKS, _wan_image_tokens, ""),
+          ("wan_s2v", "Wan 2.2 S2V", ("WAN22_S2V",), "Wan21", WAN_BLOCKS, None, WAN_NO_HOOK["s2v"]),
+          ("wan_humo", "Wan HuMo", ("WAN21_HuMo",), "Wan21", WAN_BLOCKS, None, WAN_NO_HOOK["humo"]))),
     Family("hunyuan_image21", "HunyuanImage 2.1", ("HunyuanImage21",), (JOINT, SINGLE), (QWEN25,),
            _clip_is("HunyuanImageTEModel"), "comfy.text_encoders.hunyuan_image:HunyuanImageTokenizer",
            "none (HunyuanImage 2.1 takes no pooled vector)", "HunyuanImage21", _module_in_features("txt_in.input_embedder"),

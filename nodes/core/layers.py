@@ -319,6 +319,7 @@ def parse_layers(spec: str, ml: ModelLayers) -> tuple[Layer, ...]:
 # ----------------------------------------------------------------------------------------------
 LAYER_KEY = f"{PACK}.layer"  # transformer_options key: the attention layer running now (or None)
 TXT_LEN_KEY = f"{PACK}.txt_len"  # transformer_options key: text tokens at the front of a DiT sequence
+FRONT_LEN_KEY = f"{PACK}.txt_front"  # transformer_options key: tokens in front of the text in a block's txt
 TRACKING_KEY = f"{PACK}.layer_tracking"  # hooks key of the UNet flagging patches
 BLOCK_RUN_KEY = f"{PACK}.block_run"  # transformer_options key: a new number each time a tracked DiT block starts
 _block_runs = itertools.count(1)
@@ -441,26 +442,51 @@ def _context_len(arguments: dict) -> int | None:
     return int(context.shape[1]) if torch.is_tensor(context) else None
 
 
-def _counting_wrapper(plan: CallPlan, multiple: int | None, signature: inspect.Signature, text_len):
-    """DIFFUSION_MODEL wrapper stamping ``plan``, a new block-run number and the text length on every forward. The
-    forward's arguments are read by name (``signature``: the diffusion model's own; HiDream passes them all by
-    position, NextDiT transformer_options by keyword)."""
-
+def _forward_reader(model_patcher):
+    """(args, kwargs) of the diffusion model's forward -> its arguments by name, read through its own signature
+    (HiDream passes them all by position, NextDiT transformer_options inside ``**kwargs``, which is flattened)."""
+    dm = model_patcher.model.diffusion_model
+    signature = inspect.signature(getattr(dm, "_forward", dm.forward))  # what the DIFFUSION_MODEL wrappers wrap
     var_kw = next((n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
-    def wrapper(executor, *args, **kwargs):
+    def read(args, kwargs) -> dict:
         try:
             arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
         except TypeError as e:
             raise InternalError(f"the diffusion model's forward was called with arguments its signature {signature} "
                                 f"does not take; the pack cannot find its layers") from e
-        arguments.update(arguments.pop(var_kw, None) or {})  # NextDiT: transformer_options inside **kwargs
+        arguments.update(arguments.pop(var_kw, None) or {})
+        return arguments
+
+    return read
+
+
+def _counting_wrapper(plan: CallPlan, multiple: int | None, read, text_len):
+    """DIFFUSION_MODEL wrapper stamping ``plan``, a new block-run number and the text length on every forward
+    (``read``: :func:`_forward_reader`)."""
+
+    def wrapper(executor, *args, **kwargs):
+        arguments = read(args, kwargs)
         to = arguments.get("transformer_options")
         if isinstance(to, dict):
             to[CALLS_KEY] = plan
             to[BLOCK_RUN_KEY] = next(_block_runs)
             n = text_len(arguments)
             to[TXT_LEN_KEY] = n + (-n) % multiple if n is not None and multiple else n
+        return executor(*args, **kwargs)
+
+    return wrapper
+
+
+def _front_wrapper(read, text_front):
+    """DIFFUSION_MODEL wrapper stamping the tokens in front of the text in the blocks' txt (registry
+    ``text_front``; Wan image-to-video: the CLIP-vision tokens) on every forward."""
+
+    def wrapper(executor, *args, **kwargs):
+        arguments = read(args, kwargs)
+        to = arguments.get("transformer_options")
+        if isinstance(to, dict):
+            to[FRONT_LEN_KEY] = text_front(arguments)
         return executor(*args, **kwargs)
 
     return wrapper
@@ -484,11 +510,15 @@ def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
 
         dm = model_patcher.model.diffusion_model
         plan = CallPlan(sum(len(getattr(dm, attr, None) or ()) for attr in ml.family.lead_calls), tuple(ml.layers))
-        forward = getattr(dm, "_forward", dm.forward)  # what the DIFFUSION_MODEL wrappers wrap
         hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY,
-                                _counting_wrapper(plan, text_multiple(dm, ml.family), inspect.signature(forward),
+                                _counting_wrapper(plan, text_multiple(dm, ml.family), _forward_reader(model_patcher),
                                                   ml.family.text_len or _context_len))
         return
+    if ml.family.text_front is not None:
+        from comfy.patcher_extension import WrappersMP
+
+        hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY,
+                                _front_wrapper(_forward_reader(model_patcher), ml.family.text_front))
     replaces = to.get("patches_replace", {}).get("dit", {})
     for layer in ml.layers:
         kind = block_kind(ml, layer)

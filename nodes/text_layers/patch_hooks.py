@@ -9,7 +9,9 @@ import math
 import torch
 
 from ..core import hooks, runs
+from ..core.errors import InternalError
 from ..core.layers import (
+    FRONT_LEN_KEY,
     LAYER_KEY,
     TXT_LEN_KEY,
     CallCounter,
@@ -47,6 +49,13 @@ def match_token_lengths(source_len: int, target_len: int) -> int:
     """Common token length of a source context and the target (the LCM; the source length when it is already a
     multiple of the target's, so the source rows keep their tensors)."""
     return source_len if source_len % target_len == 0 else math.lcm(source_len, target_len)
+
+
+def split_front(txt: torch.Tensor, front: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens in front of the text, the text) of a block's txt (Wan I2V: [CLIP-vision tokens, text])."""
+    if not 0 <= front < txt.shape[1]:
+        raise InternalError(f"{front} tokens in front of the text, but the block's text stream has {txt.shape[1]}")
+    return txt[:, :front], txt[:, front:]
 
 
 def head_mask(heads: tuple[int, ...], n_heads: int, dim: int, device) -> torch.Tensor:
@@ -222,7 +231,8 @@ def _make_target_check(target: TargetText, token: str):
 def _make_cross_replace(s: PatchSettings, target: TargetText, token: str, embedder, layer, previous):
     """The ("double_block", i) replace of one selected DiT cross-attention block: the block runs with the text
     stream of the selected rows taken from the target prompt (``embedder`` = the model's per-token text
-    embedding), on the patched steps only; ``previous`` (a replacement installed before) keeps running."""
+    embedding), on the patched steps only; tokens in front of the text (Wan I2V's CLIP-vision tokens) stay the
+    source's. ``previous`` (a replacement installed before) keeps running."""
 
     def run(args, extra):
         return previous(args, extra) if previous is not None else extra["original_block"](args)
@@ -235,11 +245,13 @@ def _make_cross_replace(s: PatchSettings, target: TargetText, token: str, embedd
         rows = runs.row_mask(to, txt.shape[0], s.roles, device=txt.device)
         if not bool(rows.any()):
             return run(args, extra)
-        tgt = embedder(hooks.like(target.context, txt)).to(txt.dtype)
-        length = match_token_lengths(txt.shape[1], tgt.shape[1])
-        src = repeat_tokens(txt, length)
+        front, text = split_front(txt, to.get(FRONT_LEN_KEY) or 0)
+        tgt = embedder(hooks.like(target.context, text)).to(text.dtype)
+        length = match_token_lengths(text.shape[1], tgt.shape[1])
+        src = repeat_tokens(text, length)
         tgt = repeat_tokens(tgt, length).expand(src.shape[0], -1, -1)
-        args = dict(args, txt=torch.where(rows[:, None, None], blend(src, tgt, s.strength), src))
+        text = torch.where(rows[:, None, None], blend(src, tgt, s.strength), src)
+        args = dict(args, txt=torch.cat((front, text), dim=1) if front.shape[1] else text)
         return run(args, extra)
 
     return hooks.keyed(replace, f"{HOOK_KEY}.{layer_label(layer)}")

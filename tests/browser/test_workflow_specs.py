@@ -192,12 +192,18 @@ def test_workflow_prompt_equals_spec(name, app_page):
 
 def test_every_workflow_has_a_demo_twin_on_the_demo_model(base_url):
     """Issue 8: every workflow has a twin (scripts/workflow_specs/demo_<name>.json, derived from it) that runs on
-    the pack's demo model; twins load no checkpoint file, and demo_tour uses every node of the pack."""
+    the pack's demo model, or (issues 14, 15: a model family whose twin would only repeat an existing demo, or could
+    not show video) names its existing demo counterpart in "_ui": {"demo": ...}; twins load no checkpoint file, and
+    demo_tour uses every node of the pack."""
     names = set(SPECS)
     bases = sorted(n for n in names if not n.startswith("demo_"))
     assert bases, "no workflow specs"
-    missing = [b for b in bases if f"demo_{b}" not in names]
-    assert not missing, f"workflows without a demo twin: {missing} -> add scripts/workflow_specs/demo_<name>.json"
+    missing = [b for b in bases if f"demo_{b}" not in names and not bw.load_ui(b).get("demo")]
+    assert not missing, (f"workflows without a demo twin: {missing} -> add scripts/workflow_specs/demo_<name>.json "
+                         '(or name an existing demo in the spec\'s "_ui": {"demo": "demo_..."})')
+    for base in bases:
+        demo = bw.load_ui(base).get("demo")
+        assert demo is None or demo in names, (base, demo)
     for name in sorted(n for n in names if n.startswith("demo_")):
         classes = {node["class_type"] for node in bw.load_spec(name).values()}
         assert bw.DEMO_LOADER in classes, f"{name} does not use {bw.DEMO_LOADER}"
@@ -205,6 +211,36 @@ def test_every_workflow_has_a_demo_twin_on_the_demo_model(base_url):
     pack = set(harness.pack_nodes(harness.get_json(base_url, "/object_info")))
     tour = {node["class_type"] for node in bw.load_spec("demo_tour").values()}
     assert bw.DEMO_LOADER in pack and not pack - tour, f"demo_tour lacks pack nodes: {sorted(pack - tour)}"
+
+
+def test_demo_counterpart_in_ui_is_checked(tmp_path, monkeypatch):
+    """A base spec may name its existing demo instead of a twin ("_ui": {"demo": ...}); a bad name is a clear error,
+    and the About note points to the demo."""
+    real = bw.SPECS_DIR
+    monkeypatch.setattr(bw, "SPECS_DIR", tmp_path)
+    shutil.copy(real / "demo_attention_maps.json", tmp_path)
+    shutil.copy(real / "attention_maps.json", tmp_path)  # demo_attention_maps is its twin
+    spec = {k: v for k, v in SPEC_A.items() if k != "1"}
+    spec["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "x.safetensors", "weight_dtype": "default"}}
+    ui = {"about": "shows x", "needs": "X (x.safetensors in ComfyUI/models/diffusion_models)", "demo": "demo_attention_maps"}
+    (tmp_path / "x.json").write_text(json.dumps({**spec, "_ui": ui}))
+    assert bw.load_ui("x")["demo"] == "demo_attention_maps"
+    text = bw.header_text(bw.load_ui("x"), bw.load_spec("x"))
+    assert "Needs: X (x.safetensors" in text and "bundled demo model: demo_attention_maps" in text, text
+    for demo, message in [("demo_nothing", r"'demo_nothing', which is not a demo workflow's spec.*demo_attention_maps"),
+                          ("attention_maps", "'attention_maps', which is not a demo workflow's spec"),
+                          (["demo_attention_maps"], "about and needs")]:
+        (tmp_path / "x.json").write_text(json.dumps({**spec, "_ui": {**ui, "demo": demo}}))
+        with pytest.raises(ValueError, match=message):
+            bw.load_ui("x")
+    (tmp_path / "demo_x.json").write_text(json.dumps({**SPEC_A, "_ui": {"about": "x"}}))  # no demo model
+    (tmp_path / "x.json").write_text(json.dumps({**spec, "_ui": {**ui, "demo": "demo_x"}}))
+    with pytest.raises(ValueError, match="does not run on the demo model"):
+        bw.load_ui("x")
+    (tmp_path / "demo_y.json").write_text(json.dumps({"demo_twin_of": "attention_maps",
+                                                      "_ui": {"demo": "demo_attention_maps"}}))
+    with pytest.raises(ValueError, match="a demo twin is one itself"):
+        bw.load_ui("demo_y")
 
 
 def test_demo_twin_derivation_errors_are_clear(tmp_path):
@@ -238,6 +274,13 @@ def test_every_workflow_says_what_it_shows_and_which_model_it_needs(name):
     if any(n["class_type"] == "CheckpointLoaderSimple" for n in spec.values()):
         assert ui.get("needs") and f"Needs: {ui['needs']}" in about, (name, about)
         assert "models/checkpoints" in about and "noise" in about and "expected" in about, about
+    elif ui.get("demo"):  # a model-family workflow: its files and folders, and the demo to try first
+        assert ui.get("needs") and f"Needs: {ui['needs']}" in about, (name, about)
+        for node in spec.values():
+            for value in node["inputs"].values():
+                if isinstance(value, str) and value.endswith(".safetensors"):
+                    assert value in ui["needs"], f"{name}: needs does not name {value}"
+        assert "ComfyUI/models/" in about and f"bundled demo model: {ui['demo']}" in about, about
     else:
         assert "demo model" in about and "Needs" not in about, about
 

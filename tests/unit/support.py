@@ -76,6 +76,23 @@ def running_block(dm, blocks):
             h.remove()
 
 
+@contextlib.contextmanager
+def block_contexts(model):
+    """Record the text stream (``context``) every Wan block is called with: {block index: [tensor per call]}."""
+    seen: dict[int, list] = {}
+    handles = []
+    for i, block in enumerate(model.model.diffusion_model.blocks):
+        def pre(_module, _args, kwargs, i=i):
+            seen.setdefault(i, []).append(kwargs["context"].detach().clone())
+
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def attention_spy(records: list, now: dict | None = None):
     """An attention override recording, per call: the block running (``now``), the layer the pack counts, the text
     length it stamped, K and V, the chunks' roles and the step."""

@@ -34,10 +34,11 @@ EXPECTED = {
     "zimage": ("ZImage", 16),
     "wan21_t2v": ("WAN21_T2V", 64),
     "wan22_t2v": ("WAN22_T2V", 64),
+    "wan21_i2v": ("WAN21_I2V", 64),
     "hunyuan_video15": ("HunyuanVideo15", 16),
 }
 FAMILIES = list(tiny_models.FACTORIES)
-VIDEO_LIKE = {"qwen_image", "wan21_t2v", "wan22_t2v", "hunyuan_video15"}  # 5-D latents (B, C, T, H, W)
+VIDEO_LIKE = {"qwen_image", "wan21_t2v", "wan22_t2v", "wan21_i2v", "hunyuan_video15"}  # 5-D latents (B, C, T, H, W)
 
 
 def test_every_factory_is_covered():

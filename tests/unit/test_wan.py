@@ -4,13 +4,12 @@ LoraLoaderTextLayers on the blocks' cross-attention, and the Wan variants the pa
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import comfy.supported_models
 import pytest
 import torch
-from pa_support import rank1_lora, tiny
+from pa_support import block_contexts, rank1_lora, tiny
 from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.attention import nodes as att_nodes
 from prompt_anatomy.nodes.attention.viewer import render_view
@@ -29,23 +28,6 @@ def sample(t, model, pos, neg, *, steps=4, frames=3, size=4, cfg=2.0):
     latent = {"samples": torch.zeros(t.latent_shape(1, size=size, frames=frames))}
     (out,) = comfy_nodes.common_ksampler(model, 0, steps, cfg, "euler", "normal", pos, neg, latent)
     return out["samples"]
-
-
-@contextlib.contextmanager
-def block_contexts(model):
-    """Record the text stream (``context``) every Wan block is called with: {block index: [tensor per call]}."""
-    seen: dict[int, list] = {}
-    handles = []
-    for i, block in enumerate(model.model.diffusion_model.blocks):
-        def pre(_module, _args, kwargs, i=i):
-            seen.setdefault(i, []).append(kwargs["context"].detach().clone())
-
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # =========================================================================== registry
@@ -268,8 +250,6 @@ def _renamed(tiny_model, config_cls):
 
 
 @pytest.mark.parametrize("config, why", [
-    ("WAN21_I2V", "image-to-video cross-attention"), ("WAN21_FunControl2V", "image-to-video cross-attention"),
-    ("WAN21_Camera", "image-to-video cross-attention"), ("WAN22_Animate", "image-to-video cross-attention"),
     ("WAN22_S2V", "block replace passes no transformer_options"), ("WAN21_HuMo", "audio cross-attention"),
 ])
 def test_refused_wan_variants_say_why(config, why):
