@@ -121,9 +121,14 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
     import torch
     from prompt_anatomy.nodes.attention import capture as cap
     from prompt_anatomy.nodes.attention import probs
+    from prompt_anatomy.nodes.core import layers as core_layers
+    from prompt_anatomy.nodes.core import runs as core_runs
 
     captured, handle = cap.install_capture(model, layers, "positive", 10)
-    models = {"plain": model, "capture": captured}
+    tracked = model.clone()  # what the capture installs besides its own hooks: run and layer tracking
+    core_runs.ensure_run_tracking(tracked)
+    core_layers.ensure_layer_tracking(tracked, core_layers.model_layers(tracked, "bench"))
+    models = {"plain": model, "capture": captured, "tracking": tracked}
 
     def run(name):
         cuda_sync()
@@ -134,13 +139,13 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
         cuda_sync()
         return time.perf_counter() - start, out, (torch.cuda.max_memory_allocated() if cuda else 0)
 
-    run("plain")  # warm-up: loads the weights, first-call allocations and kernel choices
-    run("capture")
-    times: dict[str, list] = {"plain": [], "capture": []}
-    peaks: dict[str, list] = {"plain": [], "capture": []}
-    outs: dict[str, list] = {"plain": [], "capture": []}
+    for name in models:  # warm-up: loads the weights, first-call allocations and kernel choices
+        run(name)
+    times: dict[str, list] = {name: [] for name in models}
+    peaks: dict[str, list] = {name: [] for name in models}
+    outs: dict[str, list] = {name: [] for name in models}
     for r in range(repeats):
-        for name in (("plain", "capture") if r % 2 == 0 else ("capture", "plain")):
+        for name in (("plain", "capture", "tracking") if r % 2 == 0 else ("tracking", "capture", "plain")):
             dt, out, peak = run(name)
             times[name].append(dt)
             peaks[name].append(peak)
@@ -148,8 +153,8 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
             print(f"# {label}{name}: {dt:.3f} s", file=sys.stderr, flush=True)
     rec = handle.runs[-1]
 
-    spent = [0.0]
-    originals = {name: getattr(cap.CaptureRun, name) for name in ("dit_override", "cross_override")}
+    spent = {"dit_override": 0.0, "cross_override": 0.0, "finish": 0.0}
+    originals = {name: getattr(cap.CaptureRun, name) for name in spent}
 
     def timed_hook(original):
         def hook(self, *a, **kw):
@@ -159,7 +164,7 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
                 return original(self, *a, **kw)
             finally:
                 cuda_sync()
-                spent[0] += time.perf_counter() - t0
+                spent[original.__name__] += time.perf_counter() - t0
         return hook
 
     for name, original in originals.items():
@@ -202,8 +207,10 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
         "blocks_share": round(blocks_share, 4) if blocks_share else None,
         "overhead_vs_block_time": round((t["capture"] - t["plain"]) / (t["plain"] * blocks_share), 4)
         if blocks_share else None,
-        "hook_share": round(spent[0] / t["plain"], 4), "t_hooked_run_s": round(t_hooked, 4),
-        "bit_identical": all(torch.equal(ref, o) for o in outs["plain"][1:] + outs["capture"]),
+        "hook_share": round((spent["dit_override"] + spent["cross_override"]) / t["plain"], 4),
+        "finish_share": round(spent["finish"] / t["plain"], 4), "t_hooked_run_s": round(t_hooked, 4),
+        "tracking_overhead": round(t["tracking"] / t["plain"] - 1, 4),
+        "bit_identical": all(torch.equal(ref, o) for o in outs["plain"][1:] + outs["capture"] + outs["tracking"]),
         "latent_finite": bool(torch.isfinite(ref).all()),
         "record_mb": round(probs.tensor_bytes(rec.sums) / 2 ** 20, 2),
         "peak_extra_mb": round(rec.peak_bytes / 2 ** 20, 2),

@@ -55,7 +55,7 @@ import math
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..core import LOG, PACK, hooks, records, runs
+from ..core import LOG, PACK, families, hooks, records, runs
 from ..core.layers import (
     LAYER_KEY,
     TXT_LEN_KEY,
@@ -76,6 +76,7 @@ from .probs import (
     bucket_ranges,
     fold_repeats,
     heads_first,
+    joint_text_probs,
     mask_rows,
     tensor_bytes,
     to_grid,
@@ -302,9 +303,9 @@ class CaptureRun:
                 self._skip("text streams whose length differs from the prompt's")
                 continue
             stats: dict = {}
-            p = attention_probs(q4[rows], k4[rows], queries=(img0, img0 + n_img),
-                                columns=(txt0 + first, txt0 + first + length),
-                                other=True, mask=mask_rows(mask, rows), stats=stats)
+            p = joint_text_probs(q4[rows], k4[rows], queries=(img0, img0 + n_img),
+                                 columns=(txt0 + first, txt0 + first + length), mask=mask_rows(mask, rows),
+                                 stats=stats)
             self._add(layer, step, length, to_grid(p, *self.ref_hw), stats.get("transient", 0))
             added += 1
         if added:
@@ -437,6 +438,8 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         raise ValueError(f"buckets must be a whole number from 1 to {MAX_BUCKETS}, got {buckets!r}: it is how many "
                          f"time slices of the steps keep their own maps (10 = each tenth of the run).")
     ml = model_layers(model, NODE_ID)
+    if ml.family.no_attention_weights:
+        raise families.unsupported(ml.model_name, NODE_ID, ml.family.no_attention_weights + ".")
     chosen = parse_layers(layers, ml)
     if not chosen:
         raise ValueError(f"layers: no layer chosen. Use 'all' or e.g. '0-3' (this model: {ml.describe()}).")

@@ -90,6 +90,47 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int
     return out
 
 
+def joint_text_probs(q: torch.Tensor, k: torch.Tensor, queries: tuple[int, int], columns: tuple[int, int],
+                     mask: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Head-averaged softmax(q kᵀ / √d) of joint attention on the text ``columns`` only, normalised over *all*
+    keys, plus one last column with the weight on every other key: (B, n_queries, n_columns + 1), like
+    ``attention_probs(..., other=True)`` without the (queries x all keys) probabilities.
+
+    p(column) = softmax over the text columns alone (fp32, exact) x the text's share of the whole softmax, and that
+    share is one fused attention call over all keys with a value that is 1 on the text keys and 0 elsewhere (the
+    backend's own kernel: fp32 softmax statistics, the output in q's dtype). The image keys' logits are never
+    materialised, so on a GPU this costs about one attention pass of the captured rows."""
+    b, h, _, d = q.shape
+    q0, q1 = queries
+    c0, c1 = columns
+    nq, nc = q1 - q0, c1 - c0
+    qs = q[:, :, q0:q1]
+    m = None if mask is None else (mask if mask.shape[-2] == 1 else mask[..., q0:q1, :])
+    value = torch.zeros(b, h, k.shape[2], d, device=k.device, dtype=q.dtype)
+    value[:, :, c0:c1, 0] = 1
+    share = F.scaled_dot_product_attention(qs, k.to(q.dtype), value, attn_mask=m)[..., 0].float()  # (B, H, nq)
+    share.nan_to_num_(0.0)  # a query with every key masked attends to nothing
+    out = torch.zeros(b, nq, nc + 1, device=q.device, dtype=torch.float32)
+    hc = max(1, min(h, CHUNK_ELEMENTS // max(1, b * nq * nc)))
+    peak = value.numel() * value.element_size()
+    for h0 in range(0, h, hc):
+        logits = torch.matmul(qs[:, h0:h0 + hc].float(), k[:, h0:h0 + hc, c0:c1].float().transpose(-1, -2))
+        logits.mul_(d ** -0.5)
+        if m is not None:
+            mc = m[..., c0:c1]
+            mc = mc if mc.shape[1] == 1 else mc[:, h0:h0 + hc]
+            logits = logits.masked_fill(~mc, float("-inf")) if mc.dtype == torch.bool else logits + mc.float()
+        p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a query with every text key masked: no weight
+        out[:, :, :nc] += (p * share[:, h0:h0 + hc, :, None]).sum(1)
+        peak = max(peak, 2 * logits.numel() * 4)
+        del logits, p
+    out[:, :, nc] = (1.0 - share).sum(1)
+    out.div_(h)
+    if stats is not None:
+        stats["transient"] = max(stats.get("transient", 0), peak + out.numel() * 4)
+    return out
+
+
 def fold_repeats(p: torch.Tensor, length: int) -> torch.Tensor:
     """(..., m * length) -> (..., length): a context repeated m times (ComfyUI's LCM padding) folded back, the
     repeats of each token summed."""

@@ -106,6 +106,10 @@ class Family:
     #                                   attention (HiDream: T5 + two Llama segments); None: the context's length
     text_front: Callable | None = None  # DiT cross-attention with a block replace: (forward's arguments by name) ->
     #                                   tokens in front of the text in the block's txt (Wan I2V: CLIP-vision tokens)
+    no_attention_weights: str = ""  # why attention maps cannot be captured (the attention runs without
+    #                                   transformer_options) although a block replace reaches the text stream
+    block_text_swap: bool = False  # TextLayerPatch swaps the selected blocks' whole text stream (block replace) with
+    #                                the target rows', which the model builds itself (Hunyuan-DiT: BERT + mT5 inside)
     no_eos_swap: str = ""  # why EOSConditioningSwap cannot rebuild this family's text input (the model still works)
 
     @property
@@ -196,6 +200,15 @@ WAN_NO_HOOK = {
              "yet (text-to-video and image-to-video Wan models, VACE and Camera are supported)"),
 }
 UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
+# Hunyuan-DiT: Chinese BERT states ([CLS] ... [SEP], 77+) in the context, mT5-XL states (256+) and both attention
+# masks in other conditioning keys; the model maps mT5 through mlp_t5, fills masked tokens with learned padding and
+# concatenates both into the text stream every block's cross-attention (attn2) reads
+HYDIT_NO_WEIGHTS = ("ComfyUI's Hunyuan-DiT calls its attention without transformer_options, so no hook sees the "
+                    "attention weights (its block replace hands over the text stream, so TextLayerPatch, "
+                    "TextLayerLocalize and LoraLoaderTextLayers do work)")
+HYDIT_NO_EOS = ("Hunyuan-DiT's text comes from two encoders: the BERT states are the context, but the mT5-XL states and "
+                "both attention masks travel in other conditioning keys (conditioning_mt5xl, attention_mask_mt5xl), "
+                "which the [EOS] constructions do not rebuild: a swap would change BERT and keep the source's mT5")
 # Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
 WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
                         text_call=1, text_attn="cross_attn"),)
@@ -311,6 +324,18 @@ FAMILIES: tuple[Family, ...] = (
              _module_in_features("y_embedder"), no_attention_hook=PIXART_NO_HOOK)
       for name, label, config, latent in (("pixart_alpha", "PixArt α", "PixArtAlpha", "SD15"),
                                           ("pixart_sigma", "PixArt Σ", "PixArtSigma", "SDXL"))),
+    Family("hunyuan_dit", "Hunyuan-DiT", ("HunyuanDiT", "HunyuanDiT1"), (DIT_CROSS,),
+           (EncoderSpec("hydit_clip", "Chinese BERT", "clip", "hydit_clip"),
+            EncoderSpec("mt5xl", "mT5-XL", "t5", "mt5xl", in_context=False)), _clip_is("HyditModel"),
+           "comfy.text_encoders.hydit:HyditTokenizer", "none (Hunyuan-DiT pools its mT5 states inside the model)", "SDXL",
+           lambda model: int(getattr(model.model.diffusion_model, "text_states_dim", 0)) or None,
+           blocks=(BlockKind("cross", "blocks", "double_block", ("blocks.{i}.attn2.",), "attn2.num_heads",
+                             text_attn="attn2"),),
+           text_extras=(("attention_mask", "text_embedding_mask"), ("conditioning_mt5xl", "encoder_hidden_states_t5"),
+                        ("attention_mask_mt5xl", "text_embedding_mask_t5")),
+           text_extras_hint="keep both prompts under 77 BERT and 256 mT5 tokens (each is padded to that length)",
+           attention_name="Hunyuan-DiT's cross-attention blocks", no_attention_weights=HYDIT_NO_WEIGHTS,
+           block_text_swap=True, no_eos_swap=HYDIT_NO_EOS),
     Family("auraflow", "AuraFlow", ("AuraFlow",), (JOINT, SINGLE),
            (EncoderSpec("pile_t5xl", "Pile-T5-XL", "t5", "pile_t5xl"),), _clip_is("AuraT5Model"),
            "comfy.text_encoders.aura_t5:AuraT5Tokenizer", "none (AuraFlow takes no pooled vector)", "SDXL",

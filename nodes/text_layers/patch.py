@@ -63,9 +63,11 @@ from ..core.layers import (
     text_call,
 )
 from .patch_hooks import (
+    PlanHolder,
     _make_cross_heads_override,
     _make_cross_replace,
     _make_dit_hooks,
+    _make_rows_replace,
     _make_target_check,
     _make_unet_hooks,
 )
@@ -113,6 +115,10 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
     if expected is not None and tgt.channels != expected:
         raise ValueError(f"target: the edited prompt's embedding has {tgt.channels} channels but this {ml.label} "
                          f"model takes {expected}: encode the target with this model's CLIP.")
+    if s.heads is not None and ml.family.block_text_swap:
+        raise ValueError(f"heads: {ml.label}'s attention runs without ComfyUI's attention hook, so a subset of heads "
+                         f"cannot be patched; leave heads empty (the chosen blocks read the edited prompt's whole "
+                         f"text stream).")
     if s.heads is not None:
         for layer in s.layers:
             n_heads = layer_heads(model, ml, layer)
@@ -144,6 +150,15 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
             m.model_options["transformer_options"][MARK_KEY] = Marker()
             hooks.chain_attention_override(m, heads_override)
             hooks.set_attn2_patches(m, HOOK_KEY, patch, output_patch)
+    elif ml.family.block_text_swap:
+        holder = PlanHolder()
+        wrapper, _ = _make_dit_hooks(s, tgt, token, ml.label, ml.family, holder)
+        hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+        replaces = to.get("patches_replace", {}).get("dit", {})
+        for layer in s.layers:
+            kind = block_kind(ml, layer)
+            m.set_model_patch_replace(_make_rows_replace(s, layer, replaces.get((kind.replace, layer[1])), holder),
+                                      "dit", kind.replace, layer[1])
     elif ml.family.is_dit_cross and s.heads is not None:
         embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
         modules = {layer: functools.reduce(getattr, block_kind(ml, layer).text_attn.split("."),
@@ -172,6 +187,9 @@ def _with_note(report: str, note: str) -> str:
 def format_report(ml: ModelLayers, s: PatchSettings, target: TargetText, noop: bool = False) -> str:
     method = ("UNet injection: the selected cross-attention layers take the target's keys/values"
               if ml.kind == "unet" else
+              "text-stream patching: the target prompt runs as one extra batch row per image on patched steps and "
+              "gives its whole text stream to the selected blocks"
+              if ml.family.block_text_swap else
               "DiT cross-attention injection: the selected blocks' cross-attention reads the target's text stream"
               if ml.family.is_dit_cross else
               "MMDiT/Flux patching: the target prompt runs as one extra batch row per image on patched steps and "

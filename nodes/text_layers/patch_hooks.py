@@ -162,6 +162,16 @@ class _DitPlan:
         self.src, self.tgt, self.done = src, tgt, set()
 
 
+class PlanHolder:
+    """The _DitPlan of the model call running now, for block replaces that are handed no transformer_options
+    (Hunyuan-DiT): the patch's APPLY_MODEL wrapper sets it around the call."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self):
+        self.plan = None
+
+
 def rows_extend(value, index: torch.Tensor, n_rows: int):
     """``value`` with the rows ``index`` appended, for every tensor (also inside lists, tuples and dicts) whose
     first dimension is the batch ``n_rows``; other values unchanged."""
@@ -312,7 +322,29 @@ def _target_extras(family, target: TargetText, kwargs: dict, n: int, extra: int)
     return out
 
 
-def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str, family):
+def _make_rows_replace(s: PatchSettings, layer, previous, holder: PlanHolder):
+    """The ("double_block", i) replace of one selected block of a model whose attention no hook sees (Hunyuan-DiT):
+    the source rows' text stream becomes the appended target rows' (which the model built from the target's
+    conditioning itself), blended by ``strength``; ``previous`` (a replacement installed before) keeps running."""
+
+    def run(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def replace(args, extra):
+        plan, txt = holder.plan, args.get("txt")
+        if plan is None or txt is None or layer in plan.done:
+            return run(args, extra)
+        plan.done.add(layer)
+        src, tgt = plan.src.to(txt.device), plan.tgt.to(txt.device)
+        swapped = txt.clone()
+        swapped[src] = blend(txt[src], txt[tgt], s.strength)
+        return run(dict(args, txt=swapped), extra)
+
+    return hooks.keyed(replace, f"{HOOK_KEY}.{layer_label(layer)}")
+
+
+def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str, family,
+                    holder: PlanHolder | None = None):
     layer_set = frozenset(s.layers)
     roles = s.roles
 
@@ -371,7 +403,13 @@ def _make_dit_hooks(s: PatchSettings, target: TargetText, token: str, label: str
         to2["cond_or_uncond"], to2["uuids"] = coc, uuids
         plan = _DitPlan(torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long))
         to2[PLAN_KEY] = plan
-        out = executor(x2, t2, rows_extend(c_concat, index, n), c2, rows_extend(control, index, n), to2, **kwargs2)
+        if holder is not None:
+            holder.plan = plan
+        try:
+            out = executor(x2, t2, rows_extend(c_concat, index, n), c2, rows_extend(control, index, n), to2, **kwargs2)
+        finally:
+            if holder is not None:
+                holder.plan = None
         missing = [layer for layer in s.layers if layer not in plan.done]
         if missing:
             raise ValueError(

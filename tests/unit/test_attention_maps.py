@@ -87,6 +87,29 @@ def test_attention_probs_matches_softmax_and_chunking():
     assert torch.allclose(cap_probs.attention_probs(q, k, mask=cap_probs.mask_rows(fmask, slice(0, 2))), masked, atol=1e-6)
 
 
+def test_joint_text_probs_equal_the_full_softmax_columns():
+    """The joint-attention path (text softmax x the text's share from one attention call over all keys) gives the
+    columns and the "other" weight of the full softmax, with boolean and float masks, and no NaN where a query's
+    text keys are all masked."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 12, 8, generator=g) * 2, torch.randn(2, 3, 9, 8, generator=g) * 2
+    for queries, columns in (((4, 12), (0, 3)), ((0, 8), (8, 9)), ((0, 12), (2, 7))):
+        want = cap_probs.attention_probs(q, k, queries=queries, columns=columns, other=True)
+        got = cap_probs.joint_text_probs(q, k, queries, columns)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    mask = torch.ones(12, 9, dtype=torch.bool)
+    mask[:, 1] = False
+    mask[5, 0:3] = False  # query 5 sees none of the text columns 0-2
+    m = cap_probs.mask_rows(mask, slice(0, 2))
+    want = cap_probs.attention_probs(q, k, queries=(4, 12), columns=(0, 3), other=True, mask=m)
+    got = cap_probs.joint_text_probs(q, k, (4, 12), (0, 3), mask=m)
+    assert torch.isfinite(got).all() and torch.allclose(got, want.nan_to_num(0.0), atol=1e-6)
+    assert torch.allclose(got[:, 1, :3], torch.zeros(2, 3)) and torch.allclose(got.sum(-1), torch.ones(2, 8))
+    fmask = torch.zeros(12, 9).masked_fill(~mask, float("-inf"))
+    got_f = cap_probs.joint_text_probs(q, k, (4, 12), (0, 3), mask=cap_probs.mask_rows(fmask, slice(0, 2)))
+    assert torch.allclose(got_f, got, atol=1e-6)
+
+
 def test_fold_repeats_equals_attention_on_the_original_context():
     # ComfyUI repeats a 77-token context to the LCM with a longer one; the folded maps are the original ones
     g = torch.Generator().manual_seed(1)
