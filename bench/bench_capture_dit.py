@@ -20,9 +20,10 @@ runs), --repeats interleaved rounds after a warm-up of each, medians:
                         with synchronising timers (what the capture itself computes, without run-to-run noise)
   blocks_share        = time inside the transformer blocks / t(plain), from one extra plain run (synchronised
                         forward hooks)
-  overhead_vs_block_time = (t(capture) - t(plain)) / time in the blocks: the overhead of a full-depth model (19 + 38
-                        Flux blocks, 60 Qwen-Image blocks), where the blocks are nearly the whole step; the reduced-
-                        depth model's embedders, final layer and sampler loop dilute ``overhead``
+  overhead_vs_block_time = (t(capture) - t(plain)) / time in the blocks; it still holds the per-run costs below,
+                        which do not grow with depth or steps, so it overstates a full-depth run
+  finish_share        = the record's end-of-run copy to the CPU / t(plain) (once per run, from the timed run)
+  tracking_overhead   = t(model with only the pack's run and layer tracking) / t(plain) - 1 (interleaved too)
   bit_identical       = every captured (and later plain) latent equals the first plain one bit for bit
   record_mb           = bytes the finished record keeps (accumulators), MiB
   peak_extra_mb       = the capture's own accounting: accumulators + largest temporaries of one layer, MiB

@@ -113,9 +113,10 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
     ``sample(model)`` runs the sampler and returns the latent (CPU). A captured run outside the medians times the
     capture's own work with synchronising timers around its attention overrides (hook_share); with ``blocks``
     (the diffusion model's transformer blocks) a plain run outside the medians times the blocks the same way
-    (blocks_share), and overhead_vs_block_time = (t(capture) - t(plain)) / time in the blocks: the overhead a
-    full-depth model would show, where the blocks are nearly all of a step (a reduced-depth model's embedders,
-    head and sampler loop dilute ``overhead``)."""
+    (blocks_share), and overhead_vs_block_time = (t(capture) - t(plain)) / time in the blocks (a reduced-depth
+    model's embedders, head and sampler loop dilute ``overhead``; the per-run costs below inflate this one). The
+    same timed run gives finish_share (the record's end-of-run copy
+    to the CPU), and a third model carrying only the run and layer tracking gives tracking_overhead."""
     import statistics
 
     import torch
