@@ -47,7 +47,15 @@ import statistics
 import sys
 import time
 
-from common import add_run_arguments, capture_vs_plain, cuda_sync, device_patcher, report, setup_device
+from common import (
+    add_run_arguments,
+    announce_build,
+    capture_vs_plain,
+    cuda_sync,
+    device_patcher,
+    report,
+    run_settings,
+)
 
 FULL = {"flux": {"width": 3072, "heads": 24, "context": 4096, "pooled": 768, "depth": 1},
         "qwen_image": {"width": 3072, "heads": 24, "context": 3584, "pooled": None, "depth": 2}}
@@ -88,28 +96,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.argv = sys.argv[:1]
     t_start = time.perf_counter()
-    _, device = setup_device(force_cpu=args.cpu)
+    device, cuda, dtype, steps, repeats = run_settings(args)
     import torch
     from comfy.patcher_extension import WrappersMP
     from prompt_anatomy.nodes.text_layers import patch as tl
 
     import nodes as comfy_nodes
 
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and not args.small else torch.float32
     size = (SMALL if args.small else FULL)[args.family]
     depth = args.depth or FULL[args.family]["depth"]
-    steps = args.steps or (2 if args.small else 8)
-    repeats = args.repeats or (1 if args.small else 3)
     side = args.latent or (32 if args.small else 128)
     text_len = args.text_len or (64 if args.small else 512)
 
     t0 = time.perf_counter()
     model, unet = build(args.family, size, depth, dtype)
     t_build = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    print(f"# built {args.family} in {t_build:.1f} s: {n_params / 1e6:.0f} M parameters, {dtype}, {device}",
-          file=sys.stderr, flush=True)
+    n_params = announce_build(args.family, model, t_build, dtype, device)
 
     g = torch.Generator().manual_seed(0)
 

@@ -37,7 +37,15 @@ import argparse
 import sys
 import time
 
-from common import add_run_arguments, capture_vs_plain, cuda_sync, device_patcher, report, setup_device
+from common import (
+    add_run_arguments,
+    announce_build,
+    capture_vs_plain,
+    cuda_sync,
+    device_patcher,
+    report,
+    run_settings,
+)
 
 FULL = {"dim": 5120, "heads": 40, "ffn": 13824, "text_dim": 4096, "text_len": 512, "frames": 9, "h": 60, "w": 104}
 SMALL = {"dim": 256, "heads": 2, "ffn": 512, "text_dim": 256, "text_len": 64, "frames": 3, "h": 16, "w": 24}
@@ -69,24 +77,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.argv = sys.argv[:1]
     t_start = time.perf_counter()
-    _, device = setup_device(force_cpu=args.cpu)
+    device, cuda, dtype, steps, repeats = run_settings(args)
     import torch
 
     import nodes as comfy_nodes
 
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and not args.small else torch.float32
     size = SMALL if args.small else FULL
-    steps = args.steps or (2 if args.small else 8)
-    repeats = args.repeats or (1 if args.small else 3)
     frames = args.frames or size["frames"]
 
     t0 = time.perf_counter()
     model = build(size, args.blocks, dtype)
     t_build = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    print(f"# built wan21_t2v in {t_build:.1f} s: {n_params / 1e6:.0f} M parameters, {dtype}, {device}",
-          file=sys.stderr, flush=True)
+    n_params = announce_build("wan21_t2v", model, t_build, dtype, device)
 
     g = torch.Generator().manual_seed(0)
     pos, neg = ([[torch.randn(1, size["text_len"], size["text_dim"], generator=g), {}]] for _ in range(2))

@@ -227,3 +227,22 @@ def add_run_arguments(ap) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; --small 1)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+
+
+def run_settings(args):
+    """(device, cuda, dtype, steps, repeats) of a GPU benchmark after ``add_run_arguments``: ComfyUI set up on its
+    device (the CPU with --cpu), bf16 on CUDA at full size, else fp32; 8 steps and 3 repeats (--small: 2 and 1)."""
+    import torch
+
+    _, device = setup_device(force_cpu=args.cpu)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and not args.small else torch.float32
+    return (device, cuda, dtype, args.steps or (2 if args.small else 8), args.repeats or (1 if args.small else 3))
+
+
+def announce_build(label: str, model, seconds: float, dtype, device) -> int:
+    """Print what was built (to stderr); returns the diffusion model's parameter count."""
+    n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    print(f"# built {label} in {seconds:.1f} s: {n_params / 1e6:.0f} M parameters, {dtype}, {device}",
+          file=sys.stderr, flush=True)
+    return n_params

@@ -519,14 +519,18 @@ def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
 
         hooks.add_keyed_wrapper(model_patcher, WrappersMP.DIFFUSION_MODEL, TRACKING_KEY,
                                 _front_wrapper(_forward_reader(model_patcher), ml.family.text_front))
-    replaces = to.get("patches_replace", {}).get("dit", {})
     for layer in ml.layers:
-        kind = block_kind(ml, layer)
-        if kind.replace is None:
-            raise InternalError(f"{ml.label} {kind.name} blocks have no block replace to track")
-        previous = replaces.get((kind.replace, layer[1]))
-        if getattr(previous, hooks.KEY_ATTR, None) == TRACKING_KEY:
-            continue
-        model_patcher.set_model_patch_replace(_stamp_replace(layer[0], layer[1], previous), "dit", kind.replace,
-                                              layer[1])
+        chain_block_replace(model_patcher, ml, layer, lambda previous, layer=layer: previous if getattr(
+            previous, hooks.KEY_ATTR, None) == TRACKING_KEY else _stamp_replace(layer[0], layer[1], previous))
+
+
+def chain_block_replace(model_patcher, ml: ModelLayers, layer, make) -> None:
+    """Install ``make(previous)`` as the "dit" block replace of ``layer``; ``previous`` is the replace already
+    installed there (None: none), which the new one must run instead of the original block."""
+    kind = block_kind(ml, layer)
+    if kind.replace is None:
+        raise InternalError(f"{ml.label} {kind.name} blocks have no block replace")
+    replaces = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    model_patcher.set_model_patch_replace(make(replaces.get((kind.replace, layer[1]))), "dit", kind.replace,
+                                          layer[1])
 

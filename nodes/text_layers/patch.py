@@ -54,6 +54,7 @@ from ..core.layers import (
     Marker,
     ModelLayers,
     block_kind,
+    chain_block_replace,
     ensure_layer_tracking,
     layer_heads,
     layer_label,
@@ -154,11 +155,8 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
         holder = PlanHolder()
         wrapper, _ = _make_dit_hooks(s, tgt, token, ml.label, ml.family, holder)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
-        replaces = to.get("patches_replace", {}).get("dit", {})
         for layer in s.layers:
-            kind = block_kind(ml, layer)
-            m.set_model_patch_replace(_make_rows_replace(s, layer, replaces.get((kind.replace, layer[1])), holder),
-                                      "dit", kind.replace, layer[1])
+            chain_block_replace(m, ml, layer, functools.partial(_make_rows_replace, s, layer, holder=holder))
     elif ml.family.is_dit_cross and s.heads is not None:
         embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
         modules = {layer: functools.reduce(getattr, block_kind(ml, layer).text_attn.split("."),
@@ -167,12 +165,8 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
             s, tgt, token, embedder, modules, {layer: text_call(ml, layer) for layer in s.layers}))
     elif ml.family.is_dit_cross:
         embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
-        replaces = to.get("patches_replace", {}).get("dit", {})
-        for layer in s.layers:
-            kind = block_kind(ml, layer)
-            previous = replaces.get((kind.replace, layer[1]))  # an earlier TextLayerPatch's stays inert (ACTIVE_KEY)
-            m.set_model_patch_replace(_make_cross_replace(s, tgt, token, embedder, layer, previous), "dit",
-                                      kind.replace, layer[1])
+        for layer in s.layers:  # an earlier TextLayerPatch's replace stays in the chain, inert (ACTIVE_KEY)
+            chain_block_replace(m, ml, layer, functools.partial(_make_cross_replace, s, tgt, token, embedder, layer))
     else:
         wrapper, override = _make_dit_hooks(s, tgt, token, ml.label, ml.family)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)

@@ -93,6 +93,18 @@ def block_contexts(model):
             h.remove()
 
 
+def patched_block_contexts(t, sample, pos, neg, tgt, layers: str):
+    """The Wan blocks' text streams in a plain run and in a TextLayerPatch run on ``layers`` (``sample(t, model,
+    pos, neg)`` samples): (plain streams, patched streams, plain latent, patched latent, the patch's report)."""
+    from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
+
+    with block_contexts(t.model) as plain:
+        ref = sample(t, t.model, pos, neg)
+    patched, report = apply_text_layer_patch(t.model, tgt, layers)
+    with block_contexts(patched) as seen:
+        out = sample(t, patched, pos, neg)
+    return plain, seen, ref, out, report
+
 def attention_spy(records: list, now: dict | None = None):
     """An attention override recording, per call: the block running (``now``), the layer the pack counts, the text
     length it stamped, K and V, the chunks' roles and the step."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import comfy.supported_models
 import tiny_models
 import torch
-from pa_support import block_contexts, rank1_lora, tiny
+from pa_support import block_contexts, patched_block_contexts, rank1_lora, tiny
 from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.core import families
 from prompt_anatomy.nodes.core import layers as cl
@@ -87,12 +87,8 @@ def test_patch_replaces_the_text_part_of_the_selected_block_only():
     dm = t.model.model.diffusion_model
     with torch.no_grad():
         want = dm.text_embedding(tgt[0][0])[0]  # the target's text stream
-    with block_contexts(t.model) as plain:
-        ref = sample(t, t.model, pos, neg)
-    patched, report = apply_text_layer_patch(t.model, tgt, "cross.1")
+    plain, seen, ref, out, report = patched_block_contexts(t, sample, pos, neg, tgt, "cross.1")
     assert "DiT cross-attention injection" in report
-    with block_contexts(patched) as seen:
-        out = sample(t, patched, pos, neg)
     assert not torch.equal(out, ref)
     assert len(seen[0]) == len(seen[1]) == 4
     for call in range(4):
