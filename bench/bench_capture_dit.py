@@ -13,8 +13,8 @@ Random conditioning: --text-len tokens (default 512) for positive, negative and 
 1 x 16 x 128 x 128 (1024² px -> 64 x 64 = 4,096 image tokens after 2 x 2 patches); Qwen-Image's is 5-D (T = 1).
 bf16 weights on CUDA, fp32 on the CPU. Euler, --steps steps (default 8).
 
-Capture: plain sampling vs sampling with ``install_capture(model, "all")`` (what the CrossAttentionCapture node
-runs), --repeats interleaved rounds after a warm-up of each, medians:
+Capture: plain sampling vs sampling with ``install_capture(model, "all", normalise=--normalise)`` (what the
+CrossAttentionCapture node runs), --repeats interleaved rounds after a warm-up of each, medians:
   overhead            = t(capture) / t(plain) - 1                        (target <= 0.15)
   hook_share          = time inside the capture's attention override / t(plain), from one extra captured run
                         with synchronising timers (what the capture itself computes, without run-to-run noise)
@@ -37,7 +37,8 @@ wrapper (synchronised), and
 block_tflop_per_step counts the blocks' matrix FLOPs of one step (2 rows); achieved_tflops = that x steps / t(plain).
 Ratios are measured in one run; nothing asserts an absolute time.
 
-    python bench/bench_capture_dit.py [--family flux|qwen_image] [--small] [--steps 8] [--repeats 3] [--json]
+    python bench/bench_capture_dit.py [--family flux|qwen_image] [--small] [--steps 8] [--repeats 3]
+                                      [--normalise all_keys|text_keys] [--json]
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=None, help="text tokens (default 512; --small 64)")
     ap.add_argument("--patch-layer", default=None, help="TextLayerPatch layer (default double.0)")
     ap.add_argument("--skip-patch", action="store_true", help="capture only")
+    ap.add_argument("--normalise", choices=("all_keys", "text_keys"), default="all_keys",
+                    help="the capture's normalise input (default all_keys: the '[image]' channel, one more attention "
+                         "pass per block; text_keys: over the prompt's tokens only)")
     add_run_arguments(ap)
     args = ap.parse_args(argv)
     sys.argv = sys.argv[:1]
@@ -137,7 +141,9 @@ def main(argv=None) -> int:
               "t_build_s": round(t_build, 1)}
     dm = model.model.diffusion_model
     blocks = ([*dm.double_blocks, *dm.single_blocks] if args.family == "flux" else list(dm.transformer_blocks))
-    result.update(capture_vs_plain(model, sample, repeats, cuda, label=f"{args.family} ", blocks=blocks))
+    result["normalise"] = args.normalise
+    result.update(capture_vs_plain(model, sample, repeats, cuda, label=f"{args.family} ", blocks=blocks,
+                                   normalise=args.normalise))
     # matrix FLOPs of one step's blocks (2 rows): each block is 12 d^2 weights per token (Flux double = single,
     # Qwen-Image alike) plus 4 L^2 d for the joint attention over L = image + text tokens
     seq, d = (side // 2) ** 2 + text_len, size["width"]

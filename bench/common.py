@@ -107,9 +107,10 @@ def cuda_sync() -> None:
 
 
 def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all", label: str = "",
-                     blocks=None) -> dict:
+                     blocks=None, normalise: str = "all_keys") -> dict:
     """Plain sampling vs sampling with CrossAttentionCapture (``install_capture``, what the node's execute calls)
-    on ``layers``, ``repeats`` interleaved rounds (order alternating) after one warm-up of each, medians.
+    on ``layers`` with its ``normalise`` setting, ``repeats`` interleaved rounds (order alternating) after one
+    warm-up of each, medians.
     ``sample(model)`` runs the sampler and returns the latent (CPU). A captured run outside the medians times the
     capture's own work with synchronising timers around its attention overrides (hook_share); with ``blocks``
     (the diffusion model's transformer blocks) a plain run outside the medians times the blocks the same way
@@ -125,7 +126,7 @@ def capture_vs_plain(model, sample, repeats: int, cuda: bool, layers: str = "all
     from prompt_anatomy.nodes.core import layers as core_layers
     from prompt_anatomy.nodes.core import runs as core_runs
 
-    captured, handle = cap.install_capture(model, layers, "positive", 10)
+    captured, handle = cap.install_capture(model, layers, "positive", 10, normalise)
     tracked = model.clone()  # what the capture installs besides its own hooks: run and layer tracking
     core_runs.ensure_run_tracking(tracked)
     core_layers.ensure_layer_tracking(tracked, core_layers.model_layers(tracked, "bench"))

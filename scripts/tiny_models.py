@@ -21,8 +21,8 @@ ssd1b            SSD1B            SDXL, middle without attn       as sdxl       
 koala_700m       KOALA_700M       SDXL, middle_block None         as sdxl                                   4 ch, /8
 sd3              SD3              MMDiT depth 2                   CLIP-L + CLIP-G (T5 zero); CLIP BPE        16 ch, /8
 flux             Flux             Flux 1+1 blocks, guidance       T5 d64 + CLIP-L; T5 SPM + CLIP (shipped)   16 ch, /8
-pixart_alpha     PixArtAlpha      PixArtMS h96 depth 1, micro     T5 d64; T5 SPM (shipped)                  4 ch, >= 34
-pixart_sigma     PixArtSigma      PixArtMS h96 depth 1            T5 d64; T5 SPM (shipped)                  4 ch, >= 34
+pixart_alpha     PixArtAlpha      PixArtMS h96 depth 2, micro     T5 d64; T5 SPM (shipped)                  4 ch, >= 34
+pixart_sigma     PixArtSigma      PixArtMS h96 depth 2            T5 d64; T5 SPM (shipped)                  4 ch, >= 34
 hunyuan_dit      HunyuanDiT1      HunYuanDiT h64 depth 2          BERT h64 (vocab.txt shipped) + mT5 d64;   4 ch, /8
                                                                   mT5 SPM **stand-in**
 auraflow         AuraFlow         MMDiT (aura) dim 64             Pile-T5 d64; Pile-T5 SPM (shipped)         4 ch, /8
@@ -536,7 +536,7 @@ def make_flux(seed: int = 0, dtype=None) -> TinyModel:
 
 def _pixart(family, config_class, seed, dtype, *, micro_condition, max_length):
     cfg, model = _diffusion(config_class, {
-        "input_size": 16, "patch_size": 2, "in_channels": 4, "depth": 1, "num_heads": 2,
+        "input_size": 16, "patch_size": 2, "in_channels": 4, "depth": 2, "num_heads": 2,
         "hidden_size": 96,  # a multiple of 3: micro-conditioning adds 2 size + 1 aspect embeddings of hidden / 3
         "caption_channels": T5_SMALL["d_model"], "pe_interpolation": 1.0, "model_max_length": max_length,
         "micro_condition": micro_condition,

@@ -11,11 +11,21 @@ queries and heads, and averaged over heads:
     SD3 (MMDiT), Flux          the joint attention of each joint / double / single block: the image-query
                                rows against *all* keys (text first, then image); the text columns keep the
                                full-row normaliser, and one extra channel holds the weight on every
-                               non-text key ("[image]"), so text + [image] sums to 1 per pixel.
+                               non-text key ("[image]"), so text + [image] sums to 1 per pixel. With
+                               ``normalise="text_keys"``: the softmax over the prompt's keys alone (each
+                               pixel sums to 1 over the prompt; no "[image]" channel), which needs no pass over
+                               the image keys.
     Wan (DiT cross-attention)  the cross-attention of each block (its second attention call, after the
                                self-attention: the registry's ``BlockKind.text_call``): video queries x text
                                keys, each row sums to 1 over the text tokens. Maps are kept PER LATENT FRAME:
                                (frames, h, w) per token, frames = the latent's T (patch 1 in time).
+    PixArt α / Σ, Hunyuan-DiT  the cross-attention of each block, as for Wan (rows sum to 1 over the text
+                               tokens). Their attention gets no transformer_options: a text-attention proxy
+                               (:mod:`..core.text_attn`, an object patch of the clone) in front of each chosen
+                               block's text attention recomputes q and k through that module's own projections
+                               (registry ``text_qk``) and runs the module itself for the output. Hunyuan-DiT's
+                               keys are the BERT tokens, then the mT5 states (a second encoding of the prompt):
+                               its maps are over the BERT tokens, renormalised over them (``context_first``).
 
 A context repeated to the LCM of two lengths (ComfyUI batches a 77- and a 154-token prompt that way) is
 folded back: token t of the repeated context is token t mod L of the prompt, and the repeats are summed.
@@ -55,7 +65,7 @@ import math
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..core import LOG, PACK, families, hooks, records, runs
+from ..core import LOG, PACK, hooks, records, runs, text_attn
 from ..core.layers import (
     LAYER_KEY,
     TXT_LEN_KEY,
@@ -66,6 +76,7 @@ from ..core.layers import (
     model_layers,
     parse_layers,
     running_dit_layer,
+    text_attn_paths,
     text_call,
     text_multiple,
 )
@@ -86,6 +97,7 @@ NODE_ID = "CrossAttentionCapture"
 WRAPPER_KEY = f"{PACK}.attention_capture"
 STORE = f"{PACK}.attention_capture"
 ROW_ROLES = ("positive", "negative")
+NORMALISE = ("all_keys", "text_keys")  # softmax over every key the attention has / over the prompt's tokens only
 DEFAULT_BUCKETS = 10
 MAX_BUCKETS = 100
 OTHER_LABEL = "[image]"  # the extra DiT channel: weight on every non-text key
@@ -112,6 +124,8 @@ class CaptureConfig:
     text_last: bool = False  # the joint sequence is [image, text] (HunyuanImage 2.1, HunyuanVideo 1.5, HiDream)
     text_extras: bool = False  # other per-prompt tokens join the text stream (glyphs, CLIP-vision, Llama states)
     prompt_last: bool = False  # ... in front of the prompt (the prompt ends the stream), else after it
+    context_first: bool = False  # cross: the keys are the context's tokens, then other text (Hunyuan-DiT's mT5)
+    text_keys: bool = False  # joint attention normalised over the prompt's tokens only (no "[image]" channel)
 
     @property
     def by_key(self) -> dict[tuple, Layer]:
@@ -195,7 +209,8 @@ class CaptureRun:
     def _sums(self, length: int, device) -> MapSums:
         s = self.sums.get(length)
         if s is None:
-            s = self.sums[length] = MapSums(length, self.cfg.arch == "dit", self.batch, self.ref_hw, self.n_steps,
+            image_channel = self.cfg.arch == "dit" and not self.cfg.text_keys
+            s = self.sums[length] = MapSums(length, image_channel, self.batch, self.ref_hw, self.n_steps,
                                             self.n_buckets, device)
         return s
 
@@ -303,15 +318,19 @@ class CaptureRun:
                 self._skip("text streams whose length differs from the prompt's")
                 continue
             stats: dict = {}
-            p = joint_text_probs(q4[rows], k4[rows], queries=(img0, img0 + n_img),
-                                 columns=(txt0 + first, txt0 + first + length), mask=mask_rows(mask, rows),
-                                 stats=stats)
+            columns, m = (txt0 + first, txt0 + first + length), mask_rows(mask, rows)
+            if self.cfg.text_keys:  # the prompt's keys alone: no pass over the image keys
+                p = attention_probs(q4[rows], k4[rows, :, columns[0]:columns[1]], queries=(img0, img0 + n_img),
+                                    mask=None if m is None else m[..., columns[0]:columns[1]], stats=stats)
+            else:
+                p = joint_text_probs(q4[rows], k4[rows], queries=(img0, img0 + n_img), columns=columns, mask=m,
+                                     stats=stats)
             self._add(layer, step, length, to_grid(p, *self.ref_hw), stats.get("transient", 0))
             added += 1
         if added:
             self.seen[layer.label] = self.seen.get(layer.label, 0) + 1
 
-    # ---- DiT cross-attention (Wan)
+    # ---- DiT cross-attention (Wan; PixArt through the text-attention proxies)
     def cross_override(self, args, kwargs, to) -> None:
         key = to.get(LAYER_KEY)
         layer = self.by_key.get(key)
@@ -323,7 +342,11 @@ class CaptureRun:
         q, k = args[0], args[1]
         skip_reshape = bool(kwargs.get("skip_reshape", False))
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
-        q4, k4 = heads_first(q, int(heads), skip_reshape), heads_first(k, int(heads), skip_reshape)
+        self.cross_capture(layer, heads_first(q, int(heads), skip_reshape), heads_first(k, int(heads), skip_reshape),
+                           to)
+
+    def cross_capture(self, layer: Layer, q4: torch.Tensor, k4: torch.Tensor, to: dict) -> None:
+        """Capture one DiT cross-attention call of ``layer``: q4, k4 (B, H, L, D)."""
         n_img = math.prod(self.ref_hw)
         if q4.shape[2] < n_img:
             self._skip("area-conditioned calls (cropped latent)")
@@ -337,11 +360,12 @@ class CaptureRun:
         first = q4.shape[2] - n_img  # tokens in front of the video (Wan 2.2's reference latent): not mapped
         added = 0
         for rows, length in self._groups(to, q4.shape[0]):
-            if k4.shape[2] % length:
+            keys = k4[rows, :, :length] if self.cfg.context_first else k4[rows]
+            if keys.shape[2] % length:
                 self._skip("contexts that are not a repeat of the prompt")
                 continue
             stats: dict = {}
-            p = attention_probs(q4[rows], k4[rows], queries=(first, first + n_img), stats=stats)
+            p = attention_probs(q4[rows], keys, queries=(first, first + n_img), stats=stats)
             maps = fold_repeats(p, length).transpose(1, 2).reshape(p.shape[0], length, *self.ref_hw)
             self._add(layer, step, length, maps, stats.get("transient", 0))
             added += 1
@@ -380,6 +404,7 @@ class CaptureRun:
                              ", ".join(self.fallback))
         return AttentionRun(
             family=self.cfg.family, arch=self.cfg.arch, rows=self.cfg.rows, layers=chosen,
+            normalise="text_keys" if self.cfg.text_keys else "all_keys",
             all_layers=self.cfg.all_layers, seen=dict(self.seen), fallback=dict(self.fallback), missing=missing,
             skipped=dict(self.skipped), errors=list(self.errors), n_steps=self.n_steps,
             buckets=bucket_ranges(self.n_steps, self.n_buckets), ref_hw=self.ref_hw,
@@ -430,16 +455,36 @@ def _patch(family, dm) -> tuple[int, ...]:
     return (size, size)
 
 
-def install_capture(model, layers: str = "all", rows: str = "positive", buckets: int = DEFAULT_BUCKETS):
+def _proxy_observer(state_of, text_qk):
+    """TEXT_SEEN hook of the text-attention proxies (core.text_attn): q and k recomputed through the module's own
+    projections (registry ``text_qk``), captured like a cross-attention call; the module's output is untouched."""
+
+    def seen(layer, x, text, module, to, args):
+        state = state_of(to)
+        chosen = None if state is None else state.by_key.get(layer)
+        if chosen is None:
+            return
+        try:
+            with torch.no_grad():
+                q4, k4 = text_qk(module, x, text, args)
+                state.cross_capture(chosen, q4, k4, to)
+        except Exception as e:  # the maps may be incomplete; the image must not suffer
+            state.fail(e)
+
+    return seen
+
+
+def install_capture(model, layers: str = "all", rows: str = "positive", buckets: int = DEFAULT_BUCKETS,
+                    normalise: str = "all_keys"):
     """Clone ``model`` with the capture installed; returns (patched model, record handle)."""
     if rows not in ROW_ROLES:
         raise ValueError(f"rows must be one of {', '.join(ROW_ROLES)}, got {rows!r}.")
+    if normalise not in NORMALISE:
+        raise ValueError(f"normalise must be one of {', '.join(NORMALISE)}, got {normalise!r}.")
     if not (isinstance(buckets, int) and 1 <= buckets <= MAX_BUCKETS):
         raise ValueError(f"buckets must be a whole number from 1 to {MAX_BUCKETS}, got {buckets!r}: it is how many "
                          f"time slices of the steps keep their own maps (10 = each tenth of the run).")
     ml = model_layers(model, NODE_ID)
-    if ml.family.no_attention_weights:
-        raise families.unsupported(ml.model_name, NODE_ID, ml.family.no_attention_weights + ".")
     chosen = parse_layers(layers, ml)
     if not chosen:
         raise ValueError(f"layers: no layer chosen. Use 'all' or e.g. '0-3' (this model: {ml.describe()}).")
@@ -454,6 +499,7 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
                         text_pad=ml.family.text_pad, modules=modules,
                         text_multiple=text_multiple(dm, ml.family), text_last=ml.family.text_last,
                         text_extras=bool(ml.family.text_extras), prompt_last=ml.family.prompt_last,
+                        context_first=ml.family.context_first, text_keys=normalise == "text_keys",
                         text_calls={layer.key: text_call(ml, layer) for layer in chosen} if arch == "cross" else {})
     handle = records.RecordHandle("attention", cfg)
     store = f"{STORE}.{handle.serial}"
@@ -508,6 +554,10 @@ def install_capture(model, layers: str = "all", rows: str = "positive", buckets:
         return call_next(*args, **kwargs)
 
     hooks.chain_attention_override(m, override)
+    if ml.family.text_qk is not None:  # text attention without transformer_options (PixArt, Hunyuan-DiT)
+        text_attn.install_proxies(m, chosen, text_attn_paths(ml, chosen), ml.family.flat_text)
+        text_attn.set_text_hook(m, text_attn.TEXT_SEEN, f"{WRAPPER_KEY}.{handle.serial}",
+                                _proxy_observer(state_of, ml.family.text_qk))
 
     if ml.kind == "unet":
         def attn2_in(n, context, value, extra_options):

@@ -110,6 +110,7 @@ class AttentionRun:
     peak_bytes: int  # accumulators + the largest temporaries of one layer evaluation
     # text token count -> fingerprints of the captured prompts' contexts (context_print), to check viewer labels
     contexts: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    normalise: str = "all_keys"  # CrossAttentionCapture's normalise: over every key / over the prompt's tokens only
 
     @property
     def batch(self) -> int:

@@ -9,11 +9,16 @@ from comfy_api.latest import io, ui
 
 from ..core import records
 from ..shared import drawing
-from .capture import DEFAULT_BUCKETS, MAX_BUCKETS, ROW_ROLES, install_capture
+from .capture import DEFAULT_BUCKETS, MAX_BUCKETS, NORMALISE, ROW_ROLES, install_capture
 from .viewer import SCALES, render_view
 
 CATEGORY = "prompt_anatomy/attention"
 AttentionRecord = io.Custom("PA_ATTENTION_RECORD")
+NORMALISE_TIP = ("Joint-attention models (SD3, Flux, Qwen-Image, Lumina 2, ...): all_keys normalises each pixel's weights "
+                 "over every key, as the model does, and keeps the weight left for the image keys as the '[image]' "
+                 "channel (one more attention pass per captured block); text_keys normalises over the prompt's tokens "
+                 "only (no '[image]' channel; several times cheaper at 1024²). UNets and cross-attention models attend "
+                 "to the text only: both are the same there.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,9 +35,9 @@ class CrossAttentionCapture(io.ComfyNode):
                 "3). The maps are running sums (whole run + step buckets), so memory does not grow with the steps; "
                 "the sampled image is bit-identical to an uncaptured run. UNets (SD1.x, SD2.x, SDXL: cross-attention), "
                 "the joint-attention DiTs of the family registry (SD3, Flux.1, Flux.2, Chroma, Qwen-Image, AuraFlow, "
-                "and the single-stream Lumina 2 and Z-Image: image queries against the text keys) and the "
-                "cross-attention of Wan 2.1 / 2.2 text-to-video models (video queries against the text keys, maps "
-                "kept per latent frame)."),
+                "and the single-stream Lumina 2 and Z-Image: image queries against the text keys), the "
+                "cross-attention of Wan 2.1 / 2.2 models (video queries against the text keys, maps kept per latent "
+                "frame) and of PixArt α / Σ and Hunyuan-DiT."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to record (cloned; the input stays unchanged). Sample "
                                                 "with the MODEL output."),
@@ -48,6 +53,7 @@ class CrossAttentionCapture(io.ComfyNode):
                 io.Int.Input("buckets", default=DEFAULT_BUCKETS, min=1, max=MAX_BUCKETS,
                              tooltip="Time slices with their own maps (10 = each tenth of the steps; fewer when "
                                      "the run has fewer steps). Memory is fixed by this, not by the step count."),
+                io.Combo.Input("normalise", options=list(NORMALISE), default="all_keys", tooltip=NORMALISE_TIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The recording model: sample with it."),
@@ -57,8 +63,9 @@ class CrossAttentionCapture(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, layers="all", rows="positive", buckets=DEFAULT_BUCKETS) -> io.NodeOutput:
-        m, handle = install_capture(model, layers, rows, int(buckets))
+    def execute(cls, model, layers="all", rows="positive", buckets=DEFAULT_BUCKETS,
+                normalise="all_keys") -> io.NodeOutput:
+        m, handle = install_capture(model, layers, rows, int(buckets), normalise)
         return io.NodeOutput(m, handle)
 
 

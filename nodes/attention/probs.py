@@ -72,7 +72,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int
             logits = torch.matmul(q[:, h0:h0 + hc, q0 + i0:q0 + i1].float(), kh)
             logits.mul_(scale)
             if mask is not None:
-                m = mask[..., q0 + i0:q0 + i1, :]
+                m = mask if mask.shape[-2] == 1 else mask[..., q0 + i0:q0 + i1, :]
                 if m.dtype == torch.bool:
                     logits.masked_fill_(~m, float("-inf"))
                 else:

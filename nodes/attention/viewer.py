@@ -306,7 +306,7 @@ def render_view(run: AttentionRun, matched: bool, text: str, clip=None, image: t
         "family": run.family, "rows": run.rows, "sampler": run.sampler, "steps": run.n_steps,
         "batch_index": batch_index, "batch": run.batch, "matched_latent": matched, "image": image_source,
         "grid": list(run.ref_hw), "frames": int(run.ref_hw[0]) if video else None, "context_tokens": len(table),
-        "extra_image_channel": extra,
+        "extra_image_channel": extra, "normalise": run.normalise,
         "layers": {"chosen": run.layers, "of": run.all_layers, "seen": run.seen, "recomputed_attn2_replace": run.fallback,
                    "missing": run.missing},
         "buckets": [list(b) for b in run.buckets],

@@ -33,7 +33,8 @@ class EncoderSpec:
 
     key: str  # clip.tokenize key: 'l', 'g', 'h', 't5xxl', 'qwen25_7b'
     label: str  # CLIP-L, CLIP-G, OpenCLIP-H, T5-XXL, Qwen2.5-VL
-    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk), "t5" (no [SOS], end token, one chunk) or LLM
+    kind: str  # "clip" ([SOS] ... [EOS] pad, 77 per chunk), "t5" (no [SOS], end token, one chunk), "causal" (a
+    #            decoder-only LLM without a chat template: [BOS] ... pad, one chunk) or LLM
     attr: str  # attribute of the CLIP's cond_stage_model holding this encoder (None there: not loaded)
     group: int = 0  # 0: token block at the start (encoders of group 0 share positions, concatenated on channels)
     in_context: bool = True  # False: only its pooled vector is used (Flux's CLIP-L)
@@ -44,6 +45,11 @@ class EncoderSpec:
     tail_start: str = ""  # template text right after the prompt: its first token (end of turn) is the [EOS] analogue
     drops_head: bool = False  # the encoder cuts the template head off its output (Qwen-Image)
     no_eos: str = ""  # why no state follows the prompt (the [EOS] constructions have no meaning then)
+    cond_key: str | None = None  # its states travel in this conditioning entry, not the context (Hunyuan-DiT's mT5)
+    mask_key: str | None = None  # the conditioning entry holding its attention mask (kept from the base prompt)
+    token_axis: int = 1  # the token axis of its cond_key entry ((1, layers, tokens, C): 2, HiDream's Llama)
+    pad_is_end: bool = False  # no end token: the first pad token after the prompt is the [EOS] (HiDream's Llama-3.1
+    #                           pads with <|eot_id|>, the end-of-turn token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +112,20 @@ class Family:
     #                                   attention (HiDream: T5 + two Llama segments); None: the context's length
     text_front: Callable | None = None  # DiT cross-attention with a block replace: (forward's arguments by name) ->
     #                                   tokens in front of the text in the block's txt (Wan I2V: CLIP-vision tokens)
-    no_attention_weights: str = ""  # why attention maps cannot be captured (the attention runs without
-    #                                   transformer_options) although a block replace reaches the text stream
     block_text_swap: bool = False  # TextLayerPatch swaps the selected blocks' whole text stream (block replace) with
     #                                the target rows', which the model builds itself (Hunyuan-DiT: BERT + mT5 inside)
     no_eos_swap: str = ""  # why EOSConditioningSwap cannot rebuild this family's text input (the model still works)
+    text_qk: Callable | None = None  # (text-attention module, x, text, its other arguments) -> (q, k) as (B, H, L, D),
+    #                                  through the module's own projections: maps of text attention that runs
+    #                                  without transformer_options (core.text_attn proxies; PixArt, Hunyuan-DiT)
+    flat_text: bool = False  # the blocks get the whole batch's text as one row (PixArt: (1, B·L, C))
+    context_first: bool = False  # the text attention's keys are the context's tokens, then other text (Hunyuan-DiT:
+    #                              its mT5 states): maps are over the context's tokens, renormalised over them
+
+    @property
+    def proxied(self) -> bool:
+        """DiT cross-attention without any block hook: the pack wraps each block's text attention (core.text_attn)."""
+        return self.is_dit_cross and bool(self.blocks) and all(k.replace is None for k in self.blocks)
 
     @property
     def is_unet(self) -> bool:
@@ -191,8 +206,33 @@ SDXL_PAPER = (("output", 2, 1), ("output", 2, 2))
 SD3_PAPER = (("joint", 10),)
 
 PIXART_T5 = dataclasses.replace(T5XXL, attr="t5xxl")  # PixArt's T5 CLIP (also Chroma's): no padding
-PIXART_NO_HOOK = ("ComfyUI's PixArt drops transformer_options before its blocks and calls attention without them, and "
-                  "offers no block replace, so no ComfyUI hook sees its cross-attention")
+# PixArt: no block replace and no transformer_options in its blocks; every block's cross_attn (MultiHeadCrossAttention)
+# reads the caption through y_embedder (token by token), the batch's rows concatenated into one: (1, B·L, C)
+PIXART_BLOCKS = (BlockKind("cross", "blocks", None, ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
+                           text_attn="cross_attn"),)
+
+
+def _pixart_qk(module, x, text, args) -> tuple:
+    """PixArt's MultiHeadCrossAttention: q = q_linear(x) per head, k = the first half of kv_linear(text) per head."""
+    b, n_text = text.shape[:2]
+    q = module.q_linear(x).view(b, x.shape[1], module.num_heads, module.head_dim)
+    k = module.kv_linear(text).view(b, n_text, 2, module.num_heads, module.head_dim)[:, :, 0]
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def _hydit_qk(module, x, text, args) -> tuple:
+    """Hunyuan-DiT's CrossAttention (attn2): q = q_norm(q_proj(x)) per head with the image RoPE (its third argument),
+    k = k_norm of the first half of kv_proj(text) per head (comfy.ldm.hydit.attn_layers.CrossAttention)."""
+    from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+    b, n_img, n_text = x.shape[0], x.shape[1], text.shape[1]
+    q = module.q_norm(module.q_proj(x).view(b, n_img, module.num_heads, module.head_dim))
+    k = module.k_norm(module.kv_proj(text).view(b, n_text, 2, module.num_heads, module.head_dim)[:, :, 0])
+    if args and args[0] is not None:
+        q = apply_rotary_emb(q, None, args[0])[0]
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
 WAN_NO_HOOK = {
     "s2v": ("its block replace passes no transformer_options, so the pack cannot tell which block's attention runs "
             "(text-to-video and image-to-video Wan models, VACE and Camera are supported)"),
@@ -203,12 +243,6 @@ UMT5XXL = EncoderSpec("umt5xxl", "UMT5-XXL", "t5", "umt5xxl")
 # Hunyuan-DiT: Chinese BERT states ([CLS] ... [SEP], 77+) in the context, mT5-XL states (256+) and both attention
 # masks in other conditioning keys; the model maps mT5 through mlp_t5, fills masked tokens with learned padding and
 # concatenates both into the text stream every block's cross-attention (attn2) reads
-HYDIT_NO_WEIGHTS = ("ComfyUI's Hunyuan-DiT calls its attention without transformer_options, so no hook sees the "
-                    "attention weights (its block replace hands over the text stream, so TextLayerPatch, "
-                    "TextLayerLocalize and LoraLoaderTextLayers do work)")
-HYDIT_NO_EOS = ("Hunyuan-DiT's text comes from two encoders: the BERT states are the context, but the mT5-XL states and "
-                "both attention masks travel in other conditioning keys (conditioning_mt5xl, attention_mask_mt5xl), "
-                "which the [EOS] constructions do not rebuild: a swap would change BERT and keep the source's mT5")
 # Wan: self-attention, then the cross-attention over the text (WanT2VCrossAttention), then the MLP, in every block
 WAN_BLOCKS = (BlockKind("cross", "blocks", "double_block", ("blocks.{i}.cross_attn.",), "cross_attn.num_heads",
                         text_call=1, text_attn="cross_attn"),)
@@ -242,12 +276,6 @@ NEXTDIT = dict(blocks=(BlockKind("single", "layers", None, ("layers.{i}.attentio
 # HiDream: T5-XXL states in the context, CLIP-L ‖ CLIP-G pooled, and the states of every Llama-3.1 layer in
 # conditioning_llama3 (batch, layers, tokens, 4096). No block replace: one attention call per double then single
 # block, each on [image, T5 ‖ last Llama layer ‖ that block's Llama layer], so the text is 128 + 2 x Llama tokens.
-HIDREAM_NO_SWAP = (
-    "HiDream's four text encoders put T5-XXL states in the context and the states of every Llama-3.1 layer in a "
-    "second conditioning entry (conditioning_llama3, read block by block), which the [EOS] constructions do not "
-    "rebuild: a swap would change T5 and keep the source's Llama states")
-
-
 def _hidream_text_len(a: dict) -> int | None:
     context, llama = a.get("context"), a.get("encoder_hidden_states_llama3")
     if not (torch.is_tensor(context) and torch.is_tensor(llama)):
@@ -321,12 +349,14 @@ FAMILIES: tuple[Family, ...] = (
                              "attn.heads"),), attention_name="Qwen-Image's joint blocks"),
     *(Family(name, label, (config,), (DIT_CROSS,), (PIXART_T5,), _clip_is("PixArtT5XXL"),
              "comfy.text_encoders.pixart_t5:PixArtTokenizer", "none (PixArt takes no pooled vector)", latent,
-             _module_in_features("y_embedder"), no_attention_hook=PIXART_NO_HOOK)
+             _module_in_features("y_embedder"), blocks=PIXART_BLOCKS, text_embedder="y_embedder.y_proj",
+             text_qk=_pixart_qk, flat_text=True, attention_name=f"{label}'s cross-attention blocks")
       for name, label, config, latent in (("pixart_alpha", "PixArt α", "PixArtAlpha", "SD15"),
                                           ("pixart_sigma", "PixArt Σ", "PixArtSigma", "SDXL"))),
     Family("hunyuan_dit", "Hunyuan-DiT", ("HunyuanDiT", "HunyuanDiT1"), (DIT_CROSS,),
-           (EncoderSpec("hydit_clip", "Chinese BERT", "clip", "hydit_clip"),
-            EncoderSpec("mt5xl", "mT5-XL", "t5", "mt5xl", in_context=False)), _clip_is("HyditModel"),
+           (EncoderSpec("hydit_clip", "Chinese BERT", "clip", "hydit_clip", mask_key="attention_mask"),
+            EncoderSpec("mt5xl", "mT5-XL", "t5", "mt5xl", in_context=False, cond_key="conditioning_mt5xl",
+                        mask_key="attention_mask_mt5xl")), _clip_is("HyditModel"),
            "comfy.text_encoders.hydit:HyditTokenizer", "none (Hunyuan-DiT pools its mT5 states inside the model)", "SDXL",
            lambda model: int(getattr(model.model.diffusion_model, "text_states_dim", 0)) or None,
            blocks=(BlockKind("cross", "blocks", "double_block", ("blocks.{i}.attn2.",), "attn2.num_heads",
@@ -334,8 +364,8 @@ FAMILIES: tuple[Family, ...] = (
            text_extras=(("attention_mask", "text_embedding_mask"), ("conditioning_mt5xl", "encoder_hidden_states_t5"),
                         ("attention_mask_mt5xl", "text_embedding_mask_t5")),
            text_extras_hint="keep both prompts under 77 BERT and 256 mT5 tokens (each is padded to that length)",
-           attention_name="Hunyuan-DiT's cross-attention blocks", no_attention_weights=HYDIT_NO_WEIGHTS,
-           block_text_swap=True, no_eos_swap=HYDIT_NO_EOS),
+           attention_name="Hunyuan-DiT's cross-attention blocks", text_qk=_hydit_qk, context_first=True,
+           block_text_swap=True),
     Family("auraflow", "AuraFlow", ("AuraFlow",), (JOINT, SINGLE),
            (EncoderSpec("pile_t5xl", "Pile-T5-XL", "t5", "pile_t5xl"),), _clip_is("AuraT5Model"),
            "comfy.text_encoders.aura_t5:AuraT5Tokenizer", "none (AuraFlow takes no pooled vector)", "SDXL",
@@ -369,7 +399,9 @@ FAMILIES: tuple[Family, ...] = (
            "none (HunyuanVideo 1.5 takes no pooled vector)", "HunyuanVideo15", _module_in_features("txt_in.input_embedder"),
            patch=(1, 1, 1), prompt_last=True, attention_name="HunyuanVideo 1.5's double/single blocks", **HUNYUAN),
     Family("hidream", "HiDream", ("HiDream",), (JOINT, SINGLE),
-           (T5XXL, dataclasses.replace(CLIP_L, in_context=False), dataclasses.replace(CLIP_G, in_context=False)),
+           (T5XXL, dataclasses.replace(CLIP_L, in_context=False), dataclasses.replace(CLIP_G, in_context=False),
+            EncoderSpec("llama", "Llama-3.1", "causal", "llama", in_context=False, cond_key="conditioning_llama3",
+                        token_axis=2, pad_is_end=True)),
            _clip_is("HiDreamTEModel"), "comfy.text_encoders.hidream:HiDreamTokenizer",
            "CLIP-L ‖ CLIP-G [EOS] states, HiDream's adaLN input", "Flux", _hidream_t5_width,
            blocks=(BlockKind("double", "double_stream_blocks", None, ("double_stream_blocks.{i}.block.attn1.",),
@@ -378,7 +410,7 @@ FAMILIES: tuple[Family, ...] = (
                              "block.attn1.heads")),
            text_last=True, text_extras=(("conditioning_llama3", "encoder_hidden_states_llama3"),),
            text_extras_hint="keep both prompts under 128 Llama tokens (the Llama states are padded to 128)",
-           text_len=_hidream_text_len, no_eos_swap=HIDREAM_NO_SWAP, attention_name="HiDream's double/single blocks",
+           text_len=_hidream_text_len, attention_name="HiDream's double/single blocks",
            no_training=("the MoE gate of its blocks reads its weight directly instead of through ComfyUI's weight "
                         "patching, so under the server's inference mode autograd cannot train through them.")),
     # Lumina 2 / Z-Image: single-stream NextDiT (text first); Gemma's SentencePiece ships inside its checkpoint

@@ -89,13 +89,17 @@ def has_attn2_patch(model_patcher, key: str) -> bool:
     return any(getattr(p, KEY_ATTR, None) == key for kind in ATTN2_HOOKS for p in patches.get(kind, []))
 
 
+def remove_list_patches(model_patcher, kind: str, key: str) -> None:
+    """Remove the pack's patches installed under ``key`` from the list hook ``kind`` (on a clone you own)."""
+    plist = model_patcher.model_options.get("transformer_options", {}).get("patches", {}).get(kind)
+    if plist:
+        plist[:] = [p for p in plist if getattr(p, KEY_ATTR, None) != key]
+
+
 def remove_attn2_patches(model_patcher, key: str) -> None:
     """Remove the pack's attn2 list-hook patches installed under ``key`` (on a clone you own)."""
-    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
     for kind in ATTN2_HOOKS:
-        plist = patches.get(kind)
-        if plist:
-            plist[:] = [p for p in plist if getattr(p, KEY_ATTR, None) != key]
+        remove_list_patches(model_patcher, kind, key)
 
 
 def set_attn2_patches(model_patcher, key: str, attn2: Callable | None = None, output: Callable | None = None) -> None:

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from . import PACK, families, hooks
+from . import PACK, families, hooks, text_attn
 from .errors import InternalError
 
 GRAMMAR = ("'all'; a preset ('auto' = the paper's layers where the paper localized this architecture); forward-order "
@@ -163,6 +163,25 @@ def model_layers(model, what: str) -> ModelLayers:
 
 def block_kind(ml: ModelLayers, layer) -> families.BlockKind:
     return next(k for k in ml.family.blocks if k.name == layer[0])
+
+
+def text_embedder(model, family: families.Family):
+    """The diffusion model's per-token text embedding of a DiT cross-attention family (registry ``text_embedder``,
+    a dotted path: Wan ``text_embedding``, PixArt ``y_embedder.y_proj``)."""
+    return functools.reduce(getattr, family.text_embedder.split("."), model.model.diffusion_model)
+
+
+def text_attn_paths(ml: ModelLayers, layers) -> dict:
+    """Layer key -> path (under the ModelPatcher's model) of each DiT block's text-attention module (the
+    registry's ``BlockKind.text_attn``)."""
+    out = {}
+    for layer in layers:
+        layer = ml.by_key[tuple(layer)]
+        attr = block_kind(ml, layer).text_attn
+        if attr is None:
+            raise InternalError(f"{ml.label} {layer.group} blocks name no text-attention module")
+        out[layer.key] = f"diffusion_model.{layer.module}.{attr}"
+    return out
 
 
 def module_of(model, layer: Layer):
@@ -497,13 +516,18 @@ def ensure_layer_tracking(model_patcher, ml: ModelLayers) -> None:
     :func:`current_attn2_layer` on UNets, :func:`running_dit_layer` on DiTs): an attn2_patch / attn2_output_patch
     pair on UNets; chained "dit" block replaces that stamp ``transformer_options[LAYER_KEY]`` = (kind, i) and
     ``[TXT_LEN_KEY]``; on DiTs without a block replace a DIFFUSION_MODEL wrapper that stamps the forward's
-    :class:`CallPlan` (layers found by counting attention calls) and ``[TXT_LEN_KEY]``. Idempotent."""
+    :class:`CallPlan` (layers found by counting attention calls) and ``[TXT_LEN_KEY]``; on DiT cross-attention
+    without any hook (registry ``proxied``) the text-attention proxies of :mod:`.text_attn`, which hand every hook
+    its layer. Idempotent."""
     to = model_patcher.model_options.setdefault("transformer_options", {})
     if ml.kind == "unet":
         if not isinstance(to.get(LAYER_KEY), Marker):
             to[LAYER_KEY] = Marker()
         if not hooks.has_attn2_patch(model_patcher, TRACKING_KEY):
             hooks.set_attn2_patches(model_patcher, TRACKING_KEY, _flag_attn2_on, _flag_attn2_off)
+        return
+    if ml.family.proxied:
+        text_attn.install_proxies(model_patcher, ml.layers, text_attn_paths(ml, ml.layers), ml.family.flat_text)
         return
     if all(kind.replace is None for kind in ml.family.blocks):
         from comfy.patcher_extension import WrappersMP

@@ -58,6 +58,34 @@ CORRECTOR_AT_NEXT_SIGMA: dict[str, Callable[[torch.Tensor, int], int]] = {
 }
 
 
+class _Evaluation:
+    """One sampler evaluation (PREDICT_NOISE call): its step is worked out when first asked, from the run's state
+    when the evaluation began. On an accelerator the sigma is copied to the host without waiting and read only
+    then, so a run whose hooks never ask (tracking alone) never stalls the device queue."""
+
+    __slots__ = ("run", "corrector", "last", "sigma", "ready", "_step")
+
+    def __init__(self, run: RunState, timestep):
+        self.run, self.corrector, self.last = run, run.corrector_left > 0, run.last_callback_step
+        self._step: int | None = None
+        self.ready = None
+        sigma = timestep.detach().reshape(-1)[:1] if isinstance(timestep, torch.Tensor) else timestep
+        if isinstance(sigma, torch.Tensor) and sigma.device.type == "cuda":
+            host = torch.empty(1, dtype=sigma.dtype, pin_memory=True)
+            host.copy_(sigma, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+            sigma = host
+        self.sigma = sigma
+
+    def step(self) -> int:
+        if self._step is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            self._step = self.run.step_for_sigma(self.sigma, self.corrector, self.last)
+        return self._step
+
+
 class RunState:
     """State of one sampling run (one OUTER_SAMPLE call). Not a dict on purpose: ComfyUI copies nested
     dicts of model_options per call, but passes other objects by reference."""
@@ -70,7 +98,7 @@ class RunState:
         self.last_callback_step = -1
         self.corrector_left = 0
         self.callback_count = 0
-        self.eval_step: int | None = None  # step of the sampler evaluation in progress
+        self._eval: _Evaluation | None = None  # the sampler evaluation in progress
         self.evaluations = 0  # sampler-level evaluations (PREDICT_NOISE calls) so far
         self._stores: dict[str, Any] = {}
         self._finishers: list[Callable[[RunState], None]] = []
@@ -88,18 +116,25 @@ class RunState:
         """Call ``fn(run)`` once when the run ends (also after an error or an interrupt)."""
         self._finishers.append(fn)
 
-    def step_for_sigma(self, sigma) -> int:
-        """Step of a sampler evaluation at ``sigma``. A step's first evaluation runs at its schedule sigma, then
-        the sampler's callback fires; later evaluations of the same step run after that callback: the heun
-        family's correctors at the *next* schedule sigma (counted, see CORRECTOR_AT_NEXT_SIGMA), and midpoint
-        evaluations (dpm_2, ancestral 2S, SDE samplers) at a sigma off the schedule — which can lie below the next
-        step's sigma, so an off-schedule evaluation after step i's callback belongs to step i."""
-        if self.corrector_left > 0:
-            return self.last_callback_step
+    @property
+    def eval_step(self) -> int | None:
+        """Step of the sampler evaluation in progress (None outside one)."""
+        return None if self._eval is None else self._eval.step()
+
+    def step_for_sigma(self, sigma, corrector: bool | None = None, last_callback_step: int | None = None) -> int:
+        """Step of a sampler evaluation at ``sigma`` (given the corrector count and last callback step when the
+        evaluation began; default: now). A step's first evaluation runs at its schedule sigma, then the sampler's
+        callback fires; later evaluations of the same step run after that callback: the heun family's correctors at
+        the *next* schedule sigma (counted, see CORRECTOR_AT_NEXT_SIGMA), and midpoint evaluations (dpm_2,
+        ancestral 2S, SDE samplers) at a sigma off the schedule — which can lie below the next step's sigma, so an
+        off-schedule evaluation after step i's callback belongs to step i."""
+        corrector = self.corrector_left > 0 if corrector is None else corrector
+        last = self.last_callback_step if last_callback_step is None else last_callback_step
+        if corrector:
+            return last
         ss = self.sample_sigmas
-        if schedule_index(ss, sigma) is None and 0 <= self.last_callback_step < len(ss) - 1 and \
-                _sigma_value(sigma) < float(ss[self.last_callback_step]):
-            return self.last_callback_step
+        if schedule_index(ss, sigma) is None and 0 <= last < len(ss) - 1 and _sigma_value(sigma) < float(ss[last]):
+            return last
         return sigma_step_index(ss, sigma)
 
     # called by the SAMPLER_SAMPLE wrapper's callback
@@ -149,7 +184,7 @@ def _sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, *arg
     to = extra_args.get("model_options", {}).get("transformer_options", {})
     run = to.get(RUN_KEY)
     if run is not None:
-        run.sample_sigmas = sigmas
+        run.sample_sigmas = sigmas.detach().cpu()  # one copy per run: step arithmetic never waits for the device
         fn = getattr(executor.class_obj, "sampler_function", None)
         run.sampler_name = getattr(fn, "__name__", None)
 
@@ -166,15 +201,15 @@ def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
     run = run_state(model_options)
     if run is None or run.sample_sigmas is None:
         return executor(x, timestep, model_options, seed)
-    outer = run.eval_step
-    run.eval_step = run.step_for_sigma(timestep)
+    outer = run._eval
+    run._eval = _Evaluation(run, timestep)
     run.evaluations += 1
     try:
         return executor(x, timestep, model_options, seed)
     finally:
         if outer is None and run.corrector_left > 0:
             run.corrector_left -= 1
-        run.eval_step = outer
+        run._eval = outer
 
 
 def ensure_run_tracking(model_patcher) -> None:

@@ -83,7 +83,7 @@ def repeat_semantic_tokens(layout: Layout, tokens: dict, count: int) -> dict:
         raise ValueError(f"repeat_count must be at least 1, got {count}.")
     out = dict(tokens)
     for p in layout.parts:
-        if p.encoded and not p.in_context:
+        if p.encoded and not (p.in_context or p.in_entry):
             continue  # Flux's CLIP-L gives only the pooled vector, which comes from the plain prompts
         chunks = []
         for ci, (chunk, pos) in enumerate(zip(tokens[p.key], chunk_positions(p, tokens[p.key]), strict=True)):
@@ -133,6 +133,27 @@ class Construction:
     provenance: dict[str, list[Provenance]]  # per encoder key, one entry per position of that encoder
     base: str  # "A", "B" or "A×n": whose tokens the result is laid out on
     notes: list[str]
+    entries: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # rebuilt entries of their own
+    #                                                       (EncoderPart.cond_key -> (1, T, C); Hunyuan-DiT's mT5)
+
+
+def _entry_tensors(layout: Layout, entries: dict | None, positions: dict | None, who: str) -> dict:
+    """The conditioning entries of the encoders with a ``cond_key`` (Hunyuan-DiT's mT5), checked against their
+    tokenization."""
+    out = {}
+    for part in layout.parts:
+        if not part.in_entry or positions is None:
+            continue
+        t = (entries or {}).get(part.cond_key)
+        want = positions[part.key][-1].end if positions[part.key] else 0
+        axis = part.token_axis
+        if not isinstance(t, torch.Tensor) or t.ndim <= axis or t.shape[0] != 1 or t.shape[axis] != want:
+            got = "none" if not isinstance(t, torch.Tensor) else "x".join(map(str, t.shape))
+            raise ValueError(f"the {who} conditioning's '{part.cond_key}' ({part.label} states) is {got}, but its "
+                             f"tokenization gives {want} tokens on axis {axis}: it was not encoded by this CLIP "
+                             f"({layout.label}).")
+        out[part.cond_key] = t.movedim(axis, 1)  # (1, tokens, ...): a view, so writes reach the entry
+    return out
 
 
 def _check_pair(cond_a: torch.Tensor, cond_b: torch.Tensor | None):
@@ -146,10 +167,13 @@ def _check_pair(cond_a: torch.Tensor, cond_b: torch.Tensor | None):
 
 def build_construction(layout: Layout, construction: str, eos_scope: str,
                        cond_a: torch.Tensor, pos_a: dict, cond_b: torch.Tensor | None = None,
-                       pos_b: dict | None = None, seed: int = 0, base_label: str = "A") -> Construction:
+                       pos_b: dict | None = None, seed: int = 0, base_label: str = "A",
+                       entries_a: dict | None = None, entries_b: dict | None = None) -> Construction:
     """The constructed context for ``construction`` (see CONSTRUCTIONS). ``cond_a``/``pos_a`` is the source
     (for repeat_sem: the re-encoded repeated source, labelled ``base_label``), ``cond_b``/``pos_b`` the
-    target. Only the positions the construction names change; every other value is copied bit for bit."""
+    target; ``entries_a``/``entries_b`` their conditioning dicts when an encoder's states are an entry of their own
+    (``EncoderPart.cond_key``), rebuilt the same way. Only the positions the construction names change; every other
+    value is copied bit for bit."""
     if construction not in CONSTRUCTIONS:
         raise ValueError(f"construction must be one of {', '.join(CONSTRUCTIONS)}, got {construction!r}.")
     if eos_scope not in EOS_SCOPES:
@@ -166,10 +190,14 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
             raise ValueError(f"the {who} conditioning has {cond.shape[1]} tokens but its tokenization gives {want}: "
                              f"it was not encoded by this CLIP ({layout.label}).")
 
+    ent_a = _entry_tensors(layout, entries_a, pos_a, "source")
+    ent_b = _entry_tensors(layout, entries_b, pos_b if swap else None, "target")
     if construction == "target_sem+source_eos":
         base, base_pos, donor, donor_pos, base_name, donor_name = cond_b, pos_b, cond_a, pos_a, "B", "A"
+        base_ent, donor_ent = ent_b, ent_a
     else:
         base, base_pos, donor, donor_pos, base_name, donor_name = cond_a, pos_a, cond_b, pos_b, base_label, "B"
+        base_ent, donor_ent = ent_a, ent_b
     if construction == "sos_only":
         no_sos = next((p for p in layout.context_parts if p.start_token is None), None)
         if no_sos is not None:
@@ -181,6 +209,7 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                              f"puts {no_sos.label} tokens in the context and {why}")
 
     out = base.clone()
+    out_ent = {k: v.clone() for k, v in base_ent.items()}
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     notes: list[str] = []
     prov: dict[str, list[Provenance]] = {}
@@ -202,12 +231,12 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                     shown[i] = dchunk.tokens[j - dchunk.start]
                     klass[i] = dchunk.klass(j)
                     targets.append(i)
-                if part.in_context and len(chunk.slots(eos_scope)) > len(dslots):
+                if (part.in_context or part.in_entry) and len(chunk.slots(eos_scope)) > len(dslots):
                     notes.append(f"{part.label} chunk {chunk.index + 1}: {donor_name} has {len(dslots)} [EOS]/padding "
                                  f"slots for {len(chunk.slots(eos_scope))}; the last "
                                  f"{len(chunk.slots(eos_scope)) - len(dslots)} repeat its last slot.")
                 n_base = len(base_pos[part.key])
-                if part.in_context and chunk.index == n_base - 1 and len(dchunks) > n_base:
+                if (part.in_context or part.in_entry) and chunk.index == n_base - 1 and len(dchunks) > n_base:
                     notes.append(f"{part.label}: {donor_name} has {len(dchunks)} chunks, the result "
                                  f"{len(base_pos[part.key])}; {donor_name}'s extra chunks are not used.")
             elif construction in ("sem+zero", "sem+noise"):
@@ -232,22 +261,32 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                 for i in targets:
                     src[i] = (fill, None)
 
-            if part.in_context and targets:
-                c0, c1 = part.channels
-                idx = torch.tensor(targets, dtype=torch.long, device=out.device)
-                if fill == "zero":
-                    out[0, idx, c0:c1] = 0
-                elif fill == "noise":
-                    noise = torch.randn((len(targets), c1 - c0), generator=gen, dtype=torch.float32)
-                    out[0, idx, c0:c1] = hooks.like(noise, out)
-                else:
-                    sources = torch.tensor([src[i][1] for i in targets], dtype=torch.long, device=out.device)
-                    from_t = donor if swap else base
-                    out[0, idx, c0:c1] = from_t[0, sources, c0:c1].to(out.dtype)
+            if (part.in_context or part.in_entry) and targets:
+                dest = out_ent[part.cond_key] if part.in_entry else out
+                from_t = (donor_ent.get(part.cond_key) if swap else base_ent[part.cond_key]) if part.in_entry else \
+                    (donor if swap else base)
+                _write(dest, targets, part.channels, fill, gen, from_t, [src[i][1] for i in targets])
             for i in range(chunk.start, chunk.end):
                 rows.append(Provenance(i, shown[i][0], klass[i], src[i][0], src[i][1]))
         prov[part.key] = rows
-    return Construction(out, prov, base_name, notes)
+    entries = {p.cond_key: out_ent[p.cond_key].movedim(1, p.token_axis) for p in layout.parts if p.in_entry}
+    return Construction(out, prov, base_name, notes, entries)
+
+
+def _write(dest: torch.Tensor, targets: list[int], channels: tuple[int, int], fill: str | None, gen,
+           from_t: torch.Tensor | None, sources: list) -> None:
+    """Set the ``targets`` positions of ``dest`` (1, T, ..., C) on ``channels``: zeros, seeded noise, or the
+    ``sources`` positions of ``from_t``."""
+    c0, c1 = channels
+    idx = torch.tensor(targets, dtype=torch.long, device=dest.device)
+    if fill == "zero":
+        dest[0, idx, ..., c0:c1] = 0
+    elif fill == "noise":
+        shape = (len(targets), *dest.shape[2:-1], c1 - c0)
+        dest[0, idx, ..., c0:c1] = hooks.like(torch.randn(shape, generator=gen, dtype=torch.float32), dest)
+    else:
+        src = torch.tensor(sources, dtype=torch.long, device=dest.device)
+        dest[0, idx, ..., c0:c1] = from_t[0, src, ..., c0:c1].to(dest.dtype)
 
 
 def split_by_range(constructed: list, plain: list, start: float, end: float) -> list:

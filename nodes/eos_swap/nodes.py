@@ -46,12 +46,14 @@ def format_table(layout: Layout, header: list[str], result: Construction, pooled
             lines.append(f"\n{part.label} (key '{part.key}'): not in this CLIP ({layout.label} without it); its "
                          f"tokens would occupy positions {rows[0].pos}–{rows[-1].pos}.")
             continue
-        if part.channels is None:
+        if part.channels is None and not part.in_entry:
             eos = [r.pos for r in rows if r.klass == "[EOS]"]
             lines.append(f"\n{part.label} (key '{part.key}'): not in the context, gives the pooled vector only "
                          f"([EOS] at position {eos[0] if eos else '?'}).")
             continue
-        lines.append(f"\n{part.label} · key '{part.key}' · context tokens {rows[0].pos}–{rows[-1].pos} · channels "
+        where = f"'{part.cond_key}' tokens" if part.in_entry else "context tokens"
+        layers = ", every layer" if part.in_entry and part.token_axis != 1 else ""
+        lines.append(f"\n{part.label} · key '{part.key}' · {where} {rows[0].pos}–{rows[-1].pos}{layers} · channels "
                      f"{part.channels[0]}–{part.channels[1] - 1}")
         if part.drops_head:
             lines.append("(the encoder cuts the chat template's head off its output: the context starts at the "
@@ -99,8 +101,9 @@ def format_table(layout: Layout, header: list[str], result: Construction, pooled
 def _refuse_text_extras(layout: Layout, conds: list, which: str) -> None:
     """The constructions rebuild the context only: a prompt whose text also reaches the model through another
     conditioning entry (the registry's ``text_extras``: HunyuanImage's ByT5 glyphs of quoted text) is refused."""
+    rebuilt = {k for spec in layout.family.encoders for k in (spec.cond_key, spec.mask_key) if k}
     for key, _ in layout.family.text_extras:
-        if any(d.get(key) is not None for _, d in conds):
+        if key not in rebuilt and any(d.get(key) is not None for _, d in conds):
             raise ValueError(f"{which}: on {layout.family.label} the prompt's quoted text is also encoded into "
                              f"'{key}' (glyph tokens next to the prompt), which the [EOS] constructions do not "
                              f"rebuild: a swap would change the {layout.family.encoders[0].label} states and keep the "
@@ -173,11 +176,14 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
     for i, (_, da) in enumerate(conds_a):
         cb, db = (conds_b[i] if conds_b else (None, None))
         cbase = base_a[i][0]
-        result = build_construction(layout, construction, eos_scope, cbase, pos_base, cb, pos_b, seed, label)
+        dbase = base_a[i][1] if construction == "repeat_sem" else da
+        result = build_construction(layout, construction, eos_scope, cbase, pos_base, cb, pos_b, seed, label,
+                                    dbase, db)
         if construction == "target_sem+source_eos":
             layout_cond, d = cb, dict(db)
         else:
-            layout_cond, d = cbase, dict(base_a[i][1] if construction == "repeat_sem" else da)
+            layout_cond, d = cbase, dict(dbase)
+        d.update(result.entries)  # encoders whose states are an entry of their own (the masks stay the base's)
         d["pooled_output"] = (db if donor == "B" else da).get("pooled_output")
         if kv == "key_and_value":
             constructed.append([result.context, d])
@@ -222,6 +228,10 @@ def swap_conditioning(clip, source_text: str, target_text: str, construction: st
     pooled_line = f"pooled_output: {donor}'s{why} ({layout.family.pooled})"
     if constructed[-1][1].get("pooled_output") is None:  # T5 / LLM-only families: nothing to choose
         pooled_line = f"pooled_output: {layout.family.pooled}"
+    masked = [f"{spec.label} ('{spec.mask_key}')" for spec in layout.family.encoders if spec.mask_key]
+    if masked and eos_scope == "all_eos_and_padding":
+        result.notes.append(f"{layout.family.label} masks the padding of {' and '.join(masked)}: of the [EOS] and "
+                            f"padding slots only the [EOS] reaches the model (the masks stay the base prompt's).")
     table = format_table(layout, header, result, pooled_line)
     LOG.debug("EOSConditioningSwap: %s", header[1])
     return conditioning, out_model, table

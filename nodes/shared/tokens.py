@@ -43,11 +43,18 @@ class EncoderPart:
     head_ids: tuple[int, ...] = ()  # LLM: token ids of EncoderSpec.head_end
     tail_ids: tuple[int, ...] = ()  # LLM: token ids of EncoderSpec.tail_start
     drops_head: bool = False  # LLM: the encoder cuts the template head off its output
+    cond_key: str | None = None  # its states are this conditioning entry, not the context (Hunyuan-DiT's mT5)
+    token_axis: int = 1  # the token axis of that entry
     inv_vocab: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
     def in_context(self) -> bool:
-        return self.encoded and self.channels is not None
+        return self.encoded and self.channels is not None and self.cond_key is None
+
+    @property
+    def in_entry(self) -> bool:
+        """Its states are a conditioning entry of their own (``cond_key``), which the constructions rebuild too."""
+        return self.encoded and self.channels is not None and self.cond_key is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +109,12 @@ def _part(tokenizer, spec: families.EncoderSpec, channels, encoded: bool) -> Enc
                            encoded=encoded, start_token=None, end_token=None, pad_token=int(t.pad_token),
                            head_ids=_marker_ids(t, spec, spec.head_end), tail_ids=_marker_ids(t, spec, spec.tail_start),
                            drops_head=spec.drops_head, inv_vocab=getattr(t, "inv_vocab", {}))
-    if t.end_token is None:
+    end = t.pad_token if spec.pad_is_end else t.end_token
+    if end is None:
         raise ValueError(f"clip: the {spec.label} tokenizer has no end token, so there is no [EOS] to swap.")
     return EncoderPart(key=spec.key, label=spec.label, kind=spec.kind, channels=channels, group=spec.group,
-                       encoded=encoded, start_token=t.start_token, end_token=int(t.end_token),
-                       pad_token=int(t.pad_token), inv_vocab=getattr(t, "inv_vocab", {}))
+                       encoded=encoded, start_token=t.start_token, end_token=int(end), pad_token=int(t.pad_token),
+                       cond_key=spec.cond_key, token_axis=spec.token_axis, inv_vocab=getattr(t, "inv_vocab", {}))
 
 
 def unsupported_clip(clip, what: str, detail: str = "") -> ValueError:
@@ -140,6 +148,8 @@ def detect_layout(clip, what: str = "Prompt Anatomy") -> Layout:
         channels = None
         if spec.in_context and sub is not None:
             channels = (offset, offset + width) if spec.group == 0 else (0, width)
+        elif spec.cond_key and sub is not None:  # an entry of its own: all of its channels
+            channels = (0, width)
         if spec.in_context and spec.group == 0:
             offset += width or 0
         parts.append(_part(clip.tokenizer, spec, channels, sub is not None))

@@ -27,6 +27,11 @@ cross-/joint-attention layers that decide *what text* is rendered, and four node
     other blocks, rows and steps get the untouched arguments. A ``heads`` subset needs the projected K/V: a
     chained attention override takes them at the block's text attention call (the registry's ``text_call``).
 
+  - PixArt α / Σ — "injection", as on Wan, without a block replace or an attention hook: the text-attention proxy
+    in front of each block's cross_attn (:mod:`..core.text_attn`, an object patch of the clone) runs a TEXT_INPUT
+    hook that hands the selected blocks the selected rows' caption replaced by the target's, embedded by the
+    model's own ``y_embedder.y_proj``. No heads subset (no attention hook to take projected K/V from).
+
 * **TextLayerWordSubstitute** builds the target conditioning from a prompt and a "word => replacement" list
   (paper 2's toxic-text application: only the text layers see the replacement).
 * **LoraLoaderTextLayers** applies only the LoRA weights of the selected layers' attention (paper 2's
@@ -49,7 +54,7 @@ import uuid
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..core import hooks, runs
+from ..core import hooks, runs, text_attn
 from ..core.layers import (
     Marker,
     ModelLayers,
@@ -62,6 +67,7 @@ from ..core.layers import (
     module_of,
     parse_layers,
     text_call,
+    text_embedder,
 )
 from .patch_hooks import (
     PlanHolder,
@@ -70,6 +76,7 @@ from .patch_hooks import (
     _make_dit_hooks,
     _make_rows_replace,
     _make_target_check,
+    _make_text_input,
     _make_unet_hooks,
 )
 from .patch_settings import (
@@ -116,7 +123,7 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
     if expected is not None and tgt.channels != expected:
         raise ValueError(f"target: the edited prompt's embedding has {tgt.channels} channels but this {ml.label} "
                          f"model takes {expected}: encode the target with this model's CLIP.")
-    if s.heads is not None and ml.family.block_text_swap:
+    if s.heads is not None and (ml.family.block_text_swap or ml.family.proxied):
         raise ValueError(f"heads: {ml.label}'s attention runs without ComfyUI's attention hook, so a subset of heads "
                          f"cannot be patched; leave heads empty (the chosen blocks read the edited prompt's whole "
                          f"text stream).")
@@ -130,6 +137,7 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     hooks.remove_attn2_patches(m, HOOK_KEY)
+    hooks.remove_list_patches(m, text_attn.TEXT_INPUT, HOOK_KEY)
     note = f"start: paper 2's {start_percent:.3f} of the steps for {ml.label} (start_mode=paper)." \
         if start_mode == "paper" else ""  # re-applying replaces the earlier TextLayerPatch
     if s.is_noop():
@@ -157,20 +165,24 @@ def apply_text_layer_patch(model, target, layers: str | tuple, start_percent: fl
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
         for layer in s.layers:
             chain_block_replace(m, ml, layer, functools.partial(_make_rows_replace, s, layer, holder=holder))
+    elif ml.family.proxied:
+        text_attn.set_text_hook(m, text_attn.TEXT_INPUT, HOOK_KEY,
+                                _make_text_input(s, tgt, token, text_embedder(m, ml.family)))
     elif ml.family.is_dit_cross and s.heads is not None:
-        embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
+        embedder = text_embedder(m, ml.family)
         modules = {layer: functools.reduce(getattr, block_kind(ml, layer).text_attn.split("."),
                                            module_of(m, ml.by_key[layer])) for layer in s.layers}
         hooks.chain_attention_override(m, _make_cross_heads_override(
             s, tgt, token, embedder, modules, {layer: text_call(ml, layer) for layer in s.layers}))
     elif ml.family.is_dit_cross:
-        embedder = getattr(m.model.diffusion_model, ml.family.text_embedder)
+        embedder = text_embedder(m, ml.family)
         for layer in s.layers:  # an earlier TextLayerPatch's replace stays in the chain, inert (ACTIVE_KEY)
             chain_block_replace(m, ml, layer, functools.partial(_make_cross_replace, s, tgt, token, embedder, layer))
     else:
         wrapper, override = _make_dit_hooks(s, tgt, token, ml.label, ml.family)
         hooks.add_keyed_wrapper(m, WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
         hooks.chain_attention_override(m, override)
+    text_attn.keep_innermost(m)  # a capture's proxies must see the target rows this patch appends
     return m, _with_note(format_report(ml, s, tgt), note)
 
 

@@ -256,15 +256,35 @@ def _make_cross_replace(s: PatchSettings, target: TargetText, token: str, embedd
         if not bool(rows.any()):
             return run(args, extra)
         front, text = split_front(txt, to.get(FRONT_LEN_KEY) or 0)
-        tgt = embedder(hooks.like(target.context, text)).to(text.dtype)
-        length = match_token_lengths(text.shape[1], tgt.shape[1])
-        src = repeat_tokens(text, length)
-        tgt = repeat_tokens(tgt, length).expand(src.shape[0], -1, -1)
-        text = torch.where(rows[:, None, None], blend(src, tgt, s.strength), src)
+        text = inject_text(text, rows, target, embedder, s.strength)
         args = dict(args, txt=torch.cat((front, text), dim=1) if front.shape[1] else text)
         return run(args, extra)
 
     return hooks.keyed(replace, f"{HOOK_KEY}.{layer_label(layer)}")
+
+
+def inject_text(text: torch.Tensor, rows: torch.Tensor, target: TargetText, embedder, strength: float) -> torch.Tensor:
+    """A DiT cross-attention text stream (B, L, C) with the ``rows`` taken (blended) from the target prompt's
+    context through ``embedder`` (the model's per-token text embedding); both repeated to a common length."""
+    tgt = embedder(hooks.like(target.context, text)).to(text.dtype)
+    length = match_token_lengths(text.shape[1], tgt.shape[1])
+    src = repeat_tokens(text, length)
+    tgt = repeat_tokens(tgt, length).expand(src.shape[0], -1, -1)
+    return torch.where(rows[:, None, None], blend(src, tgt, strength), src)
+
+
+def _make_text_input(s: PatchSettings, target: TargetText, token: str, embedder):
+    """The TEXT_INPUT hook of the text-attention proxies (core.text_attn; PixArt): a selected block's cross-attention
+    reads the target's text stream on the selected rows, on the patched steps only."""
+    layer_set = frozenset(s.layers)
+
+    def text_input(layer, x, text, module, to):
+        if layer not in layer_set or not _is_active(to, s, token):
+            return text
+        rows = runs.row_mask(to, text.shape[0], s.roles, device=text.device)
+        return inject_text(text, rows, target, embedder, s.strength) if bool(rows.any()) else text
+
+    return text_input
 
 
 def _make_cross_heads_override(s: PatchSettings, target: TargetText, token: str, embedder, modules: dict,

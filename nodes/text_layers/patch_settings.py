@@ -124,10 +124,10 @@ class PatchSettings:
 
 
 def _step_window(to: dict, s: PatchSettings) -> tuple[int, int] | None:
-    ss = to.get("sample_sigmas")
+    run = runs.run_state(to)
+    ss = run.sample_sigmas if run is not None else None  # the run's host copy: no wait for the device
     if ss is None:
-        run = runs.run_state(to)
-        ss = run.sample_sigmas if run is not None else None
+        ss = to.get("sample_sigmas")
     if ss is None:
         return None
     return step_window(s, ss)

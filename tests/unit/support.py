@@ -93,6 +93,25 @@ def block_contexts(model):
             h.remove()
 
 
+@contextlib.contextmanager
+def module_inputs(t, template: str):
+    """The positional arguments each block's own module is called with (``template``: its path under the
+    ModelPatcher's model, "{i}" = block index; read on the base ModelPatcher, so an object patch of a patched clone is
+    not in the way): [(block, args)] in call order, tensors cloned."""
+    seen: list = []
+
+    def record(_module, args, i):
+        seen.append((i, tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args)))
+
+    handles = [t.model.get_model_object(template.format(i=i)).register_forward_pre_hook(
+        lambda m, args, i=i: record(m, args, i)) for i in range(len(t.model.model.diffusion_model.blocks))]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def patched_block_contexts(t, sample, pos, neg, tgt, layers: str):
     """The Wan blocks' text streams in a plain run and in a TextLayerPatch run on ``layers`` (``sample(t, model,
     pos, neg)`` samples): (plain streams, patched streams, plain latent, patched latent, the patch's report)."""

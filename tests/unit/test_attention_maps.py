@@ -17,7 +17,7 @@ from prompt_anatomy.nodes.attention import capture as cap
 from prompt_anatomy.nodes.attention import nodes as att_nodes
 from prompt_anatomy.nodes.attention import probs as cap_probs
 from prompt_anatomy.nodes.attention import viewer as am
-from prompt_anatomy.nodes.core import families
+from prompt_anatomy.nodes.core import families, hooks
 from prompt_anatomy.nodes.core import layers as cl
 from prompt_anatomy.nodes.shared import tokens as pa_tokens
 
@@ -561,6 +561,41 @@ def test_viewer_flux_image_keys(flux):
     assert summary["class_share"]["[image]"] == pytest.approx(summary["image_key_weight"], abs=1e-6)
     assert sum(summary["class_share"].values()) == pytest.approx(1.0, abs=1e-5)
     assert "[SOS]" not in summary["class_share"] and summary["image"].startswith("latent preview")
+
+
+def test_text_keys_normalise_over_the_prompt_only(flux):
+    """normalise=text_keys on joint attention: softmax over the prompt's keys alone (recomputed here from the q, k the
+    block's attention call gets), no "[image]" channel, the latent bit-identical."""
+    pos = flux.encode("a red cat")
+    kw = {"steps": 1, "channels": 16, "cfg": 1.0, "size": 32}
+    ref = ksample(flux.model, pos, pos, **kw)
+    seen: list = []
+
+    def spy(call_next, func, *args, **kwargs):
+        to = kwargs["transformer_options"]
+        if to.get(cl.LAYER_KEY) == ("double", 0):
+            seen.append((args[0].clone(), args[1].clone(), to[cl.TXT_LEN_KEY]))
+        return call_next(*args, **kwargs)
+
+    base = flux.model.clone()
+    cl.ensure_layer_tracking(base, cl.model_layers(base, "test"))
+    hooks.chain_attention_override(base, spy)
+    m, handle = cap.install_capture(base, "double.0", buckets=1, normalise="text_keys")
+    assert torch.equal(ksample(m, pos, pos, **kw), ref)
+    (run,) = handle.runs
+    (length,) = run.sums
+    sums = run.sums[length]
+    assert run.normalise == "text_keys" and not sums.extra and run.seen == {"double.0": 1}
+    ((q, k, txt),) = seen
+    h, w = run.ref_hw
+    p = torch.softmax(q[:, :, txt:].float() @ k[:, :, :length].float().transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+    want = p.mean(1).transpose(1, 2).reshape(1, length, h, w)
+    assert torch.allclose(sums.mean(), want, atol=1e-5)
+    assert torch.allclose(sums.mean().sum(1), torch.ones(1, h, w), atol=1e-5)
+    res = _view(handle, {"samples": ref}, text="a red cat", tokens="1")
+    assert json.loads(res.args[6])["normalise"] == "text_keys"
+    with pytest.raises(ValueError, match="normalise must be one of all_keys, text_keys"):
+        cap.install_capture(flux.model, normalise="text")
 
 
 def test_viewer_errors(sd1):

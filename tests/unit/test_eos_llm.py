@@ -236,11 +236,6 @@ def test_lumina2_refused_no_state_after_the_prompt():
         es_nodes.swap_conditioning(tiny("lumina2").clip, A_TEXT, B_TEXT)
 
 
-def test_hidream_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"does not support HiDream.s text encoders: .*conditioning_llama3"):
-        es_nodes.swap_conditioning(tiny("hidream").clip, A_TEXT, B_TEXT)
-
-
 def test_hunyuan_image_qwen_encoder_is_not_taken_for_qwen_image():
     """HunyuanImage's text encoder subclasses Qwen-Image's: the registry gives it the Hunyuan families (its own
     templates and ByT5 entry), never Qwen-Image's (tests/unit/test_hunyuan.py covers the swap on them)."""

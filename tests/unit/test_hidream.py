@@ -2,7 +2,8 @@
 replace and passes its forward's arguments by position; each block makes one attention call on [image, text], the
 text being T5 (128 tokens) + the last Llama layer + that block's Llama layer (both from conditioning_llama3). The
 pack counts the calls (core.layers.CallPlan), reads the text length from the registry's ``text_len``, and gives the
-patch's target rows the target prompt's Llama states (registry ``text_extras``)."""
+patch's target rows the target prompt's Llama states (registry ``text_extras``). The [EOS] swap rebuilds the T5
+context and every layer of the Llama states (registry ``EncoderSpec.cond_key``, ``token_axis``, ``pad_is_end``)."""
 
 from __future__ import annotations
 
@@ -110,9 +111,42 @@ def test_localize_and_lora_on_the_blocks_attention():
         "diffusion_model.single_stream_blocks.0.block.attn1.to_k.weight"]
 
 
-def test_eos_swap_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"does not support HiDream's text encoders: .*conditioning_llama3"):
-        es_nodes.swap_conditioning(tiny("hidream").clip, PROMPT, TARGET)
+def test_eos_swap_rebuilds_t5_and_every_llama_layer():
+    """T5 (the context): semantic from 0, </s> = [EOS], padding to 128. Llama-3.1 (conditioning_llama3, (1, layers,
+    tokens, C)): <|begin_of_text|> at 0, the prompt, then <|eot_id|> padding to 128 — causal, so the first
+    <|eot_id|> (end of turn) is the [EOS] and the rest the padding. source_sem+target_eos takes both encoders' [EOS]
+    and padding slots from the target in every Llama layer; everything else stays the source's."""
+    from prompt_anatomy.nodes.shared import tokens as pa_tokens
+
+    t = tiny("hidream")
+    layout = pa_tokens.detect_layout(t.clip)
+    llama = layout.part("llama")
+    assert llama.in_entry and llama.token_axis == 2 and llama.start_token == 128000 and llama.end_token == 128009
+    a_text, b_text = "a red cat", "a blue dog on a wooden table"
+    pa = pa_tokens.token_positions(layout, t.clip.tokenize(a_text))
+    pb = pa_tokens.token_positions(layout, t.clip.tokenize(b_text))
+    (la,), (lb,) = pa["llama"], pb["llama"]
+    ids = [e[0] for e in t.clip.tokenize(a_text)["llama"][0]]
+    assert (la.start, la.sos, la.end) == (0, 0, 128) and ids[la.eos] == 128009 and 128009 not in ids[:la.eos]
+    assert lb.eos > la.eos
+    (ca, da), = t.clip.encode_from_tokens_scheduled(t.clip.tokenize(a_text))
+    (cb, db), = t.clip.encode_from_tokens_scheduled(t.clip.tokenize(b_text))
+    cond, _, table = es_nodes.swap_conditioning(t.clip, a_text, b_text)
+    (out, d), = cond
+    (ta,), (tb,) = pa["t5xxl"], pb["t5xxl"]
+    assert torch.equal(out[0, :ta.eos], ca[0, :ta.eos]) and torch.equal(out[0, ta.eos], cb[0, tb.eos])
+    got, la3, lb3 = d["conditioning_llama3"], da["conditioning_llama3"], db["conditioning_llama3"]
+    assert got.shape == la3.shape and got.shape[1] > 1  # (1, layers, tokens, C)
+    assert torch.equal(got[0, :, :la.eos], la3[0, :, :la.eos])
+    n_b = lb.end - lb.eos
+    assert torch.equal(got[0, :, la.eos:la.eos + n_b], lb3[0, :, lb.eos:lb.end])
+    assert torch.equal(got[0, :, la.eos + n_b:], lb3[0, :, lb.end - 1:lb.end].expand_as(got[0, :, la.eos + n_b:]))
+    assert "'conditioning_llama3' tokens 0–127, every layer" in table
+    zero, _, _ = es_nodes.swap_conditioning(t.clip, a_text, b_text, construction="sem+zero", eos_scope="first_eos")
+    (_, dz), = zero
+    assert torch.count_nonzero(dz["conditioning_llama3"][0, :, la.eos]) == 0
+    assert torch.equal(dz["conditioning_llama3"][0, :, la.eos + 1:], la3[0, :, la.eos + 1:])
+    assert torch.isfinite(ksample(t.model, cond, t.encode(""), steps=2, **kw(t))).all()
 
 
 def test_lora_training_refused_with_the_measured_reason(tmp_path):
