@@ -17,7 +17,7 @@ AttentionRecord = io.Custom("PA_ATTENTION_RECORD")
 NORMALISE_TIP = ("Joint-attention models (SD3, Flux, Qwen-Image, Lumina 2, ...): all_keys normalises each pixel's weights "
                  "over every key, as the model does, and keeps the weight left for the image keys as the '[image]' "
                  "channel (one more attention pass per captured block); text_keys normalises over the prompt's tokens "
-                 "only (no '[image]' channel; several times cheaper at 1024²). UNets and cross-attention models attend "
+                 "only (no '[image]' channel; about half the cost on Flux at 1024²). UNets and cross-attention models attend "
                  "to the text only: both are the same there.")
 
 
@@ -53,7 +53,8 @@ class CrossAttentionCapture(io.ComfyNode):
                 io.Int.Input("buckets", default=DEFAULT_BUCKETS, min=1, max=MAX_BUCKETS,
                              tooltip="Time slices with their own maps (10 = each tenth of the steps; fewer when "
                                      "the run has fewer steps). Memory is fixed by this, not by the step count."),
-                io.Combo.Input("normalise", options=list(NORMALISE), default="all_keys", tooltip=NORMALISE_TIP),
+                io.Combo.Input("normalise", options=list(NORMALISE), default="all_keys", optional=True,
+                               tooltip=NORMALISE_TIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The recording model: sample with it."),

@@ -73,11 +73,14 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, *, queries: tuple[int, int
             logits.mul_(scale)
             if mask is not None:
                 m = mask if mask.shape[-2] == 1 else mask[..., q0 + i0:q0 + i1, :]
+                m = m[:, h0:h0 + hc] if m.ndim == 4 and m.shape[1] > 1 else m  # a per-head mask: this chunk's heads
                 if m.dtype == torch.bool:
                     logits.masked_fill_(~m, float("-inf"))
                 else:
                     logits.add_(m.float())
             p = torch.softmax(logits, dim=-1)
+            if mask is not None:
+                p.nan_to_num_(0.0)  # a query with every key masked attends to nothing
             out[:, i0:i1, :nc] += p[..., c0:c1].sum(1)
             if other:
                 out[:, i0:i1, nc] += p[..., :c0].sum((1, -1)) + p[..., c1:].sum((1, -1))

@@ -71,10 +71,11 @@ class _Evaluation:
         self.ready = None
         sigma = timestep.detach().reshape(-1)[:1] if isinstance(timestep, torch.Tensor) else timestep
         if isinstance(sigma, torch.Tensor) and sigma.device.type == "cuda":
-            host = torch.empty(1, dtype=sigma.dtype, pin_memory=True)
-            host.copy_(sigma, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+            with torch.cuda.device(sigma.device):  # the event must follow the copy on the sigma's own device
+                host = torch.empty(1, dtype=sigma.dtype, pin_memory=True)
+                host.copy_(sigma, non_blocking=True)
+                self.ready = torch.cuda.Event()
+                self.ready.record()
             sigma = host
         self.sigma = sigma
 

@@ -2,10 +2,10 @@
 block's text-attention module with a :class:`TextAttentionProxy`, installed as a ComfyUI *object patch* of the
 clone (``ModelPatcher.add_object_patch``: set while the clone's model is patched, restored when it is unpatched).
 
-The proxy registers the wrapped module's children under their own names, so state-dict keys, weight patches (LoRA)
-and ComfyUI's weight loading see the same modules; it calls the wrapped module (or the object patch installed there
-before) for the output, never its own copy of the model code. Around that call it runs the pack's list hooks of
-the running model call (``transformer_options["patches"]``, keyed like the attn2 patches):
+The proxy shares the wrapped module's children (the same ``_modules`` dict), so state-dict keys, weight patches
+(LoRA) and ComfyUI's weight loading see the same modules under the same names; it calls the wrapped module (or the
+object patch installed there before) for the output, never its own copy of the model code. Around that call it runs
+the pack's list hooks of the running model call (``transformer_options["patches"]``, keyed like the attn2 patches):
 
 * :data:`TEXT_INPUT` ``fn(layer, x, text, module, to) -> text`` may replace the text the module reads (TextLayerPatch);
 * :data:`TEXT_SEEN` ``fn(layer, x, text, module, to, args)`` sees what it reads (CrossAttentionCapture).
@@ -36,10 +36,10 @@ class TextAttentionProxy(torch.nn.Module):
 
     def __init__(self, inner: torch.nn.Module, layer: tuple, flat_text: bool):
         super().__init__()
-        object.__setattr__(self, "inner", inner)  # not a child: its children are registered below, by name
+        object.__setattr__(self, "inner", inner)  # not a child: the proxy shows the module's own children instead
+        object.__setattr__(self, "_modules", inner._modules)  # the same dict, so a child replaced later (another
+        #                                         node's object patch of a child) is the one both see
         self.layer, self.flat_text = tuple(layer), bool(flat_text)
-        for name, child in inner.named_children():
-            self.add_module(name, child)
 
     def forward(self, x, text, *args, **kwargs):
         to = _RUNNING.get()

@@ -275,6 +275,10 @@ def chunk_positions(part: EncoderPart, chunks: list, offset: int = 0) -> list[Ch
                 raise InternalError(f"{part.label} chunk {ci + 1} does not start with the [SOS] token")
             sos, first = start, 1
         eos = next((start + i for i in range(first, len(expanded)) if _is_id(expanded[i][0], part.end_token)), None)
+        if eos is None and part.end_token == part.pad_token:  # the [EOS] is the first pad: a prompt may leave none
+            raise ValueError(f"text: the prompt fills all {len(expanded)} {part.label} positions, so no pad token "
+                             f"(the [EOS] of this encoder) follows it. Shorten the prompt to fewer than "
+                             f"{len(expanded) - first} {part.label} tokens.")
         if eos is None:
             raise InternalError(f"{part.label} chunk {ci + 1} has no end token ({part.end_token})")
         pos = start + len(expanded)

@@ -87,6 +87,19 @@ def test_attention_probs_matches_softmax_and_chunking():
     assert torch.allclose(cap_probs.attention_probs(q, k, mask=cap_probs.mask_rows(fmask, slice(0, 2))), masked, atol=1e-6)
 
 
+def test_attention_probs_per_head_mask_in_head_chunks_and_fully_masked_rows():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 4, 5, 8, generator=g)
+    mask = torch.rand(1, 4, 6, 5, generator=g) > 0.3  # a different mask per head
+    mask[:, :, :, 0] = True
+    mask[0, 2, 3] = False  # head 2 masks every key of query 3
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    want = torch.softmax(logits, -1).nan_to_num(0.0).mean(1)
+    for budget in (5, 30, 10_000):  # one head per chunk ... all heads at once
+        got = cap_probs.attention_probs(q, k, mask=mask, budget=budget)
+        assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-6), budget
+
+
 def test_joint_text_probs_equal_the_full_softmax_columns():
     """The joint-attention path (text softmax x the text's share from one attention call over all keys) gives the
     columns and the "other" weight of the full softmax, with boolean and float masks, and no NaN where a query's

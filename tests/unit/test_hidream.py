@@ -147,6 +147,9 @@ def test_eos_swap_rebuilds_t5_and_every_llama_layer():
     assert torch.count_nonzero(dz["conditioning_llama3"][0, :, la.eos]) == 0
     assert torch.equal(dz["conditioning_llama3"][0, :, la.eos + 1:], la3[0, :, la.eos + 1:])
     assert torch.isfinite(ksample(t.model, cond, t.encode(""), steps=2, **kw(t))).all()
+    long = " ".join(["red"] * 140)  # more Llama tokens than the 128 positions: no <|eot_id|> follows the prompt
+    with pytest.raises(ValueError, match=r"the prompt fills all \d+ Llama-3.1 positions.*Shorten the prompt"):
+        es_nodes.swap_conditioning(t.clip, long, b_text)
 
 
 def test_lora_training_refused_with_the_measured_reason(tmp_path):

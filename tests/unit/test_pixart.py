@@ -151,3 +151,25 @@ def test_proxy_keeps_module_names_and_lora_weights():
     names = {n for n, _ in proxy.named_parameters()}
     assert names == {n for n, _ in original_cross_attn(t, 1).named_parameters()}
     assert ml.family.text_qk is not None
+
+
+def test_an_object_patch_of_a_child_runs_under_the_proxy():
+    """Another node's object patch of a child of the wrapped module (here q_linear of block 1) is the module the
+    wrapped cross-attention runs: the proxy shares its children, it does not copy them."""
+    t = tiny("pixart_alpha")
+    pos, neg = t.encode(PROMPT), t.encode("")
+    path = "diffusion_model.blocks.1.cross_attn.q_linear"
+    original = t.model.get_model_object(path)
+    calls: list = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape)
+            return original(x)
+
+    m, handle = cap.install_capture(t.model, "cross.0")
+    m.add_object_patch(path, Spy())
+    ref = sample(t, t.model, pos, neg)
+    assert torch.equal(sample(t, m, pos, neg), ref) and len(calls) == 4  # 2 steps x (cond, uncond: other lengths)
+    assert handle.runs[0].seen == {"cross.0": 2}
+    assert t.model.get_model_object(path) is original and torch.equal(sample(t, t.model, pos, neg), ref)
