@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 
 import torch
+from comfy.patcher_extension import WrappersMP
 
 from . import PACK, hooks
 from .errors import InternalError
@@ -76,7 +77,7 @@ def install_proxies(model_patcher, layers, module_paths: dict, flat_text: bool) 
     """Wrap the text-attention module of every layer (``module_paths``: layer key -> path under the ModelPatcher's
     model) in a proxy, as object patches of ``model_patcher`` (a clone you own), plus the wrapper that hands them
     the running call's transformer_options. Idempotent; an object patch already there stays inside the proxy."""
-    hooks.add_keyed_wrapper(model_patcher, _apply_model(), CALL_KEY, _running_options)  # innermost, once
+    hooks.add_keyed_wrapper(model_patcher, WrappersMP.APPLY_MODEL, CALL_KEY, _running_options)  # innermost, once
     for layer in layers:
         path = module_paths[tuple(layer)]
         current = model_patcher.get_model_object(path)
@@ -84,18 +85,12 @@ def install_proxies(model_patcher, layers, module_paths: dict, flat_text: bool) 
             model_patcher.add_object_patch(path, TextAttentionProxy(current, layer, flat_text))
 
 
-def _apply_model() -> str:
-    from comfy.patcher_extension import WrappersMP
-
-    return WrappersMP.APPLY_MODEL
-
-
 def keep_innermost(model_patcher) -> None:
     """Move the proxies' APPLY_MODEL wrapper (if installed) inside every other APPLY_MODEL wrapper, so the proxies see
     the transformer_options the model is called with, also after a wrapper that copies them (TextLayerPatch's
     target rows). Call after adding an APPLY_MODEL wrapper to a model that may carry proxies."""
-    if model_patcher.get_wrappers(_apply_model(), CALL_KEY):
-        hooks.add_keyed_wrapper(model_patcher, _apply_model(), CALL_KEY, _running_options)
+    if model_patcher.get_wrappers(WrappersMP.APPLY_MODEL, CALL_KEY):
+        hooks.add_keyed_wrapper(model_patcher, WrappersMP.APPLY_MODEL, CALL_KEY, _running_options)
 
 
 def set_text_hook(model_patcher, kind: str, key: str, fn) -> None:

@@ -83,7 +83,7 @@ def repeat_semantic_tokens(layout: Layout, tokens: dict, count: int) -> dict:
         raise ValueError(f"repeat_count must be at least 1, got {count}.")
     out = dict(tokens)
     for p in layout.parts:
-        if p.encoded and not (p.in_context or p.in_entry):
+        if p.encoded and not p.written:
             continue  # Flux's CLIP-L gives only the pooled vector, which comes from the plain prompts
         chunks = []
         for ci, (chunk, pos) in enumerate(zip(tokens[p.key], chunk_positions(p, tokens[p.key]), strict=True)):
@@ -231,12 +231,12 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                     shown[i] = dchunk.tokens[j - dchunk.start]
                     klass[i] = dchunk.klass(j)
                     targets.append(i)
-                if (part.in_context or part.in_entry) and len(chunk.slots(eos_scope)) > len(dslots):
+                if part.written and len(chunk.slots(eos_scope)) > len(dslots):
                     notes.append(f"{part.label} chunk {chunk.index + 1}: {donor_name} has {len(dslots)} [EOS]/padding "
                                  f"slots for {len(chunk.slots(eos_scope))}; the last "
                                  f"{len(chunk.slots(eos_scope)) - len(dslots)} repeat its last slot.")
                 n_base = len(base_pos[part.key])
-                if (part.in_context or part.in_entry) and chunk.index == n_base - 1 and len(dchunks) > n_base:
+                if part.written and chunk.index == n_base - 1 and len(dchunks) > n_base:
                     notes.append(f"{part.label}: {donor_name} has {len(dchunks)} chunks, the result "
                                  f"{len(base_pos[part.key])}; {donor_name}'s extra chunks are not used.")
             elif construction in ("sem+zero", "sem+noise"):
@@ -261,10 +261,11 @@ def build_construction(layout: Layout, construction: str, eos_scope: str,
                 for i in targets:
                     src[i] = (fill, None)
 
-            if (part.in_context or part.in_entry) and targets:
-                dest = out_ent[part.cond_key] if part.in_entry else out
-                from_t = (donor_ent.get(part.cond_key) if swap else base_ent[part.cond_key]) if part.in_entry else \
-                    (donor if swap else base)
+            if part.written and targets:
+                if part.in_entry:
+                    dest, from_t = out_ent[part.cond_key], (donor_ent if swap else base_ent).get(part.cond_key)
+                else:
+                    dest, from_t = out, donor if swap else base
                 _write(dest, targets, part.channels, fill, gen, from_t, [src[i][1] for i in targets])
             for i in range(chunk.start, chunk.end):
                 rows.append(Provenance(i, shown[i][0], klass[i], src[i][0], src[i][1]))

@@ -56,6 +56,11 @@ class EncoderPart:
         """Its states are a conditioning entry of their own (``cond_key``), which the constructions rebuild too."""
         return self.encoded and self.channels is not None and self.cond_key is not None
 
+    @property
+    def written(self) -> bool:
+        """The constructions write its states: in the context or in its own entry (not a pooled-only encoder)."""
+        return self.encoded and self.channels is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
