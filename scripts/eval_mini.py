@@ -21,6 +21,14 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
                the low / high parts of the x0 prediction to the final, per step) and Fig. 1b analogue with
                nodes/attention/capture.py (how fast the shape token's cross-attention map converges to its
                final layout). Each part is skipped with a message if its module is not in the pack.
+5. words       (weights trained on the v2 world, ``train_mini.py --sign-rate``) the rate at which RapidOCR
+               reads exactly the prompted word on held-out sign prompts (word-colour and word-shape pairs never
+               trained on) and on seen ones, and the judge's shape / colour of the object next to a sign.
+6. edit        (v2 weights) paper 2 on the demo model: TextLayerLocalize with score=ocr on one sign pair finds
+               the text layers (and the share of the UNet's parameters they hold); then, on held-out sign
+               prompts, the word edit of patching only them vs. the paper's baselines, editing the whole prompt
+               (same seed) and patching every layer: how often OCR reads the target word, and the background
+               MSE / SSIM against the source image (text boxes masked, nodes/shared/ocr.py).
 
     .venv/bin/python scripts/eval_mini.py                     # all four, default sizes
     .venv/bin/python scripts/eval_mini.py --only quality table2 --n 4
@@ -40,7 +48,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("quality", "table1", "table2", "curves")
+PARTS = ("quality", "table1", "table2", "curves", "words", "edit")
 CUTOFFS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -151,6 +159,125 @@ class Evaluator:
             for prompt, row in out[g]["prompts"].items():
                 print(f"   {g:<9} {prompt:<24} " + "  ".join(f"{a} {_pct(v).strip()}" for a, v in row.items()))
         print(f"target (held-out shape and colour >= 80 %): {'MET' if out['meets_targets'] else 'NOT MET'}")
+        return out
+
+    # ---- 5. words
+    def trained_signs(self) -> bool:
+        record = self.weights / "training_record.json"
+        return record.is_file() and json.loads(record.read_text()).get("plan", {}).get("sign_rate", 0) > 0
+
+    def words(self) -> dict:
+        w = self.world
+        if not self.trained_signs():
+            print("\n== 5. Words: skipped (these weights were trained without signs: train_mini.py --sign-rate) ==")
+            return {"skipped": "weights trained without signs"}
+        held = w.heldout_sign_prompts()
+        seen = [w.sign_caption(word, w.COLOUR_NAMES[(i + 4) % 8]) for i, word in enumerate(w.WORDS)]
+        out = {}
+        for group, prompts in (("held_out", held), ("seen", seen)):
+            per_prompt, grid, hits, objects = {}, [], 0, [0, 0, 0]
+            for k, prompt in enumerate(prompts):
+                images = self.sample(self.encode(prompt), self.seed + k)
+                grid.extend(images)
+                parts = w.parse_prompt(prompt)
+                read = self.tm.ocr_reads(images, [parts[-1]["sign"]] * len(images))
+                hits += sum(read)
+                per_prompt[prompt] = sum(read) / len(images)
+                if len(parts) == 2:  # the judge on the object next to the sign
+                    judged = self.judge_images(images)
+                    objects[0] += sum(v == parts[0]["shape"] for v in judged["shape"])
+                    objects[1] += sum(v == parts[0]["colour"] for v in judged["colour"])
+                    objects[2] += len(images)
+            self.save_grid(f"words_{group}", grid, self.n)
+            out[group] = {"prompts": per_prompt, "word_acc": hits / (len(prompts) * self.n),
+                          "object_shape_acc": objects[0] / objects[2] if objects[2] else None,
+                          "object_colour_acc": objects[1] / objects[2] if objects[2] else None}
+        out["targets"] = {"word_acc_held_out": 0.7}
+        out["meets_targets"] = out["held_out"]["word_acc"] >= 0.7
+        print(f"\n== 5. Words (OCR reads the prompted word exactly; {self.n} images per prompt) ==")
+        for g in ("held_out", "seen"):
+            r = out[g]
+            print(f"{g:<10} word {_pct(r['word_acc'])}  object next to the sign: shape {_pct(r['object_shape_acc'])} "
+                  f"colour {_pct(r['object_colour_acc'])}")
+        print(f"target (held-out words >= 70 %): {'MET' if out['meets_targets'] else 'NOT MET'}")
+        return out
+
+    # ---- 6. edit
+    def edit_pairs(self, count: int) -> list[tuple[str, str, str]]:
+        """(source prompt, target prompt, target word): held-out sign prompts with their word replaced."""
+        w = self.world
+        out = []
+        for k, prompt in enumerate(w.heldout_sign_prompts()[:count]):
+            word = w.parse_prompt(prompt)[-1]["sign"]
+            target = w.WORDS[(w.WORDS.index(word) + 5 + k) % len(w.WORDS)]
+            out.append((prompt, prompt.replace(f'"{word}"', f'"{target}"'), target))
+        return out
+
+    def text_layer_params(self, layers: str) -> dict:
+        """The selected layers' attention parameters as a share of the UNet's."""
+        from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
+
+        ml = model_layers(self.model, "eval")
+        prefixes = tuple(p for layer in parse_layers(layers, ml) for p in weight_prefixes(ml, layer))
+        sd = self.model.model.state_dict()
+        total = sum(v.numel() for k, v in sd.items() if k.startswith("diffusion_model."))
+        chosen = sum(v.numel() for k, v in sd.items() if k.startswith(prefixes))
+        return {"params": chosen, "unet_params": total, "share": chosen / total}
+
+    def edit(self, n_pairs: int) -> dict:
+        tl = _optional("text_layers.localize")
+        why = "weights trained without signs" if not self.trained_signs() else \
+            "nodes/text_layers is not in the pack" if tl is None else ""
+        if why:
+            print(f"\n== 6. Edit: skipped ({why}) ==")
+            return {"skipped": why}
+        from prompt_anatomy.nodes.shared import ocr
+        from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
+
+        torch = self.torch
+        pairs = self.edit_pairs(n_pairs)
+        src0, tgt0, word0 = pairs[0]
+        latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
+        with torch.no_grad():  # as ComfyUI runs nodes
+            scores, *_, best, _ = tl.localize(self.model, self.encode(src0), self.encode(tgt0), self.encode(""),
+                                              latent, seed=self.seed, steps=self.steps, cfg=self.cfg, score="ocr",
+                                              vae=self.vae, target_text=word0, top_k=2)
+        found = {"pair": [src0, tgt0], "layers": best, **self.text_layer_params(best),
+                 "ranking": [(c.label, round(c.score, 4)) for c in tl.rank(scores)]}
+        methods = {"patch_localized": best, "patch_all_layers": "all", "whole_prompt": None}
+        tallies = {m: {"target_read": 0, "source_read": 0, "bg_mse": [], "bg_ssim": []} for m in methods}
+        for k, (src, tgt, word) in enumerate(pairs):
+            source = self.sample(self.encode(src), self.seed + k)
+            source_words = ocr.read(source)
+            for m, layers in methods.items():
+                if layers is None:
+                    images = self.sample(self.encode(tgt), self.seed + k)
+                else:
+                    patched, _ = apply_text_layer_patch(self.model, self.encode(tgt), layers)
+                    images = self.sample(self.encode(src), self.seed + k, model=patched)
+                old = self.world.parse_prompt(src)[-1]["sign"]
+                for i in range(len(images)):
+                    r = ocr.score_edit(source[i:i + 1], images[i:i + 1], word, source_words=source_words[i])
+                    t = tallies[m]
+                    t["target_read"] += int(r["exact"])
+                    t["source_read"] += int(ocr.exact_match(r["text"], old))
+                    t["bg_mse"].append(r["bg_mse"])
+                    t["bg_ssim"].append(r["bg_ssim"])
+        n = len(pairs) * self.n
+        out = {"localize": found, "pairs": len(pairs), "images": n,
+               **{m: {"target_word_acc": t["target_read"] / n, "source_word_kept": t["source_read"] / n,
+                      "bg_mse": statistics.fmean(t["bg_mse"]), "bg_ssim": statistics.fmean(t["bg_ssim"])}
+                  for m, t in tallies.items()}}
+        out["targets"] = {"target_word_acc_patch_localized": 0.7}
+        out["meets_targets"] = out["patch_localized"]["target_word_acc"] >= 0.7
+        print(f"\n== 6. Edit (paper 2): localized layers {best} hold {100 * found['share']:.2f} % of the UNet's "
+              f"parameters; {len(pairs)} held-out pairs x {self.n} images ==")
+        print(f"{'method':<18} {'target word':>12} {'source kept':>12} {'bg MSE':>9} {'bg SSIM':>8}")
+        for m in methods:
+            r = out[m]
+            print(f"{m:<18} {_pct(r['target_word_acc']):>12} {_pct(r['source_word_kept']):>12} {r['bg_mse']:>9.4f} "
+                  f"{r['bg_ssim']:>8.3f}")
+        print(f"target (patched held-out words read as the target >= 70 %): {'MET' if out['meets_targets'] else 'NOT MET'}")
         return out
 
     # ---- 2. table 1
@@ -380,6 +507,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", nargs="*", choices=PARTS, help="run only these parts")
     ap.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
     ap.add_argument("--pairs", type=int, default=12, help="prompt pairs for table 1 (default 12)")
+    ap.add_argument("--edit-pairs", type=int, default=16, help="held-out sign pairs for the edit part (default 16)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats for table 2 (best of; default 3)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
@@ -391,7 +519,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "mini_eval")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.pairs, args.repeats = 2, 3, 1
+        args.n, args.pairs, args.repeats, args.edit_pairs = 2, 3, 1, 2
     ev = Evaluator(args.weights, args.steps, args.cfg, args.sampler, args.scheduler, args.n, args.seed, args.out_dir)
     ev.torch.set_num_threads(max(1, args.threads))
     parts = args.only or PARTS
@@ -405,6 +533,10 @@ def main(argv: list[str]) -> int:
             ev.results["table2"] = ev.table2(args.repeats)
         elif part == "curves":
             ev.results["curves"] = ev.curves()
+        elif part == "words":
+            ev.results["words"] = ev.words()
+        elif part == "edit":
+            ev.results["edit"] = ev.edit(args.edit_pairs)
     ev.results["seconds"] = time.time() - t0
     if args.out_dir is not None:
         (args.out_dir / "results.json").write_text(json.dumps(ev.results, indent=1, default=str))

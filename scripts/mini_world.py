@@ -13,9 +13,18 @@ a neutral background, with a caption from templates like paper 1's PromptSet:
 Vocabulary: 8 colours, 6 shapes, 3 textures (plus plain), 6 background tones (with jitter and optional
 gradients); object size 24..48 px (18..28 px each in two-object scenes), random position and rotation.
 
+Signs (the v2 world, ``sign_rate`` > 0): a coloured plate carrying one upper-case word of :data:`WORDS` (each
+one CLIP BPE token) in one of :data:`FONTS`, alone or below / above one plain object:
+
+    'a sign that says "CAT"'           plate of an unnamed (random) colour
+    'a {colour} sign that says "CAT"'  plate colour named
+    'a {colour} {shape} and a sign that says "CAT"'
+
 Held-out set: the (colour, shape) pairs of :data:`HELD_OUT_COLOUR_SHAPE` and the (texture, shape) pairs of
 :data:`HELD_OUT_TEXTURE_SHAPE` never occur in the ``train`` split -- not in any caption and not in any
-image, not even with the attribute left unnamed -- so prompts naming them test composition.
+image, not even with the attribute left unnamed -- so prompts naming them test composition. Likewise the
+(word, plate colour) pairs of :data:`HELD_OUT_WORD_COLOUR` and the (word, companion shape) pairs of
+:data:`HELD_OUT_WORD_SHAPE`.
 
 Everything is deterministic: sample ``index`` of split ``split`` with world seed ``seed`` is drawn from
 ``random.Random(f"{seed}:{split}:{index}")`` (string seeds hash with SHA-512: the same on every machine
@@ -29,14 +38,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import random
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 64  # image side in pixels (8 x 8 latents at the autoencoder's 8 x compression)
 SUPERSAMPLE = 4  # drawn at SIZE * SUPERSAMPLE, then box-filtered down (anti-aliasing)
@@ -67,6 +78,21 @@ HELD_OUT_COLOUR_SHAPE: frozenset[tuple[str, str]] = frozenset(
 HELD_OUT_TEXTURE_SHAPE: frozenset[tuple[str, str]] = frozenset(
     {("striped", "triangle"), ("dotted", "star"), ("checkered", "heart")})
 
+# sign words: 3 letters, each a single CLIP BPE token (lower-cased by the tokenizer), none a world word
+WORDS: tuple[str, ...] = ("CAT", "DOG", "SUN", "BUS", "CAR", "BOX", "HAT", "PEN", "CUP", "KEY", "MAP", "EGG",
+                          "FOX", "OWL", "BEE", "ZOO", "TOY", "JAM", "ICE", "SKY", "NET", "BAG", "BED", "PIG")
+# bold faces of Debian's fonts-dejavu-core and fonts-liberation
+FONT_DIR = Path("/usr/share/fonts/truetype")
+FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mono": "dejavu/DejaVuSansMono-Bold.ttf",
+                         "liberation_sans": "liberation/LiberationSans-Bold.ttf"}
+SIGN_TEXT_PX = (13.0, 16.0)  # cap height range of a sign's word at 64 px
+SIGN_PAD = 3.5  # plate margin around the word, px at 64 px
+HELD_OUT_WORD_COLOUR: frozenset[tuple[str, str]] = frozenset(
+    (w, COLOUR_NAMES[i % len(COLOUR_NAMES)]) for i, w in enumerate(WORDS))
+HELD_OUT_WORD_SHAPE: frozenset[tuple[str, str]] = frozenset(
+    (w, SHAPES[(i // 4 + i) % len(SHAPES)]) for i, w in enumerate(WORDS))
+SIGN_WITH_OBJECT_RATE = 0.35  # share of sign scenes that also show an object
+
 SPLITS = ("train", "heldout", "all")
 TWO_OBJECT_RATE = 0.12  # share of two-object scenes in the train split
 TEXTURED_RATE = 0.5  # share of textured single objects
@@ -87,11 +113,24 @@ class Obj:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sign:
+    word: str  # one of WORDS
+    colour: str  # plate colour name
+    rgb: tuple[int, int, int]  # jittered plate colour
+    ink: tuple[int, int, int]  # word colour: dark on light plates, white on dark ones
+    font: str  # key of FONTS
+    cx: float  # centre, pixels of the SIZE x SIZE image
+    cy: float
+    text_px: float  # cap height of the word
+
+
+@dataclasses.dataclass(frozen=True)
 class Scene:
     objects: tuple[Obj, ...]
     background: tuple[int, int, int]
     gradient: tuple[float, float] | None  # (direction degrees, amplitude) or None
     prompt: str
+    sign: Sign | None = None
 
     @property
     def labels(self) -> tuple[int, int, int]:
@@ -104,8 +143,15 @@ def is_held_out(colour: str | None, shape: str, texture: str | None = None) -> b
     return (colour, shape) in HELD_OUT_COLOUR_SHAPE or (texture, shape) in HELD_OUT_TEXTURE_SHAPE
 
 
+def sign_is_held_out(word: str, colour: str | None, shape: str | None) -> bool:
+    return (word, colour) in HELD_OUT_WORD_COLOUR or (word, shape) in HELD_OUT_WORD_SHAPE
+
+
 def scene_is_held_out(scene: Scene) -> bool:
-    return any(is_held_out(o.colour, o.shape, o.texture) for o in scene.objects)
+    sign = scene.sign
+    shape = scene.objects[0].shape if scene.objects else None
+    return any(is_held_out(o.colour, o.shape, o.texture) for o in scene.objects) or \
+        (sign is not None and sign_is_held_out(sign.word, sign.colour, shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,11 +162,32 @@ def caption(colour: str | None, shape: str, texture: str | None = None) -> str:
     return " ".join(["an" if words[0][0] in "aeiou" else "a"] + words)
 
 
+def sign_caption(word: str, colour: str | None = None, obj: tuple[str, str] | None = None) -> str:
+    """'a [colour] sign that says "WORD"', after 'a {colour} {shape} and ' when ``obj`` = (colour, shape)."""
+    text = f'{caption(colour, "sign")} that says "{word}"'
+    return f"{caption(*obj)} and {text}" if obj else text
+
+
+_SIGN_PART = re.compile(r'^an? (?:(\w+) )?sign that says "(\w+)"$')
+
+
+def _parse_sign(part: str, prompt: str) -> dict:
+    m = _SIGN_PART.match(part)
+    if not m or m.group(2).upper() not in WORDS or (m.group(1) and m.group(1) not in COLOURS):
+        raise ValueError(f'prompt {prompt!r}: a sign must read \'a [colour] sign that says "WORD"\' with WORD one of '
+                         f"{', '.join(WORDS)}.")
+    return {"sign": m.group(2).upper(), "colour": m.group(1)}
+
+
 def parse_prompt(prompt: str) -> list[dict]:
-    """Inverse of the templates: one dict (colour, texture, shape; None where unnamed) per object.
-    Raises ValueError for text outside the world's vocabulary."""
+    """Inverse of the templates: one dict (colour, texture, shape; None where unnamed) per object, and for a
+    sign {"sign": WORD, "colour": plate colour or None}. Raises ValueError for text outside the world's
+    vocabulary."""
     objs = []
     for part in prompt.strip().lower().split(" and "):
+        if " sign that says " in part:
+            objs.append(_parse_sign(part.strip(), prompt))
+            continue
         words = part.split()
         if not words or words[0] not in ("a", "an"):
             raise ValueError(f"prompt {prompt!r}: each object must start with 'a' (template 'a [colour] [texture] shape').")
@@ -161,6 +228,32 @@ def heldout_eval_prompts() -> list[str]:
         sorted(caption(None, s, t) for t, s in HELD_OUT_TEXTURE_SHAPE)
 
 
+def sign_prompts(split: str = "all") -> list[str]:
+    """Every sign caption of a split ('train': naming no held-out pair; 'heldout': naming one)."""
+    _check_split(split)
+    out = []
+    for word in WORDS:
+        cands = [(c, None) for c in (None, *COLOUR_NAMES)] + [(None, (c, s)) for c in COLOUR_NAMES for s in SHAPES]
+        for colour, obj in cands:
+            if obj is not None and is_held_out(obj[0], obj[1]):
+                continue  # a held-out colour-shape pair is not a sign test
+            held = sign_is_held_out(word, colour, obj[1] if obj else None)
+            if split == "all" or (split == "train") != held:
+                out.append(sign_caption(word, colour, obj))
+    return out
+
+
+def heldout_sign_prompts() -> list[str]:
+    """The sign prompts the word-accuracy measurement uses: 'a {colour} sign that says "WORD"' for every
+    held-out (word, colour) pair and 'a {colour} {shape} and a sign that says "WORD"' for every held-out
+    (word, shape) pair (the object's colour: the first one not held out with that shape)."""
+    out = [sign_caption(w, c) for w, c in sorted(HELD_OUT_WORD_COLOUR)]
+    for w, s in sorted(HELD_OUT_WORD_SHAPE):
+        colour = next(c for c in COLOUR_NAMES[(WORDS.index(w) + 3) % 8:] + COLOUR_NAMES if not is_held_out(c, s))
+        out.append(sign_caption(w, None, (colour, s)))
+    return out
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
@@ -197,12 +290,16 @@ def _background(rng):
     return bg, grad
 
 
-def sample_scene(rng: random.Random, split: str = "train", two_object_rate: float | None = None) -> Scene:
+def sample_scene(rng: random.Random, split: str = "train", two_object_rate: float | None = None,
+                 sign_rate: float = 0.0) -> Scene:
     """A random scene of ``split`` ('train': no held-out combination anywhere; 'heldout': the (first)
-    object is a held-out combination, named in the caption; 'all': anything)."""
+    object or the sign is a held-out combination, named in the caption; 'all': anything). A share
+    ``sign_rate`` of the scenes shows a sign (0: the v1 world, drawn exactly as before)."""
     _check_split(split)
     rate = TWO_OBJECT_RATE if two_object_rate is None else two_object_rate
     bg, grad = _background(rng)
+    if sign_rate and rng.random() < sign_rate:
+        return _sign_scene(rng, split, bg, grad)
     if split != "heldout" and rng.random() < rate:
         return _two_object_scene(rng, split, bg, grad)
     colour, shape, texture = _pick_attributes(rng, split)
@@ -242,10 +339,54 @@ def _two_object_scene(rng, split, bg, grad) -> Scene:
     return Scene(tuple(objs), bg, grad, prompt)
 
 
+def _sign_scene(rng, split, bg, grad) -> Scene:
+    """A sign, alone or with one plain object (drawn from the train pairs), whose (word, plate colour) and
+    (word, object shape) pairs fit the split."""
+    with_obj = rng.random() < SIGN_WITH_OBJECT_RATE
+    while True:
+        word, colour = rng.choice(WORDS), rng.choice(COLOUR_NAMES)
+        obj = _pick_attributes(rng, "train", texture_allowed=False)[:2] if with_obj else None
+        if obj is not None and obj[0] == colour:
+            continue
+        held = sign_is_held_out(word, colour, obj[1] if obj else None)
+        if split == "all" or (split == "train") != held:
+            break
+    name_colour = (word, colour) in HELD_OUT_WORD_COLOUR if split == "heldout" and obj is None else rng.random() < 0.6
+    prompt = sign_caption(word, colour if name_colour else None, obj)
+    return _layout_sign(rng, word, colour, obj, bg, grad, prompt)
+
+
+def _layout_sign(rng, word, colour, obj, bg, grad, prompt) -> Scene:
+    """Place the sign (and the object, in the other half) at random; the sign never leaves the image."""
+    font, text_px = rng.choice(tuple(FONTS)), rng.uniform(*SIGN_TEXT_PX)
+    w, h = sign_size(word, font, text_px)
+    rgb = _jitter(COLOURS[colour], rng, 14)
+    ink = (24, 24, 24) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 150 else (248, 248, 248)
+    objects: tuple[Obj, ...] = ()
+    if obj is None:
+        cx, cy = rng.uniform(w / 2 + 1, SIZE - w / 2 - 1), rng.uniform(h / 2 + 1, SIZE - h / 2 - 1)
+    else:
+        top = rng.random() < 0.5  # the sign's half
+        lo = 0.0 if top else SIZE / 2
+        cx, cy = rng.uniform(w / 2 + 1, SIZE - w / 2 - 1), rng.uniform(lo + h / 2 + 1, lo + SIZE / 2 - h / 2)
+        size = rng.uniform(18.0, 26.0)
+        r = size / 2 + 1
+        olo = SIZE / 2 if top else 0.0
+        objects = (_make_obj(rng, obj[0], obj[1], PLAIN, rng.uniform(r, SIZE - r), rng.uniform(olo + r, olo + SIZE / 2 - r),
+                             size),)
+    sign = Sign(word=word, colour=colour, rgb=rgb, ink=ink, font=font, cx=cx, cy=cy, text_px=text_px)
+    return Scene(objects, bg, grad, prompt, sign)
+
+
 def scene_for_prompt(prompt: str, rng: random.Random) -> Scene:
     """A scene matching ``prompt`` (unnamed attributes drawn at random; unnamed texture = plain)."""
     parsed = parse_prompt(prompt)
     bg, grad = _background(rng)
+    if "sign" in parsed[-1]:
+        sign = parsed[-1]
+        obj = (parsed[0]["colour"] or rng.choice(COLOUR_NAMES), parsed[0]["shape"]) if len(parsed) == 2 else None
+        colour = sign["colour"] or rng.choice([c for c in COLOUR_NAMES if not obj or c != obj[0]])
+        return _layout_sign(rng, sign["sign"], colour, obj, bg, grad, prompt)
     objs = []
     n = len(parsed)
     for k, d in enumerate(parsed):
@@ -360,6 +501,38 @@ def _background_image(scene: Scene, n: int) -> Image.Image:
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
+@functools.lru_cache(maxsize=64)
+def _font(name: str, px: int) -> ImageFont.FreeTypeFont:
+    path = FONT_DIR / FONTS[name]
+    if not path.exists():
+        raise FileNotFoundError(f"the mini world's sign font {path} is missing: install Debian's fonts-dejavu-core "
+                                f"and fonts-liberation (apt-get install fonts-dejavu-core fonts-liberation).")
+    return ImageFont.truetype(str(path), px)
+
+
+def _text_box(word: str, font: str, px: float) -> tuple[int, int, int, int]:
+    """The word's ink box (x0, y0, x1, y1) at font size ``px`` (rounded: drawing uses whole pixel sizes)."""
+    return _font(font, max(1, round(px))).getbbox(word)
+
+
+def sign_size(word: str, font: str, text_px: float) -> tuple[float, float]:
+    """(width, height) of the sign's plate at 64 px: the word's ink box plus :data:`SIGN_PAD` on each side."""
+    x0, y0, x1, y1 = _text_box(word, font, text_px * SUPERSAMPLE)
+    return (x1 - x0) / SUPERSAMPLE + 2 * SIGN_PAD, (y1 - y0) / SUPERSAMPLE + 2 * SIGN_PAD
+
+
+def _draw_sign(img: Image.Image, sign: Sign, k: float) -> None:
+    """The plate (rounded rectangle) and the word centred on it, at scale ``k`` of the 64 px geometry."""
+    px = sign.text_px * k
+    x0, y0, x1, y1 = _text_box(sign.word, sign.font, px)
+    w, h = sign_size(sign.word, sign.font, sign.text_px)
+    cx, cy = sign.cx * k, sign.cy * k
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([cx - w * k / 2, cy - h * k / 2, cx + w * k / 2, cy + h * k / 2], radius=2 * k, fill=sign.rgb)
+    d.text((cx - (x1 + x0) / 2, cy - (y1 + y0) / 2), sign.word, font=_font(sign.font, max(1, round(px))),
+           fill=sign.ink)
+
+
 def render(scene: Scene, size: int = SIZE) -> Image.Image:
     """The scene as a ``size`` x ``size`` RGB PIL image (drawn at 4x, box-filtered down)."""
     n = size * SUPERSAMPLE
@@ -375,23 +548,26 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
         else:
             d.polygon(_rotate(poly, cx, cy, obj.angle), fill=255)
         img.paste(_pattern(obj, n), (0, 0), mask)
+    if scene.sign is not None:
+        _draw_sign(img, scene.sign, k)
     return img.resize((size, size), Image.Resampling.BOX)
 
 
 # ----------------------------------------------------------------------------------------------
 # datasets
 # ----------------------------------------------------------------------------------------------
-def sample(index: int, split: str = "train", seed: int = WORLD_SEED, two_object_rate: float | None = None) -> Scene:
+def sample(index: int, split: str = "train", seed: int = WORLD_SEED, two_object_rate: float | None = None,
+           sign_rate: float = 0.0) -> Scene:
     """Scene ``index`` of ``split`` for world seed ``seed`` (deterministic, independent of other indices)."""
     _check_split(split)
     rng = random.Random(f"{seed}:{split}:{index}")
-    return sample_scene(rng, split, two_object_rate)
+    return sample_scene(rng, split, two_object_rate, sign_rate)
 
 
 def make_dataset(n: int, split: str = "train", seed: int = WORLD_SEED, start: int = 0,
-                 two_object_rate: float | None = None) -> tuple[np.ndarray, list[Scene]]:
+                 two_object_rate: float | None = None, sign_rate: float = 0.0) -> tuple[np.ndarray, list[Scene]]:
     """``n`` samples (indices start..start+n-1): uint8 images [n, SIZE, SIZE, 3] and their scenes."""
-    scenes = [sample(start + i, split, seed, two_object_rate) for i in range(n)]
+    scenes = [sample(start + i, split, seed, two_object_rate, sign_rate) for i in range(n)]
     images = np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]) if scenes else \
         np.zeros((0, SIZE, SIZE, 3), np.uint8)
     return images, scenes
@@ -415,8 +591,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("-n", type=int, default=32, help="number of samples in the grid")
     p.add_argument("--seed", type=int, default=WORLD_SEED)
+    p.add_argument("--sign-rate", type=float, default=0.0, help="share of scenes with a sign (v2 world: 0.5)")
     args = p.parse_args(argv)
-    images, scenes = make_dataset(args.n, args.split, args.seed)
+    images, scenes = make_dataset(args.n, args.split, args.seed, sign_rate=args.sign_rate)
     for i, s in enumerate(scenes):
         print(f"{i:4d}  {s.prompt}")
     if args.grid:

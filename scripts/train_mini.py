@@ -81,6 +81,8 @@ class Plan:
     n_train: int = 24000
     n_judge: int = 12000
     n_val: int = 512
+    sign_rate: float = 0.0  # share of train scenes with a sign (the v2 world); 0 = v1's world
+    n_val_signs: int = 128  # sign scenes for the OCR gates (only when sign_rate > 0)
     judge_steps: int = 1000
     judge_batch: int = 64
     judge_lr: float = 2e-3
@@ -104,7 +106,7 @@ class Plan:
 
 
 DEFAULT_PLAN = Plan()
-SMOKE_PLAN = Plan(n_train=512, n_judge=512, n_val=64, judge_steps=12, vae_steps=12, text_steps=12, unet_steps=30,
+SMOKE_PLAN = Plan(n_train=512, n_judge=512, n_val=64, n_val_signs=32, judge_steps=12, vae_steps=12, text_steps=12, unet_steps=30,
                   unet_warmup=5)
 
 
@@ -561,25 +563,39 @@ class Trainer:
         timing = {}
         if path.exists():
             z = np.load(path, allow_pickle=False)
-            train, judge_imgs, val = z["train"], z["judge"], z["val"]
+            train, judge_imgs, val, val_signs = z["train"], z["judge"], z["val"], z["val_signs"]
         else:
             t0, c0 = time.time(), time.process_time()
-            train, _ = self.world.make_dataset(p.n_train, "train", p.world_seed)
+            train, _ = self.world.make_dataset(p.n_train, "train", p.world_seed, sign_rate=p.sign_rate)
             judge_imgs, _ = self.world.make_dataset(p.n_judge, "all", p.world_seed, two_object_rate=0.0)
             val, _ = self.world.make_dataset(p.n_val, "all", p.world_seed, start=p.n_judge, two_object_rate=0.0)
-            np.savez(path, train=train, judge=judge_imgs, val=val)
+            val_signs, _ = self.world.make_dataset(self._n_val_signs(), "all", p.world_seed, start=p.n_judge + p.n_val,
+                                                   sign_rate=1.0)
+            np.savez(path, train=train, judge=judge_imgs, val=val, val_signs=val_signs)
             timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-            LOG.info("data: %d train, %d judge, %d validation images drawn in %.1f s", len(train), len(judge_imgs),
-                     len(val), timing["wall_s"])
+            LOG.info("data: %d train, %d judge, %d + %d validation images drawn in %.1f s", len(train),
+                     len(judge_imgs), len(val), len(val_signs), timing["wall_s"])
         # scenes are cheap to redraw (no rendering) and deterministic
-        train_scenes = [self.world.sample(i, "train", p.world_seed) for i in range(p.n_train)]
+        train_scenes = [self.world.sample(i, "train", p.world_seed, sign_rate=p.sign_rate) for i in range(p.n_train)]
         judge_scenes = [self.world.sample(i, "all", p.world_seed, 0.0) for i in range(p.n_judge)]
         val_scenes = [self.world.sample(p.n_judge + i, "all", p.world_seed, 0.0) for i in range(p.n_val)]
+        sign_scenes = [self.world.sample(p.n_judge + p.n_val + i, "all", p.world_seed, sign_rate=1.0)
+                       for i in range(self._n_val_signs())]
         self.cache["data"] = (train, train_scenes, judge_imgs, judge_scenes, val, val_scenes)
+        self.cache["val_signs"] = (val_signs, sign_scenes)
         if not self.done("data"):
             self.finish_stage("data", {"n_train": len(train), "n_judge": len(judge_imgs), "n_val": len(val),
+                                       "n_val_signs": len(val_signs),
                                        "distinct_train_prompts": len({s.prompt for s in train_scenes}), **timing})
         return self.cache["data"]
+
+    def _n_val_signs(self) -> int:
+        return self.plan.n_val_signs if self.plan.sign_rate > 0 else 0
+
+    def val_signs(self):
+        """(uint8 images, scenes) of the sign validation scenes (none in the v1 world)."""
+        self.data()
+        return self.cache["val_signs"]
 
     def to_float(self, images_uint8, idx=None):
         """uint8 [N, H, W, 3] -> float [N, 3, H, W] in 0..1."""
@@ -678,7 +694,7 @@ class Trainer:
         fp16_round_(ae)
         rec["metrics"] = {**vae_metrics(ae, self.to_float(val) * 2 - 1, judge),
                           "latent_std_before_standardising": stats["std"],
-                          "latent_mean_before_standardising": stats["mean"]}
+                          "latent_mean_before_standardising": stats["mean"], **self._vae_word_metrics(ae)}
         with torch.no_grad():
             z = ae.encode(self.to_float(train[:512]) * 2 - 1) * LATENT_SCALE
         rec["metrics"].update({"scaled_latent_std": float(z.std()), "scaled_latent_mean": float(z.mean())})
@@ -690,6 +706,21 @@ class Trainer:
         save_component(path, ae.state_dict(), vae_component_config(demo), {"steps": steps, **rec["metrics"]})
         self.finish_stage("vae", rec)
         return path
+
+    def _vae_word_metrics(self, ae) -> dict:
+        """OCR word accuracy on the drawn sign validation images and on their reconstructions (the ceiling of
+        the words the UNet can render through this autoencoder); nothing in the v1 world."""
+        torch = self.torch
+        imgs, scenes = self.val_signs()
+        if not scenes:
+            return {}
+        x = self.to_float(imgs)
+        with torch.no_grad():
+            out = torch.cat([ae.decode(ae.encode(x[i:i + 128] * 2 - 1)) for i in range(0, len(x), 128)])
+        words = [s.sign.word for s in scenes]
+        drawn = ocr_reads(x.permute(0, 2, 3, 1), words)
+        rec = ocr_reads(((out.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), words)
+        return {"ocr_word_acc_drawn": sum(drawn) / len(words), "ocr_word_acc_on_reconstructions": sum(rec) / len(words)}
 
     # ---- stage: text
     def stage_text(self):
@@ -989,6 +1020,15 @@ def vae_metrics(ae, x, judge) -> dict:
     return metrics
 
 
+def ocr_reads(images, words: list[str]) -> list[bool]:
+    """Per image: does RapidOCR (the pack's ``nodes/shared/ocr.py``) read exactly ``word`` (case, punctuation
+    and symbols ignored: a star read as '★' next to the sign does not count against it)? ``images``: float
+    [N, H, W, 3] in 0..1."""
+    ocr = importlib.import_module("prompt_anatomy.nodes.shared.ocr")
+    ocr.require("Training and evaluating the sign world")
+    return [ocr.exact_match(ocr.text_of(found), word) for found, word in zip(ocr.read(images), words, strict=True)]
+
+
 def check_text_forward(clip, texts) -> None:
     """text_forward must equal ComfyUI's CLIPTextModel forward (what CLIPTextEncode runs)."""
     import torch
@@ -1003,18 +1043,30 @@ def check_text_forward(clip, texts) -> None:
         raise RuntimeError(f"internal: the training forward of the text encoder differs from ComfyUI's by {err}")
 
 
+N_ATTRIBUTES = 8  # n_objects, colour0, shape0, texture0, colour1, shape1, sign word, sign plate colour
+
+
 def prompt_attributes(world, prompts):
-    """[P, 6] long: n_objects, colour0, shape0, texture0 (-1 = unnamed, wildcard), colour1, shape1."""
+    """[P, 8] long: n_objects, colour0, shape0, texture0, colour1, shape1, sign word, plate colour (-1 =
+    unnamed, a wildcard; the sign word is -1 = no sign, which must match)."""
     import torch
 
     rows = []
     for t in prompts:
-        objs = world.parse_prompt(t)
-        o0 = objs[0]
-        row = [len(objs), world.COLOUR_NAMES.index(o0["colour"]) if o0["colour"] else -1, world.SHAPES.index(o0["shape"]),
-               world.ALL_TEXTURES.index(o0["texture"]) if o0["texture"] else -1, -1, -1]
+        parts = world.parse_prompt(t)
+        objs = [d for d in parts if "sign" not in d]
+        row = [len(objs)] + [-1] * (N_ATTRIBUTES - 1)
+        if objs:
+            o0 = objs[0]
+            row[1] = world.COLOUR_NAMES.index(o0["colour"]) if o0["colour"] else -1
+            row[2] = world.SHAPES.index(o0["shape"])
+            row[3] = world.ALL_TEXTURES.index(o0["texture"]) if o0["texture"] else -1
         if len(objs) == 2:
             row[4], row[5] = world.COLOUR_NAMES.index(objs[1]["colour"]), world.SHAPES.index(objs[1]["shape"])
+        for d in parts:
+            if "sign" in d:
+                row[6] = world.WORDS.index(d["sign"])
+                row[7] = world.COLOUR_NAMES.index(d["colour"]) if d["colour"] else -1
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
@@ -1025,16 +1077,21 @@ def scene_attributes(world, scenes):
     rows = []
     for s in scenes:
         o = s.objects
-        row = [len(o), world.COLOUR_NAMES.index(o[0].colour), world.SHAPES.index(o[0].shape),
-               world.ALL_TEXTURES.index(o[0].texture), -1, -1]
+        row = [len(o)] + [-1] * (N_ATTRIBUTES - 1)
+        if o:
+            row[1:4] = [world.COLOUR_NAMES.index(o[0].colour), world.SHAPES.index(o[0].shape),
+                        world.ALL_TEXTURES.index(o[0].texture)]
         if len(o) == 2:
             row[4], row[5] = world.COLOUR_NAMES.index(o[1].colour), world.SHAPES.index(o[1].shape)
+        if s.sign is not None:
+            row[6], row[7] = world.WORDS.index(s.sign.word), world.COLOUR_NAMES.index(s.sign.colour)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
 
 def match_matrix(cap, img):
-    """[B, B] bool: caption i describes image j (named attributes equal; two objects in either order)."""
+    """[B, B] bool: caption i describes image j (named attributes equal; two objects in either order; the
+    same sign word, or no sign in either)."""
     c, i = cap[:, None, :], img[None, :, :]
     n_eq = c[..., 0] == i[..., 0]
     single = (c[..., 0] == 1) & ((c[..., 1] < 0) | (c[..., 1] == i[..., 1])) & (c[..., 2] == i[..., 2]) & \
@@ -1042,7 +1099,8 @@ def match_matrix(cap, img):
     same = (c[..., 1] == i[..., 1]) & (c[..., 2] == i[..., 2]) & (c[..., 4] == i[..., 4]) & (c[..., 5] == i[..., 5])
     swapped = (c[..., 1] == i[..., 4]) & (c[..., 2] == i[..., 5]) & (c[..., 4] == i[..., 1]) & (c[..., 5] == i[..., 2])
     double = (c[..., 0] == 2) & (same | swapped)
-    return n_eq & (single | double)
+    sign = (c[..., 6] == i[..., 6]) & ((c[..., 7] < 0) | (c[..., 7] == i[..., 7]))
+    return n_eq & ((c[..., 0] == 0) | single | double) & sign
 
 
 def multi_positive_ce(logits, match):
@@ -1074,6 +1132,29 @@ def text_retrieval_metrics(trainer, clip, tower, val, val_scenes) -> dict:
                                   for s in val_scenes])
             out[f"zero_shot_colour_acc_{name}"] = float((colour == truth[:, 0]).float().mean())
             out[f"zero_shot_shape_acc_{name}"] = float((shape == truth[:, 1]).float().mean())
+    return {**out, **_zero_shot_words(trainer, clip, tower)}
+
+
+def _zero_shot_words(trainer, clip, tower) -> dict:
+    """Zero-shot word classification of the sign validation images ('a sign that says "WORD"' for every word),
+    through the first [EOS] and padding position 60; nothing in the v1 world."""
+    import torch
+
+    world = trainer.world
+    imgs, scenes = trainer.val_signs()
+    if not scenes:
+        return {}
+    tm = clip.cond_stage_model.clip_l.transformer
+    toks = torch.tensor([token_ids(clip, world.sign_caption(w)) for w in world.WORDS], dtype=torch.long)
+    eos = (toks[:, 1:] == 49407).int().argmax(1) + 1
+    truth = torch.tensor([world.WORDS.index(s.sign.word) for s in scenes])
+    out = {}
+    with torch.no_grad():
+        h = text_forward(tm, toks)
+        iemb = torch.nn.functional.normalize(tower(trainer.to_float(imgs)), dim=-1)
+        for name, pos in (("eos", eos), ("pad60", torch.full_like(eos, 60))):
+            temb = torch.nn.functional.normalize(tm.text_projection(h[torch.arange(len(toks)), pos]), dim=-1)
+            out[f"zero_shot_word_acc_{name}"] = float(((iemb @ temb.T).argmax(1) == truth).float().mean())
     return out
 
 
@@ -1147,6 +1228,9 @@ def main(argv: list[str]) -> int:
                                                          "pipeline and time the steps; never writes models/")
     ap.add_argument("--steps", nargs="*", default=[], metavar="STAGE=N", help="override step counts, e.g. unet=12000")
     ap.add_argument("--seed", type=int, default=None, help="training seed (default 1234)")
+    ap.add_argument("--sign-rate", type=float, default=None,
+                    help="share of training scenes that show a sign with a word (the v2 world, e.g. 0.5; default 0: "
+                         "v1's world of shapes); needs rapidocr-onnxruntime for the OCR gates")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
@@ -1170,6 +1254,8 @@ def main(argv: list[str]) -> int:
     plan = dataclasses.replace(SMOKE_PLAN if args.smoke else DEFAULT_PLAN)
     if args.seed is not None:
         plan.seed = args.seed
+    if args.sign_rate is not None:
+        plan.sign_rate = args.sign_rate
     out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
     ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
     if args.fresh and ckpt.exists():

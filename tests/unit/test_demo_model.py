@@ -222,6 +222,21 @@ def test_contrastive_match_matrix():
     assert m.tolist() == [[True, False, False], [True, False, False], [False, True, False], [True, False, True]]
 
 
+def test_contrastive_match_matrix_with_signs():
+    """A sign caption matches images of that word only (plate colour a wildcard unless named; the object beside
+    it as a single-object caption); captions without a sign never match a sign image."""
+    tm = _train_mini()
+    world = tm.load_env()[1]
+    prompts = ['a sign that says "CAT"', 'a blue sign that says "CAT"', 'a red star and a sign that says "CAT"',
+               'a sign that says "DOG"', "a red star"]
+    scenes = [world.scene_for_prompt(p, __import__("random").Random(i)) for i, p in enumerate(
+        ['a blue sign that says "CAT"', 'a green sign that says "CAT"', 'a red star and a blue sign that says "CAT"',
+         "a red star"])]
+    m = tm.match_matrix(tm.prompt_attributes(world, prompts), tm.scene_attributes(world, scenes))
+    assert m.tolist() == [[True, True, False, False], [True, False, False, False], [False, False, True, False],
+                          [False, False, False, False], [False, False, False, True]]
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     tm = _train_mini()
 
@@ -325,3 +340,26 @@ def test_demo_lora_is_registered_once_and_keeps_only_the_selected_layers(monkeyp
     model = dm.PromptAnatomyDemoLoader.execute().args[0]
     out = tl_nodes.LoraLoaderTextLayers.execute(model, lora, 1.0, "output.2.0, output.3.0")
     assert "4 of 14" in out.args[1], out.args[1]
+
+
+def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(weights):
+    """scripts/eval_mini.py's paper-2 part: held-out source prompts, targets that differ in the quoted word only,
+    and the localized layers' share of the UNet's parameters counted from the attention modules themselves."""
+    import eval_mini
+
+    ev = eval_mini.Evaluator(weights[0], steps=2, cfg=1.0, sampler="euler", scheduler="normal", n=1, seed=0,
+                             out_dir=None)
+    world = ev.world
+    pairs = ev.edit_pairs(8)
+    assert len(pairs) == 8
+    for src, tgt, word in pairs:
+        old = world.parse_prompt(src)[-1]["sign"]
+        assert world.scene_is_held_out(world.scene_for_prompt(src, __import__("random").Random(0)))
+        assert word != old and tgt == src.replace(f'"{old}"', f'"{word}"')
+    dm_ = ev.model.model.diffusion_model
+    attn = [dm_.input_blocks[1][1].transformer_blocks[0].attn2, dm_.output_blocks[5][1].transformer_blocks[0].attn2]
+    share = ev.text_layer_params("input.1.0, output.5.0")
+    assert share["params"] == sum(p.numel() for a in attn for p in a.parameters())
+    assert share["unet_params"] == sum(p.numel() for p in dm_.parameters())
+    assert 0 < share["share"] < 0.05
+    assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 and 6 skip

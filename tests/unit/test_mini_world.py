@@ -154,3 +154,118 @@ def test_scene_for_prompt_matches_it():
 def test_bad_split_is_rejected():
     with pytest.raises(ValueError, match="split must be one of train, heldout, all"):
         w.sample(0, "test")
+
+
+# ---- the v2 world: signs with words -------------------------------------------------------------------------
+
+def test_sign_rate_zero_draws_v1s_world_exactly():
+    """sign_rate 0 consumes no random draw: v1's scenes, pixels and the pinned prompt stream stay as they were."""
+    for i in range(40):
+        assert w.sample(i, "train") == w.sample(i, "train", sign_rate=0.0)
+    assert all(w.sample(i, "train").sign is None for i in range(200))
+
+
+def test_sign_words_are_single_clip_tokens_outside_the_world_vocabulary():
+    from comfy_path import comfy_dir  # noqa: PLC0415
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(comfy_dir() / "comfy" / "sd1_tokenizer"))
+    assert 16 <= len(w.WORDS) <= 32 and len(set(w.WORDS)) == len(w.WORDS)
+    for word in w.WORDS:
+        assert word.isupper() and len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+        assert word.lower() not in (*w.COLOURS, *w.SHAPES, *w.TEXTURES, "sign", "says", "that", "a", "an", "and")
+
+
+def test_sign_captions_parse_back():
+    assert w.sign_caption("CAT") == 'a sign that says "CAT"'
+    assert w.sign_caption("OWL", "orange") == 'an orange sign that says "OWL"'
+    assert w.sign_caption("BEE", None, ("red", "star")) == 'a red star and a sign that says "BEE"'
+    assert w.parse_prompt('a red star and a blue sign that says "BEE"') == [
+        {"colour": "red", "texture": None, "shape": "star"}, {"sign": "BEE", "colour": "blue"}]
+    assert w.parse_prompt('A sign that says "cat"') == [{"sign": "CAT", "colour": None}]
+
+
+@pytest.mark.parametrize("text", ['a sign that says "ZEBRA"', 'a shiny sign that says "CAT"', 'a sign that says CAT'])
+def test_parse_prompt_rejects_other_signs(text):
+    with pytest.raises(ValueError, match='a sign must read \'a \\[colour\\] sign that says "WORD"\''):
+        w.parse_prompt(text)
+
+
+def test_train_split_never_shows_a_held_out_sign_pair():
+    scenes = [w.sample(i, "train", sign_rate=0.5) for i in range(3000)]
+    signs = [s for s in scenes if s.sign is not None]
+    assert 0.45 < len(signs) / len(scenes) < 0.55
+    for s in signs:
+        shape = s.objects[0].shape if s.objects else None
+        assert not w.sign_is_held_out(s.sign.word, s.sign.colour, shape), s
+        assert not w.scene_is_held_out(s), s
+        parsed = w.parse_prompt(s.prompt)
+        assert parsed[-1]["sign"] == s.sign.word and parsed[-1]["colour"] in (None, s.sign.colour)
+        if s.objects:
+            assert (parsed[0]["colour"], parsed[0]["shape"]) == (s.objects[0].colour, s.objects[0].shape)
+    # every word, plate colour, font and (word, shape) companion still occurs; only the held-out pairs do not
+    assert {s.sign.word for s in signs} == set(w.WORDS)
+    assert {s.sign.colour for s in signs} == set(w.COLOURS) and {s.sign.font for s in signs} == set(w.FONTS)
+    with_obj = sum(bool(s.objects) for s in signs) / len(signs)
+    assert 0.28 < with_obj < 0.42
+
+
+def test_held_out_sign_prompts_name_their_pair_and_are_never_trained():
+    evals = w.heldout_sign_prompts()
+    assert len(evals) == len(w.HELD_OUT_WORD_COLOUR) + len(w.HELD_OUT_WORD_SHAPE) == 2 * len(w.WORDS)
+    train = set(w.sign_prompts("train"))
+    held = set(w.sign_prompts("heldout"))
+    assert set(evals) <= held and train.isdisjoint(held)
+    assert train | held == set(w.sign_prompts("all"))
+    for p in evals:
+        parts = w.parse_prompt(p)
+        shape = parts[0]["shape"] if len(parts) == 2 else None
+        assert w.sign_is_held_out(parts[-1]["sign"], parts[-1]["colour"], shape), p
+    for i in range(200):
+        assert w.scene_is_held_out(w.sample(i, "heldout", sign_rate=1.0))
+
+
+def test_signs_fit_the_image_and_keep_clear_of_their_object():
+    for i in range(400):
+        s = w.sample(i, "all", sign_rate=1.0)
+        width, height = w.sign_size(s.sign.word, s.sign.font, s.sign.text_px)
+        assert width / 2 < s.sign.cx < 64 - width / 2 and height / 2 < s.sign.cy < 64 - height / 2
+        if s.objects:
+            o = s.objects[0]
+            assert (o.cy < 32) != (s.sign.cy < 32)  # other halves
+            assert abs(o.cy - s.sign.cy) >= o.size / 2 + height / 2 - 1
+
+
+def test_render_draws_the_plate_and_the_word():
+    sign = w.Sign("CAT", "blue", (35, 70, 215), (248, 248, 248), "dejavu_sans", 32.0, 32.0, 15.0)
+    scene = w.Scene((), (128, 128, 128), None, 'a blue sign that says "CAT"', sign)
+    img = np.asarray(w.render(scene)).astype(int)
+    width, height = w.sign_size("CAT", "dejavu_sans", 15.0)
+    plate = img[int(32 - height / 2) + 1:int(32 + height / 2) - 1, int(32 - width / 2) + 1:int(32 + width / 2) - 1]
+    blue = (np.abs(plate - (35, 70, 215)).sum(-1) < 30).mean()
+    ink = (plate.min(-1) > 200).mean()
+    assert 0.4 < blue < 0.9 and 0.08 < ink < 0.5  # plate with white letters on it
+    assert tuple(img[2, 2]) == (128, 128, 128)
+    dark = dataclass_replace(sign, colour="yellow", rgb=(240, 215, 35))
+    assert w.scene_for_prompt('a yellow sign that says "CAT"', random.Random(0)).sign.ink == (24, 24, 24)
+    assert np.asarray(w.render(dataclass_replace(scene, sign=dark))).shape == (64, 64, 3)
+
+
+def test_scene_for_a_sign_prompt_matches_it():
+    s = w.scene_for_prompt('a green heart and a sign that says "OWL"', random.Random(3))
+    assert s.sign.word == "OWL" and s.sign.colour != "green" and [(o.colour, o.shape) for o in s.objects] == [
+        ("green", "heart")]
+    s2 = w.scene_for_prompt('a purple sign that says "SUN"', random.Random(4))
+    assert (s2.sign.word, s2.sign.colour, s2.objects) == ("SUN", "purple", ())
+
+
+def test_ocr_reads_the_drawn_signs():
+    """The OCR judge reads the world's drawn 64 px signs (the ceiling for the v2 model's words)."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    import torch
+    import train_mini as tm  # noqa: PLC0415
+
+    tm.load_env()
+    imgs, scenes = w.make_dataset(24, "all", start=777, sign_rate=1.0)
+    read = tm.ocr_reads(torch.from_numpy(imgs).float() / 255, [s.sign.word for s in scenes])
+    assert sum(read) >= 22, [s.sign.word for s, ok in zip(scenes, read, strict=True) if not ok]
