@@ -16,5 +16,5 @@ export DEBIAN_FRONTEND=noninteractive
 log "apt-get update"
 $SUDO apt-get update -q
 log "apt-get install chromium"
-$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation
+$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation fonts-dejavu-core
 log "installed: $(/usr/bin/chromium --version 2>/dev/null || echo '?')"

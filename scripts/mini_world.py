@@ -85,7 +85,9 @@ WORDS: tuple[str, ...] = ("CAT", "DOG", "SUN", "BUS", "CAR", "BOX", "HAT", "PEN"
 FONT_DIR = Path("/usr/share/fonts/truetype")
 FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mono": "dejavu/DejaVuSansMono-Bold.ttf",
                          "liberation_sans": "liberation/LiberationSans-Bold.ttf"}
-SIGN_TEXT_PX = (13.0, 16.0)  # cap height range of a sign's word at 64 px
+# the word's ink width at 64 px; its font size follows (capitals 15..22 px tall): smaller glyphs do not survive
+# the 8x autoencoder (docs/mini_model_card.md, "v2 world")
+SIGN_INK_WIDTH = (42.0, 54.0)
 SIGN_PAD = 3.5  # plate margin around the word, px at 64 px
 HELD_OUT_WORD_COLOUR: frozenset[tuple[str, str]] = frozenset(
     (w, COLOUR_NAMES[i % len(COLOUR_NAMES)]) for i, w in enumerate(WORDS))
@@ -121,7 +123,7 @@ class Sign:
     font: str  # key of FONTS
     cx: float  # centre, pixels of the SIZE x SIZE image
     cy: float
-    text_px: float  # cap height of the word
+    text_px: float  # font size (em) of the word
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +206,11 @@ def parse_prompt(prompt: str) -> list[dict]:
                 raise ValueError(f"prompt {prompt!r}: unknown or repeated word {w!r}; colours: {', '.join(COLOURS)}; "
                                  f"textures: {', '.join(TEXTURES)}.")
         objs.append(d)
+    signs = [i for i, d in enumerate(objs) if "sign" in d]
+    if signs and (signs != [len(objs) - 1] or len(objs) > 2 or (len(objs) == 2 and objs[0]["texture"])):
+        raise ValueError(f"prompt {prompt!r}: a sign comes last, once, after at most one plain object: "
+                         f'\'a [colour] sign that says "WORD"\' or \'a [colour] shape and a [colour] sign that says '
+                         f'"WORD"\'.')
     return objs
 
 
@@ -231,15 +238,16 @@ def heldout_eval_prompts() -> list[str]:
 def sign_prompts(split: str = "all") -> list[str]:
     """Every sign caption of a split ('train': naming no held-out pair; 'heldout': naming one)."""
     _check_split(split)
+    objects = [None] + [(c, s) for c in COLOUR_NAMES for s in SHAPES if not is_held_out(c, s)]
     out = []
     for word in WORDS:
-        cands = [(c, None) for c in (None, *COLOUR_NAMES)] + [(None, (c, s)) for c in COLOUR_NAMES for s in SHAPES]
-        for colour, obj in cands:
-            if obj is not None and is_held_out(obj[0], obj[1]):
-                continue  # a held-out colour-shape pair is not a sign test
-            held = sign_is_held_out(word, colour, obj[1] if obj else None)
-            if split == "all" or (split == "train") != held:
-                out.append(sign_caption(word, colour, obj))
+        for obj in objects:
+            for colour in (None, *COLOUR_NAMES):
+                if obj is not None and colour == obj[0]:
+                    continue  # the sampler never gives the plate its object's colour
+                held = sign_is_held_out(word, colour, obj[1] if obj else None)
+                if split == "all" or (split == "train") != held:
+                    out.append(sign_caption(word, colour, obj))
     return out
 
 
@@ -351,14 +359,16 @@ def _sign_scene(rng, split, bg, grad) -> Scene:
         held = sign_is_held_out(word, colour, obj[1] if obj else None)
         if split == "all" or (split == "train") != held:
             break
-    name_colour = (word, colour) in HELD_OUT_WORD_COLOUR if split == "heldout" and obj is None else rng.random() < 0.6
+    # a held-out scene names its held-out pair: the plate colour when that is the pair, else at random
+    name_colour = (split == "heldout" and (word, colour) in HELD_OUT_WORD_COLOUR) or rng.random() < 0.6
     prompt = sign_caption(word, colour if name_colour else None, obj)
     return _layout_sign(rng, word, colour, obj, bg, grad, prompt)
 
 
 def _layout_sign(rng, word, colour, obj, bg, grad, prompt) -> Scene:
     """Place the sign (and the object, in the other half) at random; the sign never leaves the image."""
-    font, text_px = rng.choice(tuple(FONTS)), rng.uniform(*SIGN_TEXT_PX)
+    font = rng.choice(tuple(FONTS))
+    text_px = fit_text_px(word, font, rng.uniform(*SIGN_INK_WIDTH))
     w, h = sign_size(word, font, text_px)
     rgb = _jitter(COLOURS[colour], rng, 14)
     ink = (24, 24, 24) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 150 else (248, 248, 248)
@@ -513,6 +523,12 @@ def _font(name: str, px: int) -> ImageFont.FreeTypeFont:
 def _text_box(word: str, font: str, px: float) -> tuple[int, int, int, int]:
     """The word's ink box (x0, y0, x1, y1) at font size ``px`` (rounded: drawing uses whole pixel sizes)."""
     return _font(font, max(1, round(px))).getbbox(word)
+
+
+def fit_text_px(word: str, font: str, ink_width: float) -> float:
+    """The font size (em, px at 64 px) at which ``word`` is ``ink_width`` px wide."""
+    x0, _, x1, _ = _text_box(word, font, 100 * SUPERSAMPLE)
+    return 100.0 * ink_width / ((x1 - x0) / SUPERSAMPLE)
 
 
 def sign_size(word: str, font: str, text_px: float) -> tuple[float, float]:

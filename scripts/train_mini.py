@@ -428,7 +428,8 @@ class Trainer:
     def _load_state(self, budget_minutes):
         if self.state_path.exists():
             state = json.loads(self.state_path.read_text())
-            if state["plan"] != dataclasses.asdict(self.plan):
+            # fields added after a run started keep their defaults (a v1 run resumes as v1)
+            if {**dataclasses.asdict(Plan()), **state["plan"]} != dataclasses.asdict(self.plan):
                 raise SystemExit(f"{self.ckpt_dir} holds checkpoints of another plan ({state['plan']}); use --fresh "
                                  f"or another --ckpt-dir.")
             if budget_minutes is not None and state.get("budget_minutes") != budget_minutes:
@@ -563,7 +564,8 @@ class Trainer:
         timing = {}
         if path.exists():
             z = np.load(path, allow_pickle=False)
-            train, judge_imgs, val, val_signs = z["train"], z["judge"], z["val"], z["val_signs"]
+            train, judge_imgs, val = z["train"], z["judge"], z["val"]
+            val_signs = z["val_signs"] if "val_signs" in z.files else np.zeros((0, 64, 64, 3), np.uint8)
         else:
             t0, c0 = time.time(), time.process_time()
             train, _ = self.world.make_dataset(p.n_train, "train", p.world_seed, sign_rate=p.sign_rate)
@@ -1255,6 +1257,8 @@ def main(argv: list[str]) -> int:
     if args.seed is not None:
         plan.seed = args.seed
     if args.sign_rate is not None:
+        if not 0.0 <= args.sign_rate <= 1.0:
+            ap.error(f"--sign-rate must be in 0..1, got {args.sign_rate}")
         plan.sign_rate = args.sign_rate
     out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
     ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
@@ -1272,6 +1276,8 @@ def main(argv: list[str]) -> int:
              ckpt, torch.get_num_threads(), budget)
     trainer = Trainer(plan, out, ckpt, budget, args.checkpoint_minutes,
                       args.log_every or (3 if args.smoke else 25), step_overrides=parse_steps(args.steps))
+    if plan.sign_rate > 0:  # fail now, not after the autoencoder stage
+        importlib.import_module("prompt_anatomy.nodes.shared.ocr").require("train_mini.py --sign-rate")
     paths = trainer.run()
     LOG.info("done in %.1f min: %s", trainer.elapsed() / 60, ", ".join(str(p) for p in paths.values()))
     return 0

@@ -350,11 +350,14 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     ev = eval_mini.Evaluator(weights[0], steps=2, cfg=1.0, sampler="euler", scheduler="normal", n=1, seed=0,
                              out_dir=None)
     world = ev.world
-    pairs = ev.edit_pairs(8)
-    assert len(pairs) == 8
-    for src, tgt, word in pairs:
+    pairs = ev.edit_pairs(48)
+    assert len(pairs) == 48 and len({p[0] for p in pairs}) == 48
+    seen = ev.edit_pairs(3, "train")
+    for k, (src, tgt, word) in enumerate(pairs + seen):
         old = world.parse_prompt(src)[-1]["sign"]
-        assert world.scene_is_held_out(world.scene_for_prompt(src, __import__("random").Random(0)))
+        parts = world.parse_prompt(src)
+        held = world.sign_is_held_out(old, parts[-1]["colour"], parts[0]["shape"] if len(parts) == 2 else None)
+        assert held == (k < 48), src  # measured on held-out pairs, localized on a seen one
         assert word != old and tgt == src.replace(f'"{old}"', f'"{word}"')
     dm_ = ev.model.model.diffusion_model
     attn = [dm_.input_blocks[1][1].transformer_blocks[0].attn2, dm_.output_blocks[5][1].transformer_blocks[0].attn2]

@@ -158,11 +158,21 @@ def test_bad_split_is_rejected():
 
 # ---- the v2 world: signs with words -------------------------------------------------------------------------
 
-def test_sign_rate_zero_draws_v1s_world_exactly():
-    """sign_rate 0 consumes no random draw: v1's scenes, pixels and the pinned prompt stream stay as they were."""
-    for i in range(40):
-        assert w.sample(i, "train") == w.sample(i, "train", sign_rate=0.0)
+FONTS_MISSING = [str(w.FONT_DIR / f) for f in w.FONTS.values() if not (w.FONT_DIR / f).exists()]
+needs_fonts = pytest.mark.skipif(bool(FONTS_MISSING), reason=f"sign fonts missing: {FONTS_MISSING} (Debian: apt-get "
+                                                              f"install fonts-dejavu-core fonts-liberation)")
+
+
+@needs_fonts
+def test_sign_rate_zero_draws_no_sign_and_the_v2_stream_is_pinned():
+    """sign_rate 0 is v1's world (its pinned prompt stream above); the v2 stream is pinned too, since a change
+    there changes every v2 weight."""
     assert all(w.sample(i, "train").sign is None for i in range(200))
+    text = "\n".join(w.sample(i, "train", sign_rate=0.5).prompt for i in range(64))
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == _PINNED_V2_PROMPTS
+
+
+_PINNED_V2_PROMPTS = "a1ade43a417dddd9"
 
 
 def test_sign_words_are_single_clip_tokens_outside_the_world_vocabulary():
@@ -191,6 +201,15 @@ def test_parse_prompt_rejects_other_signs(text):
         w.parse_prompt(text)
 
 
+@pytest.mark.parametrize("text", ['a sign that says "CAT" and a red star', 'a sign that says "CAT" and a sign that says "DOG"',
+                                  'a red star and a blue circle and a sign that says "CAT"',
+                                  'a striped star and a sign that says "CAT"'])
+def test_parse_prompt_rejects_signs_outside_the_templates(text):
+    with pytest.raises(ValueError, match="a sign comes last, once, after at most one plain object"):
+        w.parse_prompt(text)
+
+
+@needs_fonts
 def test_train_split_never_shows_a_held_out_sign_pair():
     scenes = [w.sample(i, "train", sign_rate=0.5) for i in range(3000)]
     signs = [s for s in scenes if s.sign is not None]
@@ -208,8 +227,10 @@ def test_train_split_never_shows_a_held_out_sign_pair():
     assert {s.sign.colour for s in signs} == set(w.COLOURS) and {s.sign.font for s in signs} == set(w.FONTS)
     with_obj = sum(bool(s.objects) for s in signs) / len(signs)
     assert 0.28 < with_obj < 0.42
+    assert {s.prompt for s in signs} <= set(w.sign_prompts("train"))  # the prompt list covers every caption
 
 
+@needs_fonts
 def test_held_out_sign_prompts_name_their_pair_and_are_never_trained():
     evals = w.heldout_sign_prompts()
     assert len(evals) == len(w.HELD_OUT_WORD_COLOUR) + len(w.HELD_OUT_WORD_SHAPE) == 2 * len(w.WORDS)
@@ -221,10 +242,14 @@ def test_held_out_sign_prompts_name_their_pair_and_are_never_trained():
         parts = w.parse_prompt(p)
         shape = parts[0]["shape"] if len(parts) == 2 else None
         assert w.sign_is_held_out(parts[-1]["sign"], parts[-1]["colour"], shape), p
-    for i in range(200):
-        assert w.scene_is_held_out(w.sample(i, "heldout", sign_rate=1.0))
+    held_scenes = [w.sample(i, "heldout", sign_rate=1.0) for i in range(400)]
+    assert {s.prompt for s in held_scenes} <= held
+    for s in held_scenes:  # the caption names the held-out pair, not just the image
+        parts = w.parse_prompt(s.prompt)
+        assert w.sign_is_held_out(parts[-1]["sign"], parts[-1]["colour"], parts[0]["shape"] if len(parts) == 2 else None)
 
 
+@needs_fonts
 def test_signs_fit_the_image_and_keep_clear_of_their_object():
     for i in range(400):
         s = w.sample(i, "all", sign_rate=1.0)
@@ -236,6 +261,7 @@ def test_signs_fit_the_image_and_keep_clear_of_their_object():
             assert abs(o.cy - s.sign.cy) >= o.size / 2 + height / 2 - 1
 
 
+@needs_fonts
 def test_render_draws_the_plate_and_the_word():
     sign = w.Sign("CAT", "blue", (35, 70, 215), (248, 248, 248), "dejavu_sans", 32.0, 32.0, 15.0)
     scene = w.Scene((), (128, 128, 128), None, 'a blue sign that says "CAT"', sign)
@@ -251,6 +277,7 @@ def test_render_draws_the_plate_and_the_word():
     assert np.asarray(w.render(dataclass_replace(scene, sign=dark))).shape == (64, 64, 3)
 
 
+@needs_fonts
 def test_scene_for_a_sign_prompt_matches_it():
     s = w.scene_for_prompt('a green heart and a sign that says "OWL"', random.Random(3))
     assert s.sign.word == "OWL" and s.sign.colour != "green" and [(o.colour, o.shape) for o in s.objects] == [
@@ -259,6 +286,7 @@ def test_scene_for_a_sign_prompt_matches_it():
     assert (s2.sign.word, s2.sign.colour, s2.objects) == ("SUN", "purple", ())
 
 
+@needs_fonts
 def test_ocr_reads_the_drawn_signs():
     """The OCR judge reads the world's drawn 64 px signs (the ceiling for the v2 model's words)."""
     pytest.importorskip("rapidocr_onnxruntime")
