@@ -227,6 +227,19 @@ class Evaluator:
         chosen = sum(v.numel() for k, v in sd.items() if k.startswith(prefixes))
         return {"params": chosen, "unet_params": total, "share": chosen / total}
 
+    def localize_seen_pair(self, tl) -> dict:
+        """TextLayerLocalize (score=ocr, top 2) on a seen sign pair: the layers, their parameter share, the ranking."""
+        torch = self.torch
+        src, tgt, word = self.edit_pairs(1, "train")[0]
+        latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
+        with torch.no_grad():  # as ComfyUI runs nodes
+            scores, *_, best, _ = tl.localize(self.model, self.encode(src), self.encode(tgt), self.encode(""), latent,
+                                              seed=self.seed, steps=self.steps, cfg=self.cfg, score="ocr",
+                                              sampler_name=self.sampler, scheduler=self.scheduler, vae=self.vae,
+                                              target_text=word, top_k=2)
+        return {"pair": [src, tgt], "layers": best, **self.text_layer_params(best),
+                "ranking": [(c.label, round(c.score, 4)) for c in tl.rank(scores)]}
+
     def edit(self, n_pairs: int) -> dict:
         tl = _optional("text_layers.localize")
         why = "weights trained without signs" if not self.trained_signs() else \
@@ -237,20 +250,13 @@ class Evaluator:
         from prompt_anatomy.nodes.shared import ocr
         from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
 
-        torch = self.torch
+        found = self.localize_seen_pair(tl)  # localized on a seen pair, measured on held-out ones
+        best = found["layers"]
         pairs = self.edit_pairs(n_pairs)
-        src0, tgt0, word0 = self.edit_pairs(1, "train")[0]  # localized on a seen pair, measured on held-out ones
-        latent = {"samples": torch.zeros(self.n, 4, 8, 8)}
-        with torch.no_grad():  # as ComfyUI runs nodes
-            scores, *_, best, _ = tl.localize(self.model, self.encode(src0), self.encode(tgt0), self.encode(""),
-                                              latent, seed=self.seed, steps=self.steps, cfg=self.cfg, score="ocr",
-                                              sampler_name=self.sampler, scheduler=self.scheduler, vae=self.vae,
-                                              target_text=word0, top_k=2)
-        found = {"pair": [src0, tgt0], "layers": best, **self.text_layer_params(best),
-                 "ranking": [(c.label, round(c.score, 4)) for c in tl.rank(scores)]}
         methods = {"patch_localized": best, "patch_all_layers": "all", "whole_prompt": None}
         tallies = {m: {"target_read": 0, "source_read": 0, "bg_mse": [], "bg_ssim": []} for m in methods}
         for k, (src, tgt, word) in enumerate(pairs):
+            old = self.world.parse_prompt(src)[-1]["sign"]
             source = self.sample(self.encode(src), self.seed + k)
             source_words = ocr.read(source)
             for m, layers in methods.items():
@@ -259,10 +265,9 @@ class Evaluator:
                 else:
                     patched, _ = apply_text_layer_patch(self.model, self.encode(tgt), layers)
                     images = self.sample(self.encode(src), self.seed + k, model=patched)
-                old = self.world.parse_prompt(src)[-1]["sign"]
+                t = tallies[m]
                 for i in range(len(images)):
                     r = ocr.score_edit(source[i:i + 1], images[i:i + 1], word, source_words=source_words[i])
-                    t = tallies[m]
                     t["target_read"] += int(r["exact"])
                     t["source_read"] += int(ocr.exact_match(r["text"], old))
                     t["bg_mse"].append(r["bg_mse"])
