@@ -4,7 +4,9 @@
 Stages (each checkpoints as it goes and resumes where it stopped; finished stages are reused):
 
 1. ``data``    the mini world (scripts/mini_world.py): ``n_train`` scenes of the train split (held-out
-               combinations never appear) and ``n_judge`` single-object scenes of every combination.
+               combinations never appear) and ``n_judge`` single-object scenes of every combination. With
+               ``--sign-rate R`` (the v2 world) a share R of the train scenes shows a sign with a word, and
+               ``n_val_signs`` sign scenes feed the OCR gates of the vae and text stages.
 2. ``judge``   a small CNN with colour / shape / texture heads, trained on the judge scenes with blur,
                noise and contrast augmentation (the automatic judge of scripts/eval_mini.py).
 3. ``vae``     ComfyUI's Tiny AutoEncoder for SD (``comfy.taesd.taesd.TAESD``: 8x compression, 4 latent
