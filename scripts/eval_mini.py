@@ -172,7 +172,7 @@ class Evaluator:
             print("\n== 5. Words: skipped (these weights were trained without signs: train_mini.py --sign-rate) ==")
             return {"skipped": "weights trained without signs"}
         held = w.heldout_sign_prompts()
-        seen = [w.sign_caption(word, w.COLOUR_NAMES[(i + 4) % 8]) for i, word in enumerate(w.WORDS)]
+        seen = w.seen_sign_prompts()
         out = {}
         for group, prompts in (("held_out", held), ("seen", seen)):
             per_prompt, grid, hits, objects = {}, [], 0, [0, 0, 0]
@@ -207,8 +207,7 @@ class Evaluator:
         """(source prompt, target prompt, target word): sign prompts of ``split`` ('heldout': the word-accuracy
         prompts; 'train': seen ones) with the quoted word replaced by another word."""
         w = self.world
-        prompts = w.heldout_sign_prompts() if split == "heldout" else \
-            [w.sign_caption(word, w.COLOUR_NAMES[(i + 4) % 8]) for i, word in enumerate(w.WORDS)]
+        prompts = w.heldout_sign_prompts() if split == "heldout" else w.seen_sign_prompts()
         out = []
         for k, prompt in enumerate(prompts[:count]):
             i = w.WORDS.index(w.parse_prompt(prompt)[-1]["sign"])

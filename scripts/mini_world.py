@@ -262,6 +262,12 @@ def heldout_sign_prompts() -> list[str]:
     return out
 
 
+def seen_sign_prompts() -> list[str]:
+    """One trained sign prompt per word ('a {colour} sign that says "WORD"', a colour not held out with it): the
+    control set of the word measurements."""
+    return [sign_caption(word, COLOUR_NAMES[(i + 4) % len(COLOUR_NAMES)]) for i, word in enumerate(WORDS)]
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")

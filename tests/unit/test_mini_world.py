@@ -237,6 +237,7 @@ def test_held_out_sign_prompts_name_their_pair_and_are_never_trained():
     train = set(w.sign_prompts("train"))
     held = set(w.sign_prompts("heldout"))
     assert set(evals) <= held and train.isdisjoint(held)
+    assert set(w.seen_sign_prompts()) <= train and len(w.seen_sign_prompts()) == len(w.WORDS)
     assert train | held == set(w.sign_prompts("all"))
     for p in evals:
         parts = w.parse_prompt(p)
