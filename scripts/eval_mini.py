@@ -29,6 +29,12 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
                prompts, the word edit of patching only them vs. the paper's baselines, editing the whole prompt
                (same seed) and patching every layer: how often OCR reads the target word, and the background
                MSE / SSIM against the source image (text boxes masked, nodes/shared/ocr.py).
+7. substitute  (v2 weights) TextLayerWordSubstitute with every other world word listed: on held-out sign prompts,
+               the patched localized layers make OCR read the replacement instead of the listed word (background
+               MSE / SSIM against the unpatched image); prompts without a listed word must not change at all.
+8. lora        (v2 weights) a rank-4 LoRA trained only on the localized layers (TextLayerLoraTrain's trainer) on
+               images of a sign saying a word no caption uses (mini_world.NEW_WORD): how often OCR reads it before
+               and after, and whether the 24 trained words still render.
 
     .venv/bin/python scripts/eval_mini.py                     # all four, default sizes
     .venv/bin/python scripts/eval_mini.py --only quality table2 --n 4
@@ -48,7 +54,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("quality", "table1", "table2", "curves", "words", "edit")
+PARTS = ("quality", "table1", "table2", "curves", "words", "edit", "substitute", "lora")
 CUTOFFS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -239,17 +245,29 @@ class Evaluator:
         return {"pair": [src, tgt], "layers": best, **self.text_layer_params(best),
                 "ranking": [(c.label, round(c.score, 4)) for c in tl.rank(scores)]}
 
-    def edit(self, n_pairs: int) -> dict:
+    def localized(self, tl) -> dict:
+        """localize_seen_pair, once per run (parts edit, substitute and lora use the same layers)."""
+        if "localized" not in self._cache:
+            self._cache["localized"] = self.localize_seen_pair(tl)
+        return self._cache["localized"]
+
+    def _text_layers_or_skip(self, title: str) -> tuple:
+        """(the pack's text_layers.localize module, "") or (None, why ``title`` is skipped), printed."""
         tl = _optional("text_layers.localize")
         why = "weights trained without signs" if not self.trained_signs() else \
             "nodes/text_layers is not in the pack" if tl is None else ""
         if why:
-            print(f"\n== 6. Edit: skipped ({why}) ==")
+            print(f"\n== {title}: skipped ({why}) ==")
+        return (None if why else tl), why
+
+    def edit(self, n_pairs: int) -> dict:
+        tl, why = self._text_layers_or_skip("6. Edit")
+        if tl is None:
             return {"skipped": why}
         from prompt_anatomy.nodes.shared import ocr
         from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
 
-        found = self.localize_seen_pair(tl)  # localized on a seen pair, measured on held-out ones
+        found = self.localized(tl)  # localized on a seen pair, measured on held-out ones
         best = found["layers"]
         pairs = self.edit_pairs(n_pairs)
         methods = {"patch_localized": best, "patch_all_layers": "all", "whole_prompt": None}
@@ -286,6 +304,117 @@ class Evaluator:
             print(f"{m:<18} {_pct(r['target_word_acc']):>12} {_pct(r['source_word_kept']):>12} {r['bg_mse']:>9.4f} "
                   f"{r['bg_ssim']:>8.3f}")
         print(f"target (patched held-out words read as the target >= 70 %): {'MET' if out['meets_targets'] else 'NOT MET'}")
+        return out
+
+    # ---- 7. substitute
+    def substitution_rules(self) -> str:
+        """TextLayerWordSubstitute's rules: every other world word is listed, each replaced by the word after it."""
+        w = self.world.WORDS
+        return "\n".join(f"{w[i]} => {w[i + 1]}" for i in range(0, len(w) - 1, 2))
+
+    def substitute(self, n_prompts: int) -> dict:
+        tl, why = self._text_layers_or_skip("7. Substitute")
+        if tl is None:
+            return {"skipped": why}
+        from prompt_anatomy.nodes.shared import ocr
+        from prompt_anatomy.nodes.text_layers.nodes import TextLayerWordSubstitute
+        from prompt_anatomy.nodes.text_layers.patch import apply_text_layer_patch
+
+        best = self.localized(tl)["layers"]
+        rules = self.substitution_rules()
+        listed = {"prompts": 0, "replacement_read": 0, "listed_word_read": 0, "bg_mse": [], "bg_ssim": []}
+        unlisted = {"prompts": 0, "max_abs_change": 0.0}
+        for k, prompt in enumerate(self.world.heldout_sign_prompts()[:n_prompts]):
+            source, target, target_text, _ = TextLayerWordSubstitute.execute(self.clip, prompt, rules).args
+            patched, _ = apply_text_layer_patch(self.model, target, best)
+            plain = self.sample(source, self.seed + k)
+            images = self.sample(source, self.seed + k, model=patched)
+            if target_text == prompt:  # no listed word: the patch must change nothing
+                unlisted["prompts"] += 1
+                unlisted["max_abs_change"] = max(unlisted["max_abs_change"], float((images - plain).abs().max()))
+                continue
+            old = self.world.parse_prompt(prompt)[-1]["sign"]
+            new = self.world.parse_prompt(target_text)[-1]["sign"]
+            listed["prompts"] += 1
+            words = ocr.read(plain)
+            for i in range(len(images)):
+                r = ocr.score_edit(plain[i:i + 1], images[i:i + 1], new, source_words=words[i])
+                listed["replacement_read"] += int(r["exact"])
+                listed["listed_word_read"] += int(ocr.exact_match(r["text"], old))
+                listed["bg_mse"].append(r["bg_mse"])
+                listed["bg_ssim"].append(r["bg_ssim"])
+        n = listed["prompts"] * self.n
+        out = {"layers": best, "rules": rules.splitlines(),
+               "listed": {"prompts": listed["prompts"], "images": n,
+                          "replacement_read": listed["replacement_read"] / n if n else None,
+                          "listed_word_still_read": listed["listed_word_read"] / n if n else None,
+                          "bg_mse": statistics.fmean(listed["bg_mse"]) if n else None,
+                          "bg_ssim": statistics.fmean(listed["bg_ssim"]) if n else None},
+               "unlisted": unlisted}
+        r = out["listed"]
+        print(f"\n== 7. Substitute (TextLayerWordSubstitute, {len(out['rules'])} listed words, patch {best}) ==")
+        print(f"prompts with a listed word: {r['prompts']} x {self.n} images: replacement read {_pct(r['replacement_read'])}, "
+              f"listed word still read {_pct(r['listed_word_still_read'])}, background MSE "
+              f"{r['bg_mse'] if r['bg_mse'] is None else round(r['bg_mse'], 4)}, SSIM "
+              f"{r['bg_ssim'] if r['bg_ssim'] is None else round(r['bg_ssim'], 3)}")
+        print(f"prompts without one: {unlisted['prompts']}, largest pixel change {unlisted['max_abs_change']:.3g} "
+              f"(must be 0: target = source)")
+        return out
+
+    # ---- 8. lora
+    def new_word_prompts(self) -> list[str]:
+        """The taught word on every plate colour, and beside four objects (a composition the LoRA never saw)."""
+        w = self.world
+        objs = [(c, s) for c in w.COLOUR_NAMES for s in w.SHAPES if not w.is_held_out(c, s)][::9][:4]
+        return [w.sign_caption(w.NEW_WORD, c) for c in w.COLOUR_NAMES] + \
+            [w.sign_caption(w.NEW_WORD, None, o) for o in objs]
+
+    def _word_rate(self, prompts: list[str], words: list[str], model=None, grid: str | None = None) -> float:
+        """How often OCR reads ``words[k]`` in the images of ``prompts[k]`` (seed + k); the images go to ``grid``."""
+        hits, shown = 0, []
+        for k, (prompt, word) in enumerate(zip(prompts, words, strict=True)):
+            images = self.sample(self.encode(prompt), self.seed + k, model=model)
+            hits += sum(self.tm.ocr_reads(images, [word] * len(images)))
+            shown.extend(images)
+        if grid:
+            self.save_grid(grid, shown, self.n)
+        return hits / (len(prompts) * self.n)
+
+    def lora(self, n_images: int, steps: int) -> dict:
+        tl, why = self._text_layers_or_skip("8. LoRA")
+        if tl is None:
+            return {"skipped": why}
+        from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
+        from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
+        from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
+
+        torch, w = self.torch, self.world
+        best = self.localized(tl)["layers"]
+        images, scenes = w.new_word_dataset(n_images)
+        with torch.no_grad():
+            latents = self.vae.encode(torch.from_numpy(images).float() / 255.0)
+        positive = [self.encode(s.prompt)[0] for s in scenes]
+        ml = model_layers(self.model, "eval")
+        prefixes = [p for layer in parse_layers(best, ml) for p in weight_prefixes(ml, layer)]
+        t0 = time.perf_counter()
+        lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
+                                                rank=4, learning_rate=1e-3, seed=self.seed, batch_size=8)
+        seconds = time.perf_counter() - t0
+        taught, _ = load_text_layer_lora(self.model, lora_sd, best)
+        prompts = self.new_word_prompts()
+        control = w.seen_sign_prompts()
+        control_words = [w.parse_prompt(p)[-1]["sign"] for p in control]
+        out = {"word": w.NEW_WORD, "layers": best, "train_images": n_images, "steps": steps, "train_seconds": seconds,
+               "lora_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha")),
+               "loss_first_last": [losses[0], losses[-1]],
+               "new_word_read_before": self._word_rate(prompts, [w.NEW_WORD] * len(prompts)),
+               "new_word_read_after": self._word_rate(prompts, [w.NEW_WORD] * len(prompts), taught, "lora_new_word"),
+               "other_words_read_before": self._word_rate(control, control_words),
+               "other_words_read_after": self._word_rate(control, control_words, taught)}
+        print(f"\n== 8. LoRA (rank 4 on {best}, {out['lora_params']} parameters, {steps} steps on {n_images} images of "
+              f'"{w.NEW_WORD}", {seconds:.0f} s) ==')
+        print(f"new word read: {_pct(out['new_word_read_before'])} before -> {_pct(out['new_word_read_after'])} after; "
+              f"the 24 trained words: {_pct(out['other_words_read_before'])} -> {_pct(out['other_words_read_after'])}")
         return out
 
     # ---- 2. table 1
@@ -517,6 +646,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--pairs", type=int, default=12, help="prompt pairs for table 1 (default 12)")
     ap.add_argument("--edit-pairs", type=int, default=16, choices=range(1, 49), metavar="1..48",
                     help="held-out sign pairs for the edit part (default 16)")
+    ap.add_argument("--substitute-prompts", type=int, default=16, choices=range(1, 49), metavar="1..48",
+                    help="held-out sign prompts for the substitute part (default 16)")
+    ap.add_argument("--lora-images", type=int, default=64, help="images of the new word for the lora part (default 64)")
+    ap.add_argument("--lora-steps", type=int, default=300, help="training steps of the lora part (default 300)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats for table 2 (best of; default 3)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
@@ -528,7 +661,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "mini_eval")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.pairs, args.repeats, args.edit_pairs = 2, 3, 1, 2
+        args.n, args.pairs, args.repeats, args.edit_pairs, args.substitute_prompts = 2, 3, 1, 2, 4
+        args.lora_images, args.lora_steps = 8, 4
     ev = Evaluator(args.weights, args.steps, args.cfg, args.sampler, args.scheduler, args.n, args.seed, args.out_dir)
     ev.torch.set_num_threads(max(1, args.threads))
     parts = args.only or PARTS
@@ -546,6 +680,10 @@ def main(argv: list[str]) -> int:
             ev.results["words"] = ev.words()
         elif part == "edit":
             ev.results["edit"] = ev.edit(args.edit_pairs)
+        elif part == "substitute":
+            ev.results["substitute"] = ev.substitute(args.substitute_prompts)
+        elif part == "lora":
+            ev.results["lora"] = ev.lora(args.lora_images, args.lora_steps)
     ev.results["seconds"] = time.time() - t0
     if args.out_dir is not None:
         (args.out_dir / "results.json").write_text(json.dumps(ev.results, indent=1, default=str))

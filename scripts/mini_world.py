@@ -89,6 +89,9 @@ FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mo
 # the 8x autoencoder (docs/mini_model_card.md, "v2 world")
 SIGN_INK_WIDTH = (42.0, 54.0)
 SIGN_PAD = 3.5  # plate margin around the word, px at 64 px
+# a word no caption of the world uses (a single CLIP token too): the word a LoRA on the text layers is taught
+# (scripts/eval_mini.py, part lora)
+NEW_WORD = "COW"
 HELD_OUT_WORD_COLOUR: frozenset[tuple[str, str]] = frozenset(
     (w, COLOUR_NAMES[i % len(COLOUR_NAMES)]) for i, w in enumerate(WORDS))
 HELD_OUT_WORD_SHAPE: frozenset[tuple[str, str]] = frozenset(
@@ -590,6 +593,23 @@ def make_dataset(n: int, split: str = "train", seed: int = WORLD_SEED, start: in
                  two_object_rate: float | None = None, sign_rate: float = 0.0) -> tuple[np.ndarray, list[Scene]]:
     """``n`` samples (indices start..start+n-1): uint8 images [n, SIZE, SIZE, 3] and their scenes."""
     scenes = [sample(start + i, split, seed, two_object_rate, sign_rate) for i in range(n)]
+    images = np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]) if scenes else \
+        np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    return images, scenes
+
+
+def new_word_dataset(n: int, word: str = NEW_WORD, seed: int = WORLD_SEED) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` scenes of a sign alone that says ``word``, a word outside WORDS (plate colour named in 60 % of the
+    captions, as in training): the images a LoRA learns a new word from. uint8 images [n, SIZE, SIZE, 3]."""
+    if word in WORDS or not re.fullmatch(r"[A-Z]{3}", word):
+        raise ValueError(f"word {word!r}: give three upper-case letters that are not a world word ({', '.join(WORDS)}).")
+    scenes = []
+    for i in range(n):
+        rng = random.Random(f"{seed}:new_word:{word}:{i}")
+        bg, grad = _background(rng)
+        colour = rng.choice(COLOUR_NAMES)
+        prompt = sign_caption(word, colour if rng.random() < 0.6 else None)
+        scenes.append(_layout_sign(rng, word, colour, None, bg, grad, prompt))
     images = np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]) if scenes else \
         np.zeros((0, SIZE, SIZE, 3), np.uint8)
     return images, scenes

@@ -17,7 +17,9 @@ Stages (each checkpoints as it goes and resumes where it stopped; finished stage
                (exact: the decoder sees the same raw latents), and the judge is run on reconstructions of the
                validation images (``vae_metrics``: the ceiling of what the UNet can reach through it). v0's
                ``AutoencoderKL`` at 32 channels lost the colours: its GroupNorm(32) normalises every channel
-               of every image on its own.
+               of every image on its own. ``--vae-precision bf16`` runs the stage's convs under CPU bf16 autocast
+               (weights and loss in fp32; about 3x faster on CPUs with AVX512-BF16); with signs, OCR reads 32
+               reconstructed validation signs every ``--ocr-every`` steps (the word gate's progress).
 4. ``text``    the causal CLIP text tower (``comfy.sd1_clip.SD1ClipModel``, small config, the real CLIP BPE,
                77 tokens padded with [EOS]) trained CLIP-style, contrastively against a small image tower, and
                then frozen for the UNet stage -- as CLIP is for SD. The contrastive target is the [EOS] state
@@ -93,6 +95,7 @@ class Plan:
     vae_lr: float = 2e-3
     vae_chroma: float = 4.0  # weight of the Cb / Cr squared error relative to luma (Y)
     vae_latent_reg: float = 0.01  # keeps every latent channel near mean 0, std 1 before standardising
+    vae_precision: str = "fp32"  # "bf16": the autoencoder's convs under CPU bf16 autocast (about 3x faster with AVX512-BF16)
     text_steps: int = 800
     text_batch: int = 64
     text_lr: float = 1e-3
@@ -407,7 +410,7 @@ class Trainer:
 
     def __init__(self, plan: Plan, out_dir: Path, ckpt_dir: Path, budget_minutes: float | None = None,
                  checkpoint_minutes: float = 5.0, log_every: int = 25, probe_steps: int = 2,
-                 step_overrides: dict | None = None):
+                 step_overrides: dict | None = None, ocr_every: int = 0):
         import torch
 
         self.demo, self.world = load_env()
@@ -420,6 +423,7 @@ class Trainer:
         self.log_every = log_every
         self.probe_steps = probe_steps
         self.step_overrides = dict(step_overrides or {})
+        self.ocr_every = ocr_every  # autoencoder stage: OCR the reconstructed signs every N steps (0: at the end)
         self.state_path = self.ckpt_dir / "plan.json"
         self.state = self._load_state(budget_minutes)
         self.t_start = time.time()
@@ -493,8 +497,9 @@ class Trainer:
         return sum(times[1:]) / max(1, len(times) - 1)
 
     # ---- generic resumable loop
-    def run_loop(self, stage: str, modules: list, opt, steps: int, lr_fn, step_fn, ema=None) -> dict:
-        """``step_fn(modules, opt, generator, step) -> {name: float}`` does one optimisation step."""
+    def run_loop(self, stage: str, modules: list, opt, steps: int, lr_fn, step_fn, ema=None, monitor=None) -> dict:
+        """``step_fn(modules, opt, generator, step) -> {name: float}`` does one optimisation step;
+        ``monitor(steps_done) -> {name: float}`` (optional) adds measurements to the log at logging steps."""
         torch = self.torch
         path = self.ckpt_dir / f"{stage}.pt"
         start, history = 0, []
@@ -528,6 +533,10 @@ class Trainer:
                 per = sum(recent) / len(recent)
                 history.append({"step": s + 1, **means, "step_wall_s": per,
                                 "step_cpu_s": sum(cpu_steps[-self.log_every:]) / len(recent)})
+                extra = monitor(s + 1) if monitor is not None else {}
+                if extra:
+                    history[-1].update(extra)
+                    LOG.info("%s %5d/%d  %s", stage, s + 1, steps, json.dumps(extra))
                 LOG.info("%s %5d/%d  %s  %.3f s/step (cpu %.3f)  elapsed %.1f min  stage eta %.1f min", stage, s + 1,
                          steps, "  ".join(f"{k} {v:.4f}" for k, v in means.items()), per,
                          history[-1]["step_cpu_s"], self.elapsed() / 60, per * (steps - s - 1) / 60)
@@ -674,8 +683,10 @@ class Trainer:
             x = self.to_float(train, idx) * 2.0 - 1.0
             flip = torch.rand(p.vae_batch, generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            z = net.encode(x)
-            rec = net.decode(z)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.vae_precision == "bf16"):
+                z = net.encode(x)
+                rec = net.decode(z)
+            z, rec = z.float(), rec.float()
             # squared error in YCbCr with the chroma weighted up: with an L1 loss on RGB the objects' colours (a
             # small share of the pixels and of the error) were the last thing learnt and the first thing lost
             err = torch.einsum("ij,bjhw->bihw", ycbcr, rec - x).pow(2)
@@ -692,7 +703,9 @@ class Trainer:
 
         steps = self.plan_steps("vae", lambda: self.probe([ae], make_opt, step_fn))
         opt = make_opt([ae])
-        rec = self.run_loop("vae", [ae], opt, steps, lambda s: cosine_lr(s, steps, p.vae_lr, 100), step_fn)
+        every = self.ocr_every
+        rec = self.run_loop("vae", [ae], opt, steps, lambda s: cosine_lr(s, steps, p.vae_lr, 100), step_fn,
+                            monitor=lambda s: self._vae_word_metrics(ae, 32) if every and s % every == 0 else {})
         ae.eval()
         stats = standardise_latents_(ae, self.to_float(train[: min(len(train), 2048)]) * 2 - 1)
         fp16_round_(ae)
@@ -711,13 +724,15 @@ class Trainer:
         self.finish_stage("vae", rec)
         return path
 
-    def _vae_word_metrics(self, ae) -> dict:
-        """OCR word accuracy on the drawn sign validation images and on their reconstructions (the ceiling of
-        the words the UNet can render through this autoencoder); nothing in the v1 world."""
+    def _vae_word_metrics(self, ae, limit: int | None = None) -> dict:
+        """OCR word accuracy on the drawn sign validation images (the first ``limit``) and on their
+        reconstructions (the ceiling of the words the UNet can render through this autoencoder); nothing in the
+        v1 world."""
         torch = self.torch
         imgs, scenes = self.val_signs()
         if not scenes:
             return {}
+        imgs, scenes = imgs[:limit], scenes[:limit]
         x = self.to_float(imgs)
         with torch.no_grad():
             out = torch.cat([ae.decode(ae.encode(x[i:i + 128] * 2 - 1)) for i in range(0, len(x), 128)])
@@ -1206,6 +1221,13 @@ def estimate(state: dict, plan: Plan, threads: int = 2) -> dict:
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
+def _native_bf16(torch) -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private helper of torch: assume no
+        return False
+
+
 def parse_steps(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items or []:
@@ -1235,6 +1257,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sign-rate", type=float, default=None,
                     help="share of training scenes that show a sign with a word (the v2 world, e.g. 0.5; default 0: "
                          "v1's world of shapes); needs rapidocr-onnxruntime for the OCR gates")
+    ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default=None,
+                    help="the autoencoder stage's compute precision (default fp32, as v1 was trained); bf16 runs its "
+                         "convs under CPU bf16 autocast, about 3x faster on CPUs with AVX512-BF16 / AMX, slower "
+                         "elsewhere")
+    ap.add_argument("--ocr-every", type=int, default=1000, metavar="N",
+                    help="with --sign-rate: OCR 32 reconstructed validation signs every N autoencoder steps (the "
+                         "word gate's progress, about 17 s each; 0: only at the end; default 1000)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
@@ -1262,6 +1291,8 @@ def main(argv: list[str]) -> int:
         if not 0.0 <= args.sign_rate <= 1.0:
             ap.error(f"--sign-rate must be in 0..1, got {args.sign_rate}")
         plan.sign_rate = args.sign_rate
+    if args.vae_precision is not None:
+        plan.vae_precision = args.vae_precision
     out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
     ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
     if args.fresh and ckpt.exists():
@@ -1272,12 +1303,16 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
+    if plan.vae_precision == "bf16" and not _native_bf16(torch):
+        LOG.warning("--vae-precision bf16: this CPU has no native bf16 (AVX512-BF16 / AMX), so the autoencoder stage "
+                    "will be slower than in fp32; drop the option on this machine")
     budget = None if args.no_budget or (args.smoke and args.budget_minutes is None) else \
         (args.budget_minutes or DEFAULT_BUDGET_MINUTES)
     LOG.info("train_mini: plan %s, out %s, checkpoints %s, threads %d, budget %s min", dataclasses.asdict(plan), out,
              ckpt, torch.get_num_threads(), budget)
     trainer = Trainer(plan, out, ckpt, budget, args.checkpoint_minutes,
-                      args.log_every or (3 if args.smoke else 25), step_overrides=parse_steps(args.steps))
+                      args.log_every or (3 if args.smoke else 25), step_overrides=parse_steps(args.steps),
+                      ocr_every=max(0, args.ocr_every))
     if plan.sign_rate > 0:  # fail now, not after the autoencoder stage
         importlib.import_module("prompt_anatomy.nodes.shared.ocr").require("train_mini.py --sign-rate")
     paths = trainer.run()

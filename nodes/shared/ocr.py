@@ -27,9 +27,10 @@ PIP_NAME = "rapidocr-onnxruntime"
 INSTALL_HINT = (f"Install it into ComfyUI's Python environment with `python -m pip install {PIP_NAME}` "
                 "(use the python that runs ComfyUI, e.g. python_embeded\\python.exe on the Windows portable "
                 "build), then restart ComfyUI.")
+SMALL_SIDE = 256  # images with a shorter short side are detected at this size (see _get_engine)
 SSIM_WINDOW = 7  # odd; 11 (the SSIM paper's) is too wide for 64 px images with a masked text band
 
-_engine = None
+_engines: dict = {}  # detector size (None: RapidOCR's default) -> engine
 _lock = threading.Lock()
 
 
@@ -60,18 +61,21 @@ def require(what: str = "This node") -> None:
                          f"is not installed. {INSTALL_HINT}")
 
 
-def _get_engine():
-    """The one RapidOCR instance (created on first use; a few hundred ms)."""
-    global _engine
+def _get_engine(short_side: int):
+    """The RapidOCR instance for images whose shorter side is ``short_side`` px (created on first use).
+
+    RapidOCR's detector scales every image up to a short side of 736 px. Images under SMALL_SIDE (the demo
+    model's 64 px renders) are detected at SMALL_SIDE instead, 4-5x faster and as accurate (measured on the mini
+    world's 64 px signs: 127 of 128 words read instead of 125 when drawn, 83 instead of 82 after an autoencoder).
+    The recognizer reads crops of the original image either way. Larger images keep RapidOCR's defaults."""
+    limit = SMALL_SIDE if short_side < SMALL_SIDE else None
     with _lock:
-        if _engine is None:
+        if limit not in _engines:
             require()
             from rapidocr_onnxruntime import RapidOCR
 
-            # Defaults kept on purpose: the detector resizes every image to a short side of 736 px itself
-            # (limit_type "min"), which reads words in 64 px images; no extra upscaling helped (measured).
-            _engine = RapidOCR()
-        return _engine
+            _engines[limit] = RapidOCR() if limit is None else RapidOCR(det_limit_side_len=limit)
+        return _engines[limit]
 
 
 def _as_batch(images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -101,7 +105,7 @@ def _words(result) -> list[Word]:
 def read(images: torch.Tensor) -> list[list[Word]]:
     """OCR every image of a batch; per image its text lines, top to bottom, left to right."""
     images = _as_batch(images)
-    engine = _get_engine()
+    engine = _get_engine(min(images.shape[1], images.shape[2]))
     out = []
     for image in images:
         with _lock:  # RapidOCR keeps per-call state on the instance

@@ -268,6 +268,31 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(pa, pc)
 
 
+def test_run_loop_monitor_adds_measurements_at_logging_steps_only(tmp_path):
+    """The autoencoder stage's OCR gate rides on run_loop's monitor: asked at every logging step, its values land
+    in that step's history entry."""
+    tm = _train_mini()
+    t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", log_every=2)
+    net = torch.nn.Linear(2, 1)
+    asked = []
+
+    def monitor(step):
+        asked.append(step)
+        return {"gate": step / 10} if step % 4 == 0 else {}
+
+    def step_fn(mods, opt, g, s):
+        loss = mods[0](torch.randn(3, 2, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    rec = t.run_loop("judge", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, step_fn,
+                     monitor=monitor)
+    assert asked == [2, 4, 6, 8, 9]
+    assert [(h["step"], h.get("gate")) for h in rec["history"]] == [(2, None), (4, 0.4), (6, None), (8, 0.8), (9, None)]
+
+
 def test_budget_sets_steps_from_the_probed_step_time_and_keeps_them(tmp_path):
     tm = _train_mini()
     t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
@@ -365,4 +390,27 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     assert share["params"] == sum(p.numel() for a in attn for p in a.parameters())
     assert share["unet_params"] == sum(p.numel() for p in dm_.parameters())
     assert 0 < share["share"] < 0.05
-    assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 and 6 skip
+    assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 to 8 skip
+    assert ev.substitute(2) == ev.lora(2, 1) == ev.edit(1) == {"skipped": "weights trained without signs"}
+
+
+def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(weights):
+    """The substitute part's rules (TextLayerWordSubstitute's own parser) and the lora part's prompts."""
+    import eval_mini
+    from prompt_anatomy.nodes.text_layers.words import parse_replacements, substitute_words
+
+    ev = eval_mini.Evaluator(weights[0], steps=2, cfg=1.0, sampler="euler", scheduler="normal", n=1, seed=0,
+                             out_dir=None)
+    w = ev.world
+    rules = parse_replacements(ev.substitution_rules())
+    listed, repl = [a for a, _ in rules], [b for _, b in rules]
+    assert len(rules) == 12 and set(listed) | set(repl) == set(w.WORDS) and not set(listed) & set(repl)
+    held = w.heldout_sign_prompts()
+    changed = [substitute_words(p, rules)[0] != p for p in held]
+    assert 0 < sum(changed) < len(held)  # the part sees prompts with and without a listed word
+    prompts = ev.new_word_prompts()
+    assert len(prompts) == 12 and all(p.endswith(f'sign that says "{w.NEW_WORD}"') for p in prompts)
+    assert {p.split(" sign")[0] for p in prompts[:8]} == {w.sign_caption("X", c).split(" sign")[0] for c in w.COLOUR_NAMES}
+    for p in prompts[8:]:  # the object is a trained pair
+        colour, shape = p.split(" and ")[0].split()[1:]
+        assert not w.is_held_out(colour, shape)

@@ -181,9 +181,10 @@ def test_sign_words_are_single_clip_tokens_outside_the_world_vocabulary():
 
     tok = CLIPTokenizer.from_pretrained(str(comfy_dir() / "comfy" / "sd1_tokenizer"))
     assert 16 <= len(w.WORDS) <= 32 and len(set(w.WORDS)) == len(w.WORDS)
-    for word in w.WORDS:
+    for word in (*w.WORDS, w.NEW_WORD):
         assert word.isupper() and len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
         assert word.lower() not in (*w.COLOURS, *w.SHAPES, *w.TEXTURES, "sign", "says", "that", "a", "an", "and")
+    assert w.NEW_WORD not in w.WORDS
 
 
 def test_sign_captions_parse_back():
@@ -298,3 +299,18 @@ def test_ocr_reads_the_drawn_signs():
     imgs, scenes = w.make_dataset(24, "all", start=777, sign_rate=1.0)
     read = tm.ocr_reads(torch.from_numpy(imgs).float() / 255, [s.sign.word for s in scenes])
     assert sum(read) >= 22, [s.sign.word for s, ok in zip(scenes, read, strict=True) if not ok]
+
+
+@needs_fonts
+def test_new_word_dataset_shows_only_the_new_word_and_is_deterministic():
+    """The lora part's training images: a sign alone saying NEW_WORD, a word no world caption uses."""
+    imgs, scenes = w.new_word_dataset(12)
+    again, _ = w.new_word_dataset(12)
+    assert imgs.shape == (12, 64, 64, 3) and imgs.dtype == np.uint8 and np.array_equal(imgs, again)
+    assert all(s.sign.word == w.NEW_WORD and not s.objects for s in scenes)
+    assert all(s.prompt in (w.sign_caption(w.NEW_WORD), w.sign_caption(w.NEW_WORD, s.sign.colour)) for s in scenes)
+    assert len({s.sign.colour for s in scenes}) > 3 and len({s.prompt for s in scenes}) > 3
+    assert all(f'"{w.NEW_WORD}"' not in w.sample(i, "all", sign_rate=1.0).prompt for i in range(300))
+    for bad in ("CAT", "cow", "COWS"):
+        with pytest.raises(ValueError, match="three upper-case letters that are not a world word"):
+            w.new_word_dataset(1, bad)

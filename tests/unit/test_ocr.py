@@ -57,6 +57,14 @@ def test_reads_rendered_words_exactly(size):
 
 
 @needs_ocr
+def test_small_images_are_detected_at_small_side_and_large_ones_at_rapidocr_defaults():
+    small, edge, large = ocr._get_engine(64), ocr._get_engine(ocr.SMALL_SIDE - 1), ocr._get_engine(512)
+    assert small is edge and small is not large and ocr._get_engine(1024) is large
+    assert small.text_det.limit_side_len == ocr.SMALL_SIDE and large.text_det.limit_side_len == 736
+    assert small.text_det.limit_type == large.text_det.limit_type == "min"
+
+
+@needs_ocr
 def test_reads_nothing_in_a_blank_image_and_accepts_hwc():
     assert ocr.read(torch.full((64, 64, 3), 0.8)) == [[]]
 
