@@ -1263,7 +1263,7 @@ def main(argv: list[str]) -> int:
                          "elsewhere")
     ap.add_argument("--ocr-every", type=int, default=1000, metavar="N",
                     help="with --sign-rate: OCR 32 reconstructed validation signs every N autoencoder steps (the "
-                         "word gate's progress, about 17 s each; 0: only at the end; default 1000)")
+                         "word gate's progress, a few seconds each; 0: only at the end; default 1000)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
