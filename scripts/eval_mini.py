@@ -282,13 +282,7 @@ class Evaluator:
                 else:
                     patched, _ = apply_text_layer_patch(self.model, self.encode(tgt), layers)
                     images = self.sample(self.encode(src), self.seed + k, model=patched)
-                t = tallies[m]
-                for i in range(len(images)):
-                    r = ocr.score_edit(source[i:i + 1], images[i:i + 1], word, source_words=source_words[i])
-                    t["target_read"] += int(r["exact"])
-                    t["source_read"] += int(ocr.exact_match(r["text"], old))
-                    t["bg_mse"].append(r["bg_mse"])
-                    t["bg_ssim"].append(r["bg_ssim"])
+                _tally_edits(tallies[m], source, images, word, old, source_words)
         n = len(pairs) * self.n
         out = {"localize": found, "pairs": len(pairs), "images": n,
                **{m: {"target_word_acc": t["target_read"] / n, "source_word_kept": t["source_read"] / n,
@@ -322,7 +316,7 @@ class Evaluator:
 
         best = self.localized(tl)["layers"]
         rules = self.substitution_rules()
-        listed = {"prompts": 0, "replacement_read": 0, "listed_word_read": 0, "bg_mse": [], "bg_ssim": []}
+        listed = {"prompts": 0, "target_read": 0, "source_read": 0, "bg_mse": [], "bg_ssim": []}
         unlisted = {"prompts": 0, "max_abs_change": 0.0}
         for k, prompt in enumerate(self.world.heldout_sign_prompts()[:n_prompts]):
             source, target, target_text, _ = TextLayerWordSubstitute.execute(self.clip, prompt, rules).args
@@ -336,18 +330,12 @@ class Evaluator:
             old = self.world.parse_prompt(prompt)[-1]["sign"]
             new = self.world.parse_prompt(target_text)[-1]["sign"]
             listed["prompts"] += 1
-            words = ocr.read(plain)
-            for i in range(len(images)):
-                r = ocr.score_edit(plain[i:i + 1], images[i:i + 1], new, source_words=words[i])
-                listed["replacement_read"] += int(r["exact"])
-                listed["listed_word_read"] += int(ocr.exact_match(r["text"], old))
-                listed["bg_mse"].append(r["bg_mse"])
-                listed["bg_ssim"].append(r["bg_ssim"])
+            _tally_edits(listed, plain, images, new, old, ocr.read(plain))
         n = listed["prompts"] * self.n
         out = {"layers": best, "rules": rules.splitlines(),
                "listed": {"prompts": listed["prompts"], "images": n,
-                          "replacement_read": listed["replacement_read"] / n if n else None,
-                          "listed_word_still_read": listed["listed_word_read"] / n if n else None,
+                          "replacement_read": listed["target_read"] / n if n else None,
+                          "listed_word_still_read": listed["source_read"] / n if n else None,
                           "bg_mse": statistics.fmean(listed["bg_mse"]) if n else None,
                           "bg_ssim": statistics.fmean(listed["bg_ssim"]) if n else None},
                "unlisted": unlisted}
@@ -632,6 +620,19 @@ class Evaluator:
         print(f"attention share: [SOS] {_pct(share['sos'])}, semantic {_pct(share['semantic'])}, "
               f"[EOS]+padding {_pct(share['eos_and_padding'])} (paper 1: [SOS] > 90 %)")
         return {"iou_to_last_bucket": iou_b, "corr_to_last_bucket": corr_b, "attention_share": share}
+
+
+def _tally_edits(tally: dict, source, images, target: str, old: str, source_words) -> None:
+    """Score each edited image against its source image (nodes/shared/ocr.py score_edit): counts of the target
+    word and of the source's word ``old`` read, and the background MSE / SSIM, added to ``tally``."""
+    from prompt_anatomy.nodes.shared import ocr
+
+    for i in range(len(images)):
+        r = ocr.score_edit(source[i:i + 1], images[i:i + 1], target, source_words=source_words[i])
+        tally["target_read"] += int(r["exact"])
+        tally["source_read"] += int(ocr.exact_match(r["text"], old))
+        tally["bg_mse"].append(r["bg_mse"])
+        tally["bg_ssim"].append(r["bg_ssim"])
 
 
 def _pct(v) -> str:
