@@ -14,7 +14,9 @@ Vocabulary: 8 colours, 6 shapes, 3 textures (plus plain), 6 background tones (wi
 gradients); object size 24..48 px (18..28 px each in two-object scenes), random position and rotation.
 
 Signs (the v2 world, ``sign_rate`` > 0): a coloured plate carrying one upper-case word of :data:`WORDS` (each
-one CLIP BPE token) in one of :data:`FONTS`, alone or below / above one plain object:
+one CLIP BPE token) in one of :data:`FONTS`, alone or below / above one plain object. The word's text box is
+:data:`SIGN_INK` px wide (two 8-px latent cells a letter) and starts on the 8-px latent grid, so a word has a few
+latent codes, not one per sub-pixel shift:
 
     'a sign that says "CAT"'           plate of an unnamed (random) colour
     'a {colour} sign that says "CAT"'  plate colour named
@@ -81,13 +83,14 @@ HELD_OUT_TEXTURE_SHAPE: frozenset[tuple[str, str]] = frozenset(
 # sign words: 3 letters, each a single CLIP BPE token (lower-cased by the tokenizer), none a world word
 WORDS: tuple[str, ...] = ("CAT", "DOG", "SUN", "BUS", "CAR", "BOX", "HAT", "PEN", "CUP", "KEY", "MAP", "EGG",
                           "FOX", "OWL", "BEE", "ZOO", "TOY", "JAM", "ICE", "SKY", "NET", "BAG", "BED", "PIG")
-# bold faces of Debian's fonts-dejavu-core and fonts-liberation
+# bold faces of Debian's fonts-dejavu-core: a proportional and a monospaced one (Liberation Sans Bold, also tried,
+# survived the autoencoder worst: docs/mini_model_card.md, "v2 world")
 FONT_DIR = Path("/usr/share/fonts/truetype")
-FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mono": "dejavu/DejaVuSansMono-Bold.ttf",
-                         "liberation_sans": "liberation/LiberationSans-Bold.ttf"}
-# the word's ink width at 64 px; its font size follows (capitals 15..22 px tall): smaller glyphs do not survive
-# the 8x autoencoder (docs/mini_model_card.md, "v2 world")
-SIGN_INK_WIDTH = (42.0, 54.0)
+FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mono": "dejavu/DejaVuSansMono-Bold.ttf"}
+# the width of the word's text box (PIL's: from the pen to the ink's right edge, ink top to bottom) at 64 px:
+# 6 latent cells, 2 a letter; the font size follows (capitals 13.5..20.5 px tall)
+SIGN_INK = 48.0
+LATENT_CELL = 8  # px at 64 px: the text box's top-left corner lies on this grid
 SIGN_PAD = 3.5  # plate margin around the word, px at 64 px
 # a word no caption of the world uses (a single CLIP token too): the word a LoRA on the text layers is taught
 # (scripts/eval_mini.py, part lora)
@@ -375,25 +378,27 @@ def _sign_scene(rng, split, bg, grad) -> Scene:
 
 
 def _layout_sign(rng, word, colour, obj, bg, grad, prompt) -> Scene:
-    """Place the sign (and the object, in the other half) at random; the sign never leaves the image."""
+    """Centre the word across the image with its text box's top on the latent grid, at random among the rows that
+    keep the plate inside the image (its half when an object shares the image: the object takes the other)."""
     font = rng.choice(tuple(FONTS))
-    text_px = fit_text_px(word, font, rng.uniform(*SIGN_INK_WIDTH))
+    text_px = fit_text_px(word, font, SIGN_INK)
     w, h = sign_size(word, font, text_px)
     rgb = _jitter(COLOURS[colour], rng, 14)
     ink = (24, 24, 24) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 150 else (248, 248, 248)
     objects: tuple[Obj, ...] = ()
-    if obj is None:
-        cx, cy = rng.uniform(w / 2 + 1, SIZE - w / 2 - 1), rng.uniform(h / 2 + 1, SIZE - h / 2 - 1)
-    else:
+    lo, hi = 0.0, SIZE - 0.5  # the rows the plate may use
+    if obj is not None:
         top = rng.random() < 0.5  # the sign's half
-        lo = 0.0 if top else SIZE / 2
-        cx, cy = rng.uniform(w / 2 + 1, SIZE - w / 2 - 1), rng.uniform(lo + h / 2 + 1, lo + SIZE / 2 - h / 2)
+        lo, hi = (0.0, SIZE / 2) if top else (SIZE / 2, float(SIZE))
         size = rng.uniform(18.0, 26.0)
         r = size / 2 + 1
         olo = SIZE / 2 if top else 0.0
         objects = (_make_obj(rng, obj[0], obj[1], PLAIN, rng.uniform(r, SIZE - r), rng.uniform(olo + r, olo + SIZE / 2 - r),
                              size),)
-    sign = Sign(word=word, colour=colour, rgb=rgb, ink=ink, font=font, cx=cx, cy=cy, text_px=text_px)
+    rows = [y for y in range(LATENT_CELL, SIZE, LATENT_CELL) if lo <= y - SIGN_PAD and y - SIGN_PAD + h <= hi]
+    top_ink = rng.choice(rows)
+    sign = Sign(word=word, colour=colour, rgb=rgb, ink=ink, font=font, cx=SIZE / 2, cy=top_ink - SIGN_PAD + h / 2,
+                text_px=text_px)
     return Scene(objects, bg, grad, prompt, sign)
 
 
@@ -525,7 +530,7 @@ def _font(name: str, px: int) -> ImageFont.FreeTypeFont:
     path = FONT_DIR / FONTS[name]
     if not path.exists():
         raise FileNotFoundError(f"the mini world's sign font {path} is missing: install Debian's fonts-dejavu-core "
-                                f"and fonts-liberation (apt-get install fonts-dejavu-core fonts-liberation).")
+                                f"(apt-get install fonts-dejavu-core).")
     return ImageFont.truetype(str(path), px)
 
 
@@ -544,6 +549,20 @@ def sign_size(word: str, font: str, text_px: float) -> tuple[float, float]:
     """(width, height) of the sign's plate at 64 px: the word's ink box plus :data:`SIGN_PAD` on each side."""
     x0, y0, x1, y1 = _text_box(word, font, text_px * SUPERSAMPLE)
     return (x1 - x0) / SUPERSAMPLE + 2 * SIGN_PAD, (y1 - y0) / SUPERSAMPLE + 2 * SIGN_PAD
+
+
+def sign_cells(scene: Scene, cell: int = LATENT_CELL) -> np.ndarray:
+    """The share of each ``cell`` x ``cell`` px cell (a latent pixel at 8) that the sign's plate covers:
+    float32 [SIZE // cell, SIZE // cell]; zeros without a sign."""
+    n = SIZE // cell
+    out = np.zeros((n, n), np.float32)
+    if scene.sign is None:
+        return out
+    w, h = sign_size(scene.sign.word, scene.sign.font, scene.sign.text_px)
+    edges = np.arange(n + 1, dtype=np.float64) * cell
+    cover_x = np.clip(np.minimum(edges[1:], scene.sign.cx + w / 2) - np.maximum(edges[:-1], scene.sign.cx - w / 2), 0, cell)
+    cover_y = np.clip(np.minimum(edges[1:], scene.sign.cy + h / 2) - np.maximum(edges[:-1], scene.sign.cy - h / 2), 0, cell)
+    return (np.outer(cover_y, cover_x) / cell**2).astype(np.float32)
 
 
 def _draw_sign(img: Image.Image, sign: Sign, k: float) -> None:

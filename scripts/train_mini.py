@@ -32,6 +32,8 @@ Stages (each checkpoints as it goes and resumes where it stopped; finished stage
 6. ``unet``    ComfyUI's ``UNetModel`` (SD15 model config: eps-prediction, SD1.x linear beta schedule),
                cross-attention at 8x8, 4x4 and the 2x2 middle block, MSE on eps, prompt dropout 10 % (the
                empty prompt, for classifier-free guidance), AdamW with warm-up + cosine decay, EMA weights.
+               ``--unet-sign-weight W`` counts the error on the latent cells under a sign's plate 1 + W
+               times (the glyphs are a small share of the latent).
 7. ``export``  fp16 safetensors in ``--out`` (default models/prompt_anatomy_mini): unet, text_encoder, vae
                and judge, each with its config and the training record in the metadata.
 
@@ -103,6 +105,7 @@ class Plan:
     unet_batch: int = 64
     unet_lr: float = 5e-4
     unet_warmup: int = 200
+    unet_sign_weight: float = 0.0  # the loss on latent cells under a sign's plate counts 1 + this (0: v1's plain MSE)
     ema_decay: float = 0.999
     p_uncond: float = 0.1
 
@@ -822,6 +825,9 @@ class Trainer:
         pidx = {t: i for i, t in enumerate(prompts)}
         data = {"x0": x0, "contexts": ctx, "prompts": prompts,
                 "caption": torch.tensor([pidx[s.prompt] for s in scenes], dtype=torch.long)}
+        if self.plan.sign_rate > 0:  # [N, 1, 8, 8] share of each latent cell under a sign's plate
+            cells = [self.world.sign_cells(s) for s in scenes]
+            data["sign_cells"] = torch.stack([torch.from_numpy(c) for c in cells])[:, None]
         _atomic_save(data, path)
         self.finish_stage("latents", {"n": len(x0), "prompts": len(prompts), "encode_images_s": t_images,
                                       "encode_images_cpu_s": c_images,
@@ -874,6 +880,9 @@ class Trainer:
         abar = (1.0 / (1.0 + sigmas ** 2)).float()
         x0_all, ctx_all, cap = data["x0"], data["contexts"], data["caption"]
         empty = ctx_all[0]
+        cells = data.get("sign_cells")
+        if p.unet_sign_weight > 0 and cells is None:
+            raise RuntimeError("internal: unet_sign_weight needs the sign cells of a --sign-rate run's latents")
         to = attention_override()
         n_t = len(abar)
 
@@ -890,7 +899,11 @@ class Trainer:
             a = abar[t][:, None, None, None]
             xt = a.sqrt() * x0_all[idx] + (1 - a).sqrt() * eps
             pred = net(xt, t.float(), context=ctx, transformer_options=to)
-            loss = torch.nn.functional.mse_loss(pred, eps)
+            if p.unet_sign_weight > 0:  # the glyphs are a small share of the latent: weigh their cells up
+                w = 1.0 + p.unet_sign_weight * cells[idx]
+                loss = (w * (pred - eps) ** 2).mean() / w.mean()
+            else:
+                loss = torch.nn.functional.mse_loss(pred, eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -1264,6 +1277,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--ocr-every", type=int, default=1000, metavar="N",
                     help="with --sign-rate: OCR 32 reconstructed validation signs every N autoencoder steps (the "
                          "word gate's progress, a few seconds each; 0: only at the end; default 1000)")
+    ap.add_argument("--unet-sign-weight", type=float, default=None, metavar="W",
+                    help="with --sign-rate: the UNet's loss on the latent cells under a sign's plate counts 1 + W "
+                         "(default 0: every cell alike, as v1)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
@@ -1293,6 +1309,10 @@ def main(argv: list[str]) -> int:
         plan.sign_rate = args.sign_rate
     if args.vae_precision is not None:
         plan.vae_precision = args.vae_precision
+    if args.unet_sign_weight is not None:
+        if args.unet_sign_weight < 0 or plan.sign_rate == 0 and args.unet_sign_weight > 0:
+            ap.error(f"--unet-sign-weight must be >= 0 and needs --sign-rate > 0, got {args.unet_sign_weight}")
+        plan.unet_sign_weight = args.unet_sign_weight
     out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
     ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
     if args.fresh and ckpt.exists():

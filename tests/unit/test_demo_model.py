@@ -293,6 +293,14 @@ def test_run_loop_monitor_adds_measurements_at_logging_steps_only(tmp_path):
     assert [(h["step"], h.get("gate")) for h in rec["history"]] == [(2, None), (4, 0.4), (6, None), (8, 0.8), (9, None)]
 
 
+@pytest.mark.parametrize("argv", [["--unet-sign-weight", "3"], ["--sign-rate", "0.5", "--unet-sign-weight", "-1"]])
+def test_unet_sign_weight_needs_signs_and_a_weight_of_at_least_0(argv, capsys):
+    tm = _train_mini()
+    with pytest.raises(SystemExit) as e:
+        tm.main(argv)
+    assert e.value.code == 2 and "--unet-sign-weight must be >= 0 and needs --sign-rate > 0" in capsys.readouterr().err
+
+
 def test_budget_sets_steps_from_the_probed_step_time_and_keeps_them(tmp_path):
     tm = _train_mini()
     t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)

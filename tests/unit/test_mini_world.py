@@ -160,7 +160,7 @@ def test_bad_split_is_rejected():
 
 FONTS_MISSING = [str(w.FONT_DIR / f) for f in w.FONTS.values() if not (w.FONT_DIR / f).exists()]
 needs_fonts = pytest.mark.skipif(bool(FONTS_MISSING), reason=f"sign fonts missing: {FONTS_MISSING} (Debian: apt-get "
-                                                              f"install fonts-dejavu-core fonts-liberation)")
+                                                              f"install fonts-dejavu-core)")
 
 
 @needs_fonts
@@ -256,11 +256,44 @@ def test_signs_fit_the_image_and_keep_clear_of_their_object():
     for i in range(400):
         s = w.sample(i, "all", sign_rate=1.0)
         width, height = w.sign_size(s.sign.word, s.sign.font, s.sign.text_px)
-        assert width / 2 < s.sign.cx < 64 - width / 2 and height / 2 < s.sign.cy < 64 - height / 2
+        assert width / 2 < s.sign.cx < 64 - width / 2 and height / 2 <= s.sign.cy <= 64 - height / 2
         if s.objects:
             o = s.objects[0]
             assert (o.cy < 32) != (s.sign.cy < 32)  # other halves
             assert abs(o.cy - s.sign.cy) >= o.size / 2 + height / 2 - 1
+
+
+@needs_fonts
+def test_the_word_is_48_px_wide_and_starts_on_the_latent_grid():
+    """Every word's text box starts on the 8-px latent grid (column 8, a row of the grid) and is 48 px wide: drawn
+    at 4x and measured on the pixels of the ink colour."""
+    rows = set()
+    for i in range(40):
+        s = w.sample(i, "all", sign_rate=1.0)
+        img = np.asarray(w.render(s, size=256)).astype(int)
+        width, height = w.sign_size(s.sign.word, s.sign.font, s.sign.text_px)
+        left, top = math.ceil(4 * (s.sign.cx - width / 2)) + 2, math.ceil(4 * (s.sign.cy - height / 2)) + 2
+        plate = img[top:int(4 * (s.sign.cy + height / 2)) - 2, left:int(4 * (s.sign.cx + width / 2)) - 2]
+        ys, xs = np.nonzero(np.abs(plate - s.sign.ink).sum(-1) < 40)  # the ink, not a background of its colour
+        x0, x1, y0 = (xs.min() + left) / 4, (xs.max() + 1 + left) / 4, (ys.min() + top) / 4
+        # PIL's text box runs from the pen to the advance, so the letters' side bearings (up to 2 px) lie inside it
+        assert 8 - 0.75 <= x0 <= 8 + 2.5 and 56 - 2.5 <= x1 <= 56 + 0.75, (s.sign, x0, x1)
+        assert abs(y0 - round(y0 / 8) * 8) <= 0.75, (s.sign, y0)
+        rows.add(round(y0 / 8) * 8)
+    assert rows == {8, 16, 24, 32, 40}
+
+
+@needs_fonts
+def test_sign_cells_cover_the_plate_cell_by_cell():
+    s = w.sample(0, "all", sign_rate=1.0)
+    cells = w.sign_cells(s)
+    width, height = w.sign_size(s.sign.word, s.sign.font, s.sign.text_px)
+    assert cells.shape == (8, 8) and cells.dtype == np.float32 and 0 <= cells.min() and cells.max() <= 1
+    assert np.isclose(cells.sum() * 64, width * height)  # the plate's area in px
+    rows, cols = np.nonzero(cells)
+    assert cols.min() == int((32 - width / 2) // 8) and cols.max() == int((32 + width / 2) // 8)
+    assert rows.min() == int((s.sign.cy - height / 2) // 8)
+    assert not w.sign_cells(w.sample(0, "train")).any()  # no sign, no cells
 
 
 @needs_fonts
