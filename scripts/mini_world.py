@@ -15,7 +15,7 @@ gradients); object size 24..48 px (18..28 px each in two-object scenes), random 
 
 Signs (the v2 world, ``sign_rate`` > 0): a coloured plate carrying one upper-case word of :data:`WORDS` (each
 one CLIP BPE token) in one of :data:`FONTS`, alone or below / above one plain object. The word's text box is
-:data:`SIGN_INK` px wide (two 8-px latent cells a letter) and starts on the 8-px latent grid, so a word has a few
+:data:`SIGN_TEXT_WIDTH` px wide (two 8-px latent cells a letter) and starts on the 8-px latent grid, so a word has a few
 latent codes, not one per sub-pixel shift:
 
     'a sign that says "CAT"'           plate of an unnamed (random) colour
@@ -89,7 +89,7 @@ FONT_DIR = Path("/usr/share/fonts/truetype")
 FONTS: dict[str, str] = {"dejavu_sans": "dejavu/DejaVuSans-Bold.ttf", "dejavu_mono": "dejavu/DejaVuSansMono-Bold.ttf"}
 # the width of the word's text box (PIL's: from the pen to the ink's right edge, ink top to bottom) at 64 px:
 # 6 latent cells, 2 a letter; the font size follows (capitals 13.5..20.5 px tall)
-SIGN_INK = 48.0
+SIGN_TEXT_WIDTH = 48.0
 LATENT_CELL = 8  # px at 64 px: the text box's top-left corner lies on this grid
 SIGN_PAD = 3.5  # plate margin around the word, px at 64 px
 # a word no caption of the world uses (a single CLIP token too): the word a LoRA on the text layers is taught
@@ -381,7 +381,7 @@ def _layout_sign(rng, word, colour, obj, bg, grad, prompt) -> Scene:
     """Centre the word across the image with its text box's top on the latent grid, at random among the rows that
     keep the plate inside the image (its half when an object shares the image: the object takes the other)."""
     font = rng.choice(tuple(FONTS))
-    text_px = fit_text_px(word, font, SIGN_INK)
+    text_px = fit_text_px(word, font, SIGN_TEXT_WIDTH)
     w, h = sign_size(word, font, text_px)
     rgb = _jitter(COLOURS[colour], rng, 14)
     ink = (24, 24, 24) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 150 else (248, 248, 248)
