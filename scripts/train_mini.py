@@ -28,12 +28,15 @@ Stages (each checkpoints as it goes and resumes where it stopped; finished stage
                3..10 tokens, so the padding positions are trained explicitly (see docs/mini_model_card.md).
 5. ``latents`` the train images encoded with the shipped VAE (through comfy.sd.VAE, as VAEEncode does) and
                every caption encoded with the shipped text encoder (clip.encode_from_tokens, as
-               CLIPTextEncode does), both loaded back from their fp16 files.
+               CLIPTextEncode does), both loaded back from their fp16 files. With ``--vae-precision bf16``
+               the images are encoded under bf16 autocast too (about 3x faster).
 6. ``unet``    ComfyUI's ``UNetModel`` (SD15 model config: eps-prediction, SD1.x linear beta schedule),
                cross-attention at 8x8, 4x4 and the 2x2 middle block, MSE on eps, prompt dropout 10 % (the
                empty prompt, for classifier-free guidance), AdamW with warm-up + cosine decay, EMA weights.
                ``--unet-sign-weight W`` counts the error on the latent cells under a sign's plate 1 + W
-               times (the glyphs are a small share of the latent).
+               times (the glyphs are a small share of the latent); ``--unet-min-snr GAMMA`` weighs each
+               timestep's error by min(SNR, GAMMA) / SNR (Hang et al. 2023: the nearly clean timesteps count
+               less, and training converges in fewer steps).
 7. ``export``  fp16 safetensors in ``--out`` (default models/prompt_anatomy_mini): unet, text_encoder, vae
                and judge, each with its config and the training record in the metadata.
 
@@ -106,6 +109,7 @@ class Plan:
     unet_lr: float = 5e-4
     unet_warmup: int = 200
     unet_sign_weight: float = 0.0  # the loss on latent cells under a sign's plate counts 1 + this (0: v1's plain MSE)
+    unet_min_snr: float = 0.0  # min-SNR-gamma loss weight min(SNR, gamma) / SNR per timestep (0: v1's plain MSE)
     ema_decay: float = 0.999
     p_uncond: float = 0.1
 
@@ -843,8 +847,10 @@ class Trainer:
         torch, demo = self.torch, self.demo
         vae = demo.load_vae(vae_path, torch.float32)
         latent_format = demo.unet_model_config(demo.UNET_CONFIG).latent_format
-        lat = [vae.encode(torch.from_numpy(images[i:i + 256]).float() / 255.0).float()  # IMAGE [B, H, W, 3]
-               for i in range(0, len(images), 256)]
+        # the precision the autoencoder trained in: under bf16 about 3x faster, latents within 1 % of their std
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.plan.vae_precision == "bf16"):
+            lat = [vae.encode(torch.from_numpy(images[i:i + 256]).float() / 255.0).float()  # IMAGE [B, H, W, 3]
+                   for i in range(0, len(images), 256)]
         return latent_format.process_in(torch.cat(lat)).detach().contiguous()
 
     def _encode_prompts(self, text_path: Path, prompts: list[str]):
@@ -881,6 +887,7 @@ class Trainer:
         x0_all, ctx_all, cap = data["x0"], data["contexts"], data["caption"]
         empty = ctx_all[0]
         cells = data.get("sign_cells")
+        t_weight = min_snr_weights(abar, p.unet_min_snr) if p.unet_min_snr > 0 else None
         if p.unet_sign_weight > 0 and cells is None:
             raise RuntimeError("internal: unet_sign_weight needs the sign cells of a --sign-rate run's latents")
         to = attention_override()
@@ -899,9 +906,9 @@ class Trainer:
             a = abar[t][:, None, None, None]
             xt = a.sqrt() * x0_all[idx] + (1 - a).sqrt() * eps
             pred = net(xt, t.float(), context=ctx, transformer_options=to)
-            if p.unet_sign_weight > 0:  # the glyphs are a small share of the latent: weigh their cells up
-                w = 1.0 + p.unet_sign_weight * cells[idx]
-                loss = (w * (pred - eps) ** 2).mean() / w.mean()
+            if p.unet_sign_weight > 0 or t_weight is not None:
+                loss = weighted_eps_loss(pred, eps, cells[idx] if p.unet_sign_weight > 0 else None,
+                                         p.unet_sign_weight, None if t_weight is None else t_weight[t])
             else:
                 loss = torch.nn.functional.mse_loss(pred, eps)
             opt.zero_grad(set_to_none=True)
@@ -987,6 +994,26 @@ class EMA:
 
     def load_state_dict(self, sd):
         self.shadow.load_state_dict(sd)
+
+
+def min_snr_weights(abar, gamma: float):
+    """Per-timestep weight min(SNR, gamma) / SNR of an eps-prediction loss (Hang et al. 2023, "Efficient
+    Diffusion Training via Min-SNR Weighting Strategy"): the nearly clean timesteps, easy and many, count less."""
+    snr = abar / (1.0 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
+def weighted_eps_loss(pred, eps, cells, sign_weight: float, t_weight):
+    """Squared eps error, each latent cell under a sign's plate counting 1 + sign_weight (``cells`` [B, 1, H, W]
+    is its plate coverage; normalised by the mean cell weight, so the loss keeps MSE's scale) and each sample
+    ``t_weight`` [B] (None: 1)."""
+    err = (pred - eps) ** 2
+    w = None if cells is None else 1.0 + sign_weight * cells
+    if w is not None:
+        err = w * err
+    if t_weight is not None:
+        err = t_weight[:, None, None, None] * err
+    return err.mean() / (w.mean() if w is not None else 1.0)
 
 
 def degrade(x, g, strength: float = 1.0):
@@ -1271,15 +1298,23 @@ def main(argv: list[str]) -> int:
                     help="share of training scenes that show a sign with a word (the v2 world, e.g. 0.5; default 0: "
                          "v1's world of shapes); needs rapidocr-onnxruntime for the OCR gates")
     ap.add_argument("--vae-precision", choices=("fp32", "bf16"), default=None,
-                    help="the autoencoder stage's compute precision (default fp32, as v1 was trained); bf16 runs its "
-                         "convs under CPU bf16 autocast, about 3x faster on CPUs with AVX512-BF16 / AMX, slower "
-                         "elsewhere")
+                    help="the autoencoder's compute precision in training and when it encodes the latents (default "
+                         "fp32, as v1 was trained); bf16 runs its convs under CPU bf16 autocast, about 3x faster on "
+                         "CPUs with AVX512-BF16 / AMX, slower elsewhere")
     ap.add_argument("--ocr-every", type=int, default=1000, metavar="N",
                     help="with --sign-rate: OCR 32 reconstructed validation signs every N autoencoder steps (the "
                          "word gate's progress, a few seconds each; 0: only at the end; default 1000)")
     ap.add_argument("--unet-sign-weight", type=float, default=None, metavar="W",
                     help="with --sign-rate: the UNet's loss on the latent cells under a sign's plate counts 1 + W "
                          "(default 0: every cell alike, as v1)")
+    ap.add_argument("--unet-lr", type=float, default=None, metavar="LR",
+                    help=f"the UNet's peak learning rate (default {DEFAULT_PLAN.unet_lr:g}, as v1; the v2 world "
+                         f"trains at 1.5e-3, see docs/mini_model_card.md)")
+    ap.add_argument("--unet-batch", type=int, default=None, metavar="N",
+                    help=f"the UNet's batch size (default {DEFAULT_PLAN.unet_batch})")
+    ap.add_argument("--unet-min-snr", type=float, default=None, metavar="GAMMA",
+                    help="weigh the UNet's loss at each timestep by min(SNR, GAMMA) / SNR (min-SNR weighting, e.g. "
+                         "5: the nearly clean timesteps count less; default 0: every timestep alike, as v1)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval (default 5)")
     ap.add_argument("--log-every", type=int, default=None, help="log every N steps (default 25; smoke 3)")
@@ -1313,6 +1348,18 @@ def main(argv: list[str]) -> int:
         if args.unet_sign_weight < 0 or plan.sign_rate == 0 and args.unet_sign_weight > 0:
             ap.error(f"--unet-sign-weight must be >= 0 and needs --sign-rate > 0, got {args.unet_sign_weight}")
         plan.unet_sign_weight = args.unet_sign_weight
+    if args.unet_lr is not None:
+        if not 0 < args.unet_lr < 1:
+            ap.error(f"--unet-lr must be in (0, 1), e.g. 1.5e-3, got {args.unet_lr}")
+        plan.unet_lr = args.unet_lr
+    if args.unet_batch is not None:
+        if args.unet_batch < 1:
+            ap.error(f"--unet-batch must be at least 1, got {args.unet_batch}")
+        plan.unet_batch = args.unet_batch
+    if args.unet_min_snr is not None:
+        if args.unet_min_snr < 0:
+            ap.error(f"--unet-min-snr must be >= 0 (0: off), got {args.unet_min_snr}")
+        plan.unet_min_snr = args.unet_min_snr
     out = args.out or (ROOT / ".cache" / "mini_smoke" / "weights" if args.smoke else ROOT / "models" / "prompt_anatomy_mini")
     ckpt = args.ckpt_dir or (ROOT / ".cache" / ("mini_smoke/ckpt" if args.smoke else "mini_train"))
     if args.fresh and ckpt.exists():

@@ -301,6 +301,42 @@ def test_unet_sign_weight_needs_signs_and_a_weight_of_at_least_0(argv, capsys):
     assert e.value.code == 2 and "--unet-sign-weight must be >= 0 and needs --sign-rate > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--unet-min-snr", "-5"], "--unet-min-snr must be >= 0 (0: off), got -5.0"),
+    (["--unet-lr", "0"], "--unet-lr must be in (0, 1), e.g. 1.5e-3, got 0.0"),
+    (["--unet-batch", "0"], "--unet-batch must be at least 1, got 0"),
+])
+def test_unet_recipe_options_refuse_values_out_of_range(argv, message, capsys):
+    tm = _train_mini()
+    with pytest.raises(SystemExit) as e:
+        tm.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_min_snr_weights_cap_the_nearly_clean_timesteps_only():
+    tm = _train_mini()
+    abar = torch.tensor([0.99, 5 / 6, 0.5, 0.01], dtype=torch.float64)  # SNR 99, 5, 1, 1/99
+    w = tm.min_snr_weights(abar, 5.0)
+    assert torch.allclose(w, torch.tensor([5 / 99, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_weighted_eps_loss_is_mse_without_weights_and_weighs_plates_and_timesteps():
+    tm = _train_mini()
+    g = torch.Generator().manual_seed(0)
+    pred, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    err = (pred - eps) ** 2
+    assert torch.equal(tm.weighted_eps_loss(pred, eps, None, 0.0, None), err.mean())
+    cells = torch.zeros(2, 1, 8, 8)
+    cells[0, 0, 2:4, 1:7] = 1.0  # one plate of 12 cells in the first image
+    w = 1.0 + 3.0 * cells
+    assert torch.equal(tm.weighted_eps_loss(pred, eps, cells, 3.0, None), (w * err).mean() / w.mean())
+    tw = torch.tensor([0.25, 1.0])
+    expected = (tw[:, None, None, None] * w * err).mean() / w.mean()
+    assert torch.allclose(tm.weighted_eps_loss(pred, eps, cells, 3.0, tw), expected)
+    only_t = tm.weighted_eps_loss(pred, eps, None, 0.0, tw)
+    assert torch.allclose(only_t, (0.25 * err[0].mean() + err[1].mean()) / 2)
+
+
 def test_budget_sets_steps_from_the_probed_step_time_and_keeps_them(tmp_path):
     tm = _train_mini()
     t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
