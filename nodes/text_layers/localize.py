@@ -33,6 +33,7 @@ Start search (paper 2 also chose the step the patch starts at): ``start_search``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -47,6 +48,8 @@ from ..core.layers import ModelLayers, layer_label, model_layers, parse_layers
 from ..shared import ocr
 from ..shared.drawing import bar_chart
 from .patch import PatchSettings, TargetText, apply_text_layer_patch
+
+MAX_PAIR_LAYERS = 16  # 'pairs <layers>' in candidates: at most 120 pairs, each one sampled batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,7 @@ class CandidateScore:
 def parse_candidates(spec: str, ml: ModelLayers) -> list[tuple]:
     """Candidates to test, each a tuple of layers. Empty: every layer of the model alone. Otherwise items separated
     by ';' or new lines, each one candidate (a layer string; several layers are tested together); an item
-    'each <layers>' gives one candidate per layer."""
+    'each <layers>' gives one candidate per layer, 'pairs <layers>' one per pair of those layers."""
     spec = (spec or "").strip()
     if not spec:
         return [(layer,) for layer in ml.layers]
@@ -79,6 +82,9 @@ def parse_candidates(spec: str, ml: ModelLayers) -> list[tuple]:
         if item.lower().startswith("each "):
             out.extend((layer,) for layer in parse_layers(item[5:], ml))
             continue
+        if item.lower().startswith("pairs "):
+            out.extend(itertools.combinations(_pair_layers(item[6:], ml), 2))
+            continue
         layers = parse_layers(item, ml)
         if layers:
             out.append(layers)
@@ -87,6 +93,19 @@ def parse_candidates(spec: str, ml: ModelLayers) -> list[tuple]:
         raise ValueError(f"candidates: {spec!r} names no layer. Leave it empty to test every layer, or list "
                          f"candidates separated by ';' (valid: {ml.describe()}).")
     return unique
+
+
+def _pair_layers(spec: str, ml: ModelLayers) -> tuple:
+    layers = parse_layers(spec, ml)
+    if len(layers) < 2:
+        raise ValueError(f"candidates: 'pairs {spec.strip()}' names {len(layers)} layer(s); a pair needs two. Name "
+                         f"two or more layers after 'pairs', e.g. 'pairs all' or 'pairs output' (valid: "
+                         f"{ml.describe()}).")
+    if len(layers) > MAX_PAIR_LAYERS:
+        raise ValueError(f"candidates: 'pairs {spec.strip()}' names {len(layers)} layers, which makes "
+                         f"{len(layers) * (len(layers) - 1) // 2} pairs, one sampled image batch each. Name at most "
+                         f"{MAX_PAIR_LAYERS} layers after 'pairs' (e.g. the best few of a single-layer run).")
+    return layers
 
 
 def score_edit(source: torch.Tensor, target: torch.Tensor, patched: torch.Tensor,
@@ -150,6 +169,12 @@ def _format_ocr_table(scores: list[CandidateScore], top_k: int, header: str, bes
         lines.append(f"{r:>4}  {c.label:<28} {c.indices:<10} {o['f1']:>6.3f} {o['lev']:>6.3f} {o['bg_ssim']:>8.3f} "
                      f"{o['score']:>7.3f}  {o['text'][:24]!r}{mark}")
     lines.append(f"best layers (top {top_k}): {best}")
+    tied = sum(c.score <= 0.0 for c in rank(scores)[:top_k])
+    if tied:
+        lines.append(f"note: {tied} of the top {top_k} scored 0 (OCR read nothing of the target words), so "
+                     f"they are ties kept in candidate order, not a finding. Test layers together ('pairs all' or "
+                     f"'pairs <the best few layers>' in candidates), use more images (the latent's batch) or "
+                     f"score = latent, which ranks partial changes.")
     return "\n".join(lines)
 
 

@@ -211,7 +211,8 @@ class TextLayerLocalize(io.ComfyNode):
                                 tooltip="Candidates to test. Empty: every layer of the model alone. Otherwise "
                                         "candidates separated by ';' or new lines, each a layer string (several "
                                         "layers are tested together, e.g. '55,56'); 'each 40-69' tests each of those "
-                                        "layers alone."),
+                                        "layers alone; 'pairs 52-57' tests every pair of those layers (at most 16 "
+                                        "layers), for models where no single layer changes the text."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="First patched step of each test (fraction of the steps), as in Text Layer "
                                        "Patch."),

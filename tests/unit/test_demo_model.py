@@ -434,6 +434,14 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     assert share["params"] == sum(p.numel() for a in attn for p in a.parameters())
     assert share["unet_params"] == sum(p.numel() for p in dm_.parameters())
     assert 0 < share["share"] < 0.05
+    from prompt_anatomy.nodes.core.layers import model_layers
+    from prompt_anatomy.nodes.text_layers.localize import parse_candidates
+
+    cands = parse_candidates(ev.localization_candidates(), model_layers(ev.model, "test"))
+    layers = model_layers(ev.model, "test").layers
+    assert len(layers) == 7 and cands[:7] == [(layer,) for layer in layers]  # every layer alone first, then pairs
+    assert len(cands) == 7 + 21 and all(len(c) == 2 and c[0] != c[1] for c in cands[7:])
+    assert len({frozenset(c) for c in cands[7:]}) == 21
     assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 to 8 skip
     assert ev.substitute(2) == ev.lora(2, 1) == ev.edit(1) == {"skipped": "weights trained without signs"}
 

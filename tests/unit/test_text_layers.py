@@ -766,6 +766,33 @@ def test_candidate_strings(sd1):
         (("output", 2, 0),), (("output", 3, 0),), (("input", 1, 0), ("input", 3, 0)), (("middle", 0, 0),)]
     with pytest.raises(ValueError, match="names no layer"):
         tll.parse_candidates(" ; ", ml)
+    pairs = tll.parse_candidates("pairs 6, 0, 2", ml)  # one candidate per pair, in forward order
+    assert pairs == [(ml.layers[0], ml.layers[2]), (ml.layers[0], ml.layers[6]), (ml.layers[2], ml.layers[6])]
+    every = tll.parse_candidates("each all; pairs all", ml)
+    assert every[:7] == [(layer,) for layer in ml.layers] and len(every) == 7 + 21
+    assert len({frozenset(c) for c in every[7:]}) == 21 and all(len(c) == 2 for c in every[7:])
+    with pytest.raises(ValueError, match="'pairs 5' names 1 layer.*a pair needs two"):
+        tll.parse_candidates("pairs 5", ml)
+
+
+def test_pairs_of_too_many_layers_are_refused_before_sampling(sd1, monkeypatch):
+    ml = cl.model_layers(sd1.model, "test")
+    monkeypatch.setattr(tll, "MAX_PAIR_LAYERS", 3)
+    assert len(tll.parse_candidates("pairs 0-2", ml)) == 3
+    with pytest.raises(ValueError, match="names 4 layers, which makes 6 pairs.*at most 3 layers"):
+        tll.parse_candidates("pairs 0-3", ml)
+
+
+def test_ocr_table_says_when_the_best_layers_are_ties_at_zero():
+    def cand(label, score):
+        o = {"f1": 0.0, "lev": 1.0, "bg_ssim": 0.9, "score": score, "text": "CAT"}
+        return tll.CandidateScore((label,), label, "", 0.0, 0.0, ocr=o)
+
+    scores = [cand("input.1.0", 0.0), cand("output.2.0", 0.4), cand("output.3.0", 0.0)]
+    table = tll.format_table(None, scores, 2, "header", 0.0, 0.5, "input.1.0, output.2.0", target_words="BOX")
+    assert "note: 1 of the top 2 scored 0" in table and "'pairs all'" in table
+    clear = tll.format_table(None, scores, 1, "header", 0.0, 0.5, "output.2.0", target_words="BOX")
+    assert "note:" not in clear
 
 
 def test_localize_runs_algorithm_1(sd1, conds):
