@@ -437,8 +437,8 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     from prompt_anatomy.nodes.core.layers import model_layers
     from prompt_anatomy.nodes.text_layers.localize import parse_candidates
 
-    cands = parse_candidates(ev.localization_candidates(), model_layers(ev.model, "test"))
-    layers = model_layers(ev.model, "test").layers
+    ml = model_layers(ev.model, "test")
+    cands, layers = parse_candidates(ev.localization_candidates(), ml), ml.layers
     assert len(layers) == 7 and cands[:7] == [(layer,) for layer in layers]  # every layer alone first, then pairs
     assert len(cands) == 7 + 21 and all(len(c) == 2 and c[0] != c[1] for c in cands[7:])
     assert len({frozenset(c) for c in cands[7:]}) == 21
