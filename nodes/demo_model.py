@@ -49,8 +49,9 @@ FORMAT_VERSION = "1"
 COMPONENTS = {"unet": "unet.safetensors", "text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors"}
 JUDGE_FILE = "judge.safetensors"
 LORA_DIR = MODEL_DIR / "loras"  # the demo LoRA (random, for LoraLoaderTextLayers in the demo workflows)
-TRAIN_HINT = ("Train them with `python scripts/train_mini.py` in the pack's folder (about 2 hours on 2 CPU cores; "
-              "see docs/mini_model_card.md).")
+TRAIN_HINT = ("Restore the shipped files (`git checkout -- models/prompt_anatomy_mini` in the pack's folder) or train "
+              "them with `python scripts/train_mini.py` and the shipped model's flags from docs/mini_model_card.md "
+              "(about 2 hours on one CPU core).")
 
 # The shipped configs (train_mini.py writes the config it trained with into each file's metadata, and the
 # loader builds from the metadata, so these are only the defaults of a new training run).
@@ -226,8 +227,9 @@ class PromptAnatomyDemoLoader(io.ComfyNode):
             category="prompt_anatomy/loaders",
             description="Loads the pack's miniature text-to-image model (SD1.x anatomy: UNet with cross-attention, "
                         "causal CLIP text encoder with [EOS] padding, 8x VAE), trained on CPU on a world of coloured, "
-                        "textured shapes. Prompts like 'a red star', 'a striped heart', 'a blue circle and a yellow "
-                        "cross'; 64x64 images (EmptyLatentImage 64x64), 20 steps, cfg 7.",
+                        "textured shapes and signs that carry a word. Prompts like 'a red star', 'a striped heart', "
+                        "'a blue circle and a yellow cross', 'a red star and a sign that says \"CAT\"'; 64x64 images "
+                        "(EmptyLatentImage 64x64), 20 steps, cfg 4.",
             inputs=[
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Precision the model runs in. default: what ComfyUI picks for a checkpoint on "
