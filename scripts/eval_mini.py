@@ -36,8 +36,11 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
 8. lora        (v2 weights) a rank-4 LoRA trained only on the localized layers (TextLayerLoraTrain's trainer) on
                images of a sign saying a word no caption uses (mini_world.NEW_WORD): how often OCR reads it before
                and after, and whether the 24 trained words still render.
+9. lora_tune   (v2 weights) paper 2 Sec. 5 (c): a rank-4 LoRA on only the localized layers against one on every
+               cross-attention layer, both trained on sign scenes of trained captions that no training run drew:
+               the held-out and seen word rates (as in 5) and the held-out shape rate (as in 1), before and after.
 
-    .venv/bin/python scripts/eval_mini.py                     # all four, default sizes
+    .venv/bin/python scripts/eval_mini.py                     # every part, default sizes
     .venv/bin/python scripts/eval_mini.py --only quality table2 --n 4
     .venv/bin/python scripts/eval_mini.py --weights .cache/mini_smoke/weights --quick
 """
@@ -55,7 +58,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("quality", "table1", "table2", "curves", "words", "edit", "substitute", "lora")
+PARTS = ("quality", "table1", "table2", "curves", "words", "edit", "substitute", "lora", "lora_tune")
+TUNE_START = 1_000_000  # first train-split index of lora_tune's scenes, past any run's n_train
 CUTOFFS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -381,23 +385,9 @@ class Evaluator:
         tl, why = self._text_layers_or_skip("8. LoRA")
         if tl is None:
             return {"skipped": why}
-        from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
-        from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
-        from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
-
-        torch, w = self.torch, self.world
+        w = self.world
         best = self.localized(tl)["layers"]
-        images, scenes = w.new_word_dataset(n_images)
-        with torch.no_grad():
-            latents = self.vae.encode(torch.from_numpy(images).float() / 255.0)
-        positive = [self.encode(s.prompt)[0] for s in scenes]
-        ml = model_layers(self.model, "eval")
-        prefixes = [p for layer in parse_layers(best, ml) for p in weight_prefixes(ml, layer)]
-        t0 = time.perf_counter()
-        lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
-                                                rank=4, learning_rate=1e-3, seed=self.seed, batch_size=8)
-        seconds = time.perf_counter() - t0
-        taught, _ = load_text_layer_lora(self.model, lora_sd, best)
+        taught, lora_sd, losses, seconds = self._train_lora(best, *w.new_word_dataset(n_images), steps)
         prompts = self.new_word_prompts()
         control = w.seen_sign_prompts()
         control_words = [w.parse_prompt(p)[-1]["sign"] for p in control]
@@ -412,6 +402,69 @@ class Evaluator:
               f'"{w.NEW_WORD}", {seconds:.0f} s) ==')
         print(f"new word read: {_pct(out['new_word_read_before'])} before -> {_pct(out['new_word_read_after'])} after; "
               f"the 24 trained words: {_pct(out['other_words_read_before'])} -> {_pct(out['other_words_read_after'])}")
+        return out
+
+    def _train_lora(self, layers: str, images, scenes, steps: int) -> tuple:
+        """A rank-4 LoRA (lr 1e-3, batch 8: the lora part's recipe) on ``layers`` trained on uint8 ``images`` with
+        their scenes' captions: (the model with it loaded, its tensors, the losses, training seconds)."""
+        from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
+        from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
+        from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
+
+        torch = self.torch
+        with torch.no_grad():
+            latents = self.vae.encode(torch.from_numpy(images).float() / 255.0)
+        positive = [self.encode(s.prompt)[0] for s in scenes]
+        ml = model_layers(self.model, "eval")
+        prefixes = [p for layer in parse_layers(layers, ml) for p in weight_prefixes(ml, layer)]
+        t0 = time.perf_counter()
+        lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
+                                                rank=4, learning_rate=1e-3, seed=self.seed, batch_size=8)
+        seconds = time.perf_counter() - t0
+        return load_text_layer_lora(self.model, lora_sd, layers)[0], lora_sd, losses, seconds
+
+    # ---- 9. lora_tune
+    def tune_dataset(self, n: int) -> tuple:
+        """``n`` sign scenes of the training split (trained captions only) from indices no training run drew."""
+        return self.world.make_dataset(n, "train", start=TUNE_START, sign_rate=1.0)
+
+    def _shape_rate(self, model=None) -> float:
+        """How often the judge sees the prompted shape on the held-out shape prompts (part 1's images)."""
+        w, hits, total = self.world, 0, 0
+        for k, prompt in enumerate(w.heldout_eval_prompts()):
+            images = self.sample(self.encode(prompt), self.seed + k, model=model)
+            want = w.parse_prompt(prompt)[0]["shape"]
+            hits += sum(v == want for v in self.judge_images(images)["shape"])
+            total += len(images)
+        return hits / total
+
+    def _tune_rates(self, model=None) -> dict:
+        w = self.world
+        held, seen = w.heldout_sign_prompts(), w.seen_sign_prompts()
+        return {"held_out_words": self._word_rate(held, [w.parse_prompt(p)[-1]["sign"] for p in held], model),
+                "seen_words": self._word_rate(seen, [w.parse_prompt(p)[-1]["sign"] for p in seen], model),
+                "held_out_shapes": self._shape_rate(model)}
+
+    def lora_tune(self, n_images: int, steps: int) -> dict:
+        """Paper 2's LoRA on the localized layers vs on every cross-attention layer (see the module docstring)."""
+        tl, why = self._text_layers_or_skip("9. LoRA tune")
+        if tl is None:
+            return {"skipped": why}
+        best = self.localized(tl)["layers"]
+        out = {"train_images": n_images, "steps": steps, "before": self._tune_rates()}
+        images, scenes = self.tune_dataset(n_images)
+        for name, layers in (("localized", best), ("every_cross_attention", "all")):
+            tuned, lora_sd, losses, seconds = self._train_lora(layers, images, scenes, steps)
+            out[name] = {"layers": layers, "train_seconds": seconds, "loss_first_last": [losses[0], losses[-1]],
+                         "lora_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha")),
+                         **self._tune_rates(tuned)}
+        print(f"\n== 9. LoRA tune (paper 2 Sec. 5 c: rank 4, {steps} steps on {n_images} sign scenes of trained "
+              "captions) ==")
+        print(f"{'':<24} {'params':>7} {'held-out words':>15} {'seen words':>11} {'held-out shapes':>16}")
+        for name in ("before", "localized", "every_cross_attention"):
+            r = out[name]
+            print(f"{name:<24} {r.get('lora_params', 0):>7} {_pct(r['held_out_words']):>15} "
+                  f"{_pct(r['seen_words']):>11} {_pct(r['held_out_shapes']):>16}")
         return out
 
     # ---- 2. table 1
@@ -659,7 +712,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--substitute-prompts", type=int, default=16, choices=range(1, 49), metavar="1..48",
                     help="held-out sign prompts for the substitute part (default 16)")
     ap.add_argument("--lora-images", type=int, default=64, help="images of the new word for the lora part (default 64)")
-    ap.add_argument("--lora-steps", type=int, default=300, help="training steps of the lora part (default 300)")
+    ap.add_argument("--lora-steps", type=int, default=300,
+                    help="training steps of the lora and lora_tune parts (default 300)")
+    ap.add_argument("--tune-images", type=int, default=256, help="sign scenes the lora_tune part trains on (default 256)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats for table 2 (best of; default 3)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
@@ -672,7 +727,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.pairs, args.repeats, args.edit_pairs, args.substitute_prompts = 2, 3, 1, 2, 4
-        args.lora_images, args.lora_steps = 8, 4
+        args.lora_images, args.lora_steps, args.tune_images = 8, 4, 8
     ev = Evaluator(args.weights, args.steps, args.cfg, args.sampler, args.scheduler, args.n, args.seed, args.out_dir)
     ev.torch.set_num_threads(max(1, args.threads))
     parts = args.only or PARTS
@@ -694,6 +749,8 @@ def main(argv: list[str]) -> int:
             ev.results["substitute"] = ev.substitute(args.substitute_prompts)
         elif part == "lora":
             ev.results["lora"] = ev.lora(args.lora_images, args.lora_steps)
+        elif part == "lora_tune":
+            ev.results["lora_tune"] = ev.lora_tune(args.tune_images, args.lora_steps)
     ev.results["seconds"] = time.time() - t0
     if args.out_dir is not None:
         (args.out_dir / "results.json").write_text(json.dumps(ev.results, indent=1, default=str))

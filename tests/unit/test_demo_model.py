@@ -467,7 +467,8 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     assert len(cands) == 7 + 21 and all(len(c) == 2 and c[0] != c[1] for c in cands[7:])
     assert len({frozenset(c) for c in cands[7:]}) == 21
     assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 to 8 skip
-    assert ev.substitute(2) == ev.lora(2, 1) == ev.edit(1) == {"skipped": "weights trained without signs"}
+    assert ev.substitute(2) == ev.lora(2, 1) == ev.edit(1) == ev.lora_tune(2, 1) == \
+        {"skipped": "weights trained without signs"}
 
 
 def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(weights):
@@ -484,6 +485,11 @@ def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(w
     held = w.heldout_sign_prompts()
     changed = [substitute_words(p, rules)[0] != p for p in held]
     assert 0 < sum(changed) < len(held)  # the part sees prompts with and without a listed word
+    import train_mini
+
+    _, tune = ev.tune_dataset(12)  # lora_tune: signs of trained captions, scenes no training run drew
+    assert all(s.prompt in w.sign_prompts("train") for s in tune) and len({s.prompt for s in tune}) > 6
+    assert eval_mini.TUNE_START >= train_mini.Plan().n_train
     prompts = ev.new_word_prompts()
     assert len(prompts) == 12 and all(p.endswith(f'sign that says "{w.NEW_WORD}"') for p in prompts)
     assert {p.split(" sign")[0] for p in prompts[:8]} == {w.sign_caption("X", c).split(" sign")[0] for c in w.COLOUR_NAMES}
