@@ -387,12 +387,12 @@ class Evaluator:
             return {"skipped": why}
         w = self.world
         best = self.localized(tl)["layers"]
-        taught, lora_sd, losses, seconds = self._train_lora(best, *w.new_word_dataset(n_images), steps)
+        taught, n_params, losses, seconds = self._train_lora(best, *w.new_word_dataset(n_images), steps)
         prompts = self.new_word_prompts()
         control = w.seen_sign_prompts()
         control_words = [w.parse_prompt(p)[-1]["sign"] for p in control]
         out = {"word": w.NEW_WORD, "layers": best, "train_images": n_images, "steps": steps, "train_seconds": seconds,
-               "lora_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha")),
+               "lora_params": n_params,
                "loss_first_last": [losses[0], losses[-1]],
                "new_word_read_before": self._word_rate(prompts, [w.NEW_WORD] * len(prompts)),
                "new_word_read_after": self._word_rate(prompts, [w.NEW_WORD] * len(prompts), taught, "lora_new_word"),
@@ -406,7 +406,8 @@ class Evaluator:
 
     def _train_lora(self, layers: str, images, scenes, steps: int) -> tuple:
         """A rank-4 LoRA (lr 1e-3, batch 8: the lora part's recipe) on ``layers`` trained on uint8 ``images`` with
-        their scenes' captions: (the model with it loaded, its tensors, the losses, training seconds)."""
+        their scenes' captions: (the model with it loaded, its trained parameter count, the losses, training
+        seconds)."""
         from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
         from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
         from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
@@ -421,7 +422,8 @@ class Evaluator:
         lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
                                                 rank=4, learning_rate=1e-3, seed=self.seed, batch_size=8)
         seconds = time.perf_counter() - t0
-        return load_text_layer_lora(self.model, lora_sd, layers)[0], lora_sd, losses, seconds
+        n_params = sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha"))
+        return load_text_layer_lora(self.model, lora_sd, layers)[0], n_params, losses, seconds
 
     # ---- 9. lora_tune
     def tune_dataset(self, n: int) -> tuple:
@@ -454,10 +456,9 @@ class Evaluator:
         out = {"train_images": n_images, "steps": steps, "before": self._tune_rates()}
         images, scenes = self.tune_dataset(n_images)
         for name, layers in (("localized", best), ("every_cross_attention", "all")):
-            tuned, lora_sd, losses, seconds = self._train_lora(layers, images, scenes, steps)
+            tuned, n_params, losses, seconds = self._train_lora(layers, images, scenes, steps)
             out[name] = {"layers": layers, "train_seconds": seconds, "loss_first_last": [losses[0], losses[-1]],
-                         "lora_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha")),
-                         **self._tune_rates(tuned)}
+                         "lora_params": n_params, **self._tune_rates(tuned)}
         print(f"\n== 9. LoRA tune (paper 2 Sec. 5 c: rank 4, {steps} steps on {n_images} sign scenes of trained "
               "captions) ==")
         print(f"{'':<24} {'params':>7} {'held-out words':>15} {'seen words':>11} {'held-out shapes':>16}")

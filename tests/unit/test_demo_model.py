@@ -488,7 +488,8 @@ def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(w
     import train_mini
 
     _, tune = ev.tune_dataset(12)  # lora_tune: signs of trained captions, scenes no training run drew
-    assert all(s.prompt in w.sign_prompts("train") for s in tune) and len({s.prompt for s in tune}) > 6
+    trained = set(w.sign_prompts("train"))
+    assert all(s.prompt in trained for s in tune) and len({s.prompt for s in tune}) > 6
     assert eval_mini.TUNE_START >= train_mini.Plan().n_train
     prompts = ev.new_word_prompts()
     assert len(prompts) == 12 and all(p.endswith(f'sign that says "{w.NEW_WORD}"') for p in prompts)
