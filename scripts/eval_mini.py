@@ -34,8 +34,9 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
                the patched localized layers make OCR read the replacement instead of the listed word (background
                MSE / SSIM against the unpatched image); prompts without a listed word must not change at all.
 8. lora        (v2 weights) a rank-4 LoRA trained only on the localized layers (TextLayerLoraTrain's trainer) on
-               images of a sign saying a word no caption uses (mini_world.NEW_WORD): how often OCR reads it before
-               and after, and whether the 24 trained words still render.
+               images of a sign saying a word no caption uses (mini_world.NEW_WORD, or --new-word): how often OCR
+               reads it before and after, and whether the 24 trained words still render. --lora-loss min_snr
+               weighs the trainer's loss by min(SNR, 5); --lora-keep N adds N trained-word sign scenes.
 9. lora_tune   (v2 weights) paper 2 Sec. 5 (c): a rank-4 LoRA on only the localized layers against one on every
                cross-attention layer, both trained on sign scenes of trained captions that no training run drew:
                the held-out and seen word rates (as in 5) and the held-out shape rate (as in 1), before and after.
@@ -52,6 +53,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -93,6 +95,9 @@ class Evaluator:
         self.judge, self.judge_cfg = tm.load_judge(judge_path)
         self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
         self.n, self.seed = n, seed
+        self.lora_lr, self.lora_loss = 1e-3, "x0"  # the lora parts' recipe (--lora-lr, --lora-loss)
+        self.new_word = self.world.NEW_WORD  # the word the lora part teaches (--new-word)
+        self.lora_keep = 0  # trained-word sign scenes the lora part trains on beside it (--lora-keep)
         self.out_dir = out_dir
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,8 +372,8 @@ class Evaluator:
         """The taught word on every plate colour, and beside four objects (a composition the LoRA never saw)."""
         w = self.world
         objs = [(c, s) for c in w.COLOUR_NAMES for s in w.SHAPES if not w.is_held_out(c, s)][::9][:4]
-        return [w.sign_caption(w.NEW_WORD, c) for c in w.COLOUR_NAMES] + \
-            [w.sign_caption(w.NEW_WORD, None, o) for o in objs]
+        return [w.sign_caption(self.new_word, c) for c in w.COLOUR_NAMES] + \
+            [w.sign_caption(self.new_word, None, o) for o in objs]
 
     def _word_rate(self, prompts: list[str], words: list[str], model=None, grid: str | None = None) -> float:
         """How often OCR reads ``words[k]`` in the images of ``prompts[k]`` (seed + k); the images go to ``grid``."""
@@ -387,27 +392,35 @@ class Evaluator:
             return {"skipped": why}
         w = self.world
         best = self.localized(tl)["layers"]
-        taught, n_params, losses, seconds = self._train_lora(best, *w.new_word_dataset(n_images), steps)
+        import numpy as np
+
+        word = self.new_word
+        images, scenes = w.new_word_dataset(n_images, word)
+        if self.lora_keep:  # trained words beside the new one, so the LoRA keeps them (prior preservation)
+            kept_images, kept_scenes = self.tune_dataset(self.lora_keep)
+            images, scenes = np.concatenate([images, kept_images]), [*scenes, *kept_scenes]
+        taught, n_params, losses, seconds = self._train_lora(best, images, scenes, steps)
         prompts = self.new_word_prompts()
         control = w.seen_sign_prompts()
         control_words = [w.parse_prompt(p)[-1]["sign"] for p in control]
-        out = {"word": w.NEW_WORD, "layers": best, "train_images": n_images, "steps": steps, "train_seconds": seconds,
+        out = {"word": word, "layers": best, "train_images": n_images, "kept_word_images": self.lora_keep,
+               "steps": steps, "train_seconds": seconds,
                "lora_params": n_params,
                "loss_first_last": [losses[0], losses[-1]],
-               "new_word_read_before": self._word_rate(prompts, [w.NEW_WORD] * len(prompts)),
-               "new_word_read_after": self._word_rate(prompts, [w.NEW_WORD] * len(prompts), taught, "lora_new_word"),
+               "new_word_read_before": self._word_rate(prompts, [word] * len(prompts)),
+               "new_word_read_after": self._word_rate(prompts, [word] * len(prompts), taught, "lora_new_word"),
                "other_words_read_before": self._word_rate(control, control_words),
                "other_words_read_after": self._word_rate(control, control_words, taught)}
         print(f"\n== 8. LoRA (rank 4 on {best}, {out['lora_params']} parameters, {steps} steps on {n_images} images of "
-              f'"{w.NEW_WORD}", {seconds:.0f} s) ==')
+              f'"{word}", {seconds:.0f} s) ==')
         print(f"new word read: {_pct(out['new_word_read_before'])} before -> {_pct(out['new_word_read_after'])} after; "
               f"the 24 trained words: {_pct(out['other_words_read_before'])} -> {_pct(out['other_words_read_after'])}")
         return out
 
     def _train_lora(self, layers: str, images, scenes, steps: int) -> tuple:
-        """A rank-4 LoRA (lr 1e-3, batch 8: the lora part's recipe) on ``layers`` trained on uint8 ``images`` with
-        their scenes' captions: (the model with it loaded, its trained parameter count, the losses, training
-        seconds)."""
+        """A rank-4 LoRA (batch 8, ``lora_lr`` and ``lora_loss``: the lora parts' recipe) on ``layers`` trained on
+        uint8 ``images`` with their scenes' captions: (the model with it loaded, its trained parameter count, the
+        losses, training seconds)."""
         from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
         from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
         from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
@@ -420,7 +433,8 @@ class Evaluator:
         prefixes = [p for layer in parse_layers(layers, ml) for p in weight_prefixes(ml, layer)]
         t0 = time.perf_counter()
         lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
-                                                rank=4, learning_rate=1e-3, seed=self.seed, batch_size=8)
+                                                rank=4, learning_rate=self.lora_lr, seed=self.seed, batch_size=8,
+                                                loss_weighting=self.lora_loss)
         seconds = time.perf_counter() - t0
         n_params = sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha"))
         return load_text_layer_lora(self.model, lora_sd, layers)[0], n_params, losses, seconds
@@ -715,6 +729,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lora-images", type=int, default=64, help="images of the new word for the lora part (default 64)")
     ap.add_argument("--lora-steps", type=int, default=300,
                     help="training steps of the lora and lora_tune parts (default 300)")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the lora parts (default 1e-3)")
+    ap.add_argument("--lora-loss", choices=("x0", "min_snr"), default="x0",
+                    help="the lora parts' loss: core TrainSampler's x0 MSE, or that weighted by min(SNR, 5) "
+                         "(default x0)")
+    ap.add_argument("--new-word", default=None, metavar="WORD",
+                    help="three upper-case letters outside the world's 24 words that the lora part teaches (default "
+                         "mini_world.NEW_WORD, COW)")
+    ap.add_argument("--lora-keep", type=int, default=0, metavar="N",
+                    help="the lora part also trains on N sign scenes of trained words (prior preservation; "
+                         "default 0)")
     ap.add_argument("--tune-images", type=int, default=256, help="sign scenes the lora_tune part trains on (default 256)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats for table 2 (best of; default 3)")
     ap.add_argument("--steps", type=int, default=20)
@@ -731,6 +755,12 @@ def main(argv: list[str]) -> int:
         args.lora_images, args.lora_steps, args.tune_images = 8, 4, 8
     ev = Evaluator(args.weights, args.steps, args.cfg, args.sampler, args.scheduler, args.n, args.seed, args.out_dir)
     ev.torch.set_num_threads(max(1, args.threads))
+    ev.lora_lr, ev.lora_loss, ev.lora_keep = args.lora_lr, args.lora_loss, max(0, args.lora_keep)
+    if args.new_word is not None:
+        if args.new_word in ev.world.WORDS or not re.fullmatch(r"[A-Z]{3}", args.new_word):
+            ap.error(f"--new-word must be three upper-case letters outside the world's words, got {args.new_word!r}")
+        ev.new_word = args.new_word
+    ev.results.update(lora_lr=args.lora_lr, lora_loss=args.lora_loss)
     parts = args.only or PARTS
     t0 = time.time()
     for part in parts:

@@ -46,7 +46,10 @@ same weights (same torch version and CPU kernels). By default the run fits a tim
 ``--budget-minutes``): before each stage it times a few throw-away steps and sets that stage's step count
 from its share of the remaining budget; the resolved step counts are logged and saved in plan.json of the
 checkpoint folder and in the weights' metadata (rerun with ``--steps judge=N vae=N text=N unet=N`` to
-reproduce them exactly). ``--no-budget`` uses the fixed step counts of DEFAULT_PLAN instead.
+reproduce them exactly). The UNet stage, the last, also re-plans at each checkpoint: if its recent steps run
+slower than the probe's, it shortens itself to fit and squeezes the rest of its cosine into the steps left
+(the re-plans are saved beside the step counts; such a run is reproduced by resuming its plan.json, not by
+``--steps``). ``--no-budget`` uses the fixed step counts of DEFAULT_PLAN instead.
 
     .venv/bin/python scripts/train_mini.py                       # fits 115 minutes on this machine
     .venv/bin/python scripts/train_mini.py --no-budget           # the fixed recipe of DEFAULT_PLAN
@@ -78,6 +81,7 @@ STAGE_IDS = {name: i for i, name in enumerate(STAGES)}
 BUDGET_SHARES = {"judge": 0.05, "vae": 0.24, "text": 0.07, "unet": 0.64}
 BUDGET_RESERVE = 0.07
 BUDGET_SAFETY = 0.015  # kept free after the last encoding stage (export, logging)
+PACE_TOLERANCE = 0.02  # the last stage re-plans when its steps left would overrun the budget by more than 2 %
 DEFAULT_BUDGET_MINUTES = 115.0  # the issue's limit is 2 hours on 2 CPU cores
 LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 IMAGE_TOWER_WIDTHS = (16, 32, 64, 64)  # the contrastive stage's throw-away image encoder
@@ -404,6 +408,41 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+class PacedCosine:
+    """cosine_lr over ``planned`` steps for a stage whose length may shrink while it runs. At a re-plan
+    ``(at, total)`` the rest of the cosine is squeezed into the steps left, so the learning rate stays continuous
+    and still ends at its floor; with no re-plans this is cosine_lr to the bit."""
+
+    def __init__(self, planned: int, base: float, warmup: int, replans=()):
+        self.planned, self.base, self.warmup = planned, base, warmup
+        self.replans = [(int(a), int(t)) for a, t in replans]
+
+    @property
+    def total(self) -> int:
+        return self.replans[-1][1] if self.replans else self.planned
+
+    def position(self, step: int) -> float:
+        """Where ``step`` falls on the planned schedule (a step count, fractional after a re-plan)."""
+        pos, start, total = 0.0, 0, self.planned
+        for at, new_total in self.replans:
+            if step < at:
+                break
+            pos = self._advance(pos, start, total, at)
+            start, total = at, new_total
+        return self._advance(pos, start, total, step)
+
+    def _advance(self, pos: float, start: int, total: int, step: int) -> float:
+        if start == 0 and total == self.planned:
+            return float(step)
+        return pos + (step - start) * (self.planned - pos) / max(1, total - start)
+
+    def replan(self, at: int, total: int) -> None:
+        self.replans.append((int(at), int(total)))
+
+    def __call__(self, step: int) -> float:
+        return cosine_lr(self.position(step), self.planned, self.base, self.warmup)
+
+
 def _atomic_save(obj, path: Path) -> None:
     import torch
 
@@ -491,6 +530,24 @@ class Trainer:
         self._save_state()
         return steps
 
+    def budgeted(self, stage: str) -> bool:
+        """Whether the budget set this stage's steps (not --steps, not the fixed plan)."""
+        return self.state.get("budget_minutes") is not None and stage not in self.step_overrides
+
+    def pace(self, stage: str, schedule: PacedCosine, done: int, steps: int, step_s: float) -> int:
+        """Shorten the last budgeted stage when its recent steps (``step_s`` each) no longer fit the budget: a
+        machine that slows after the probe would otherwise overrun it. Never lengthens; re-plans only when the
+        overrun would exceed PACE_TOLERANCE. The re-plan is kept in the run state, so a resumed run follows it."""
+        available = self.state["budget_minutes"] * 60.0 * (1.0 - BUDGET_SAFETY) - self.elapsed()
+        fit = done + max(1, int(available / step_s))
+        if fit >= steps - PACE_TOLERANCE * (steps - done):
+            return steps
+        schedule.replan(done, fit)
+        self.state.setdefault("replans", {}).setdefault(stage, []).append([done, fit])
+        LOG.info("stage %s: %d steps instead of %d (at step %d: %.3f s a step lately, %.1f min of budget left)",
+                 stage, fit, steps, done, step_s, available / 60)
+        return fit
+
     def probe(self, modules: list, make_opt, step_fn) -> float:
         """Wall seconds of one training step, timed on throw-away copies (the real state is untouched)."""
         copies = [copy.deepcopy(m) for m in modules]
@@ -504,9 +561,12 @@ class Trainer:
         return sum(times[1:]) / max(1, len(times) - 1)
 
     # ---- generic resumable loop
-    def run_loop(self, stage: str, modules: list, opt, steps: int, lr_fn, step_fn, ema=None, monitor=None) -> dict:
+    def run_loop(self, stage: str, modules: list, opt, steps: int, lr_fn, step_fn, ema=None, monitor=None,
+                 pace=None) -> dict:
         """``step_fn(modules, opt, generator, step) -> {name: float}`` does one optimisation step;
-        ``monitor(steps_done) -> {name: float}`` (optional) adds measurements to the log at logging steps."""
+        ``monitor(steps_done) -> {name: float}`` (optional) adds measurements to the log at logging steps;
+        ``pace(steps_done, steps, recent_step_s) -> steps`` (optional), asked at each checkpoint, may shorten the
+        stage (see ``Trainer.pace``)."""
         torch = self.torch
         path = self.ckpt_dir / f"{stage}.pt"
         start, history = 0, []
@@ -523,7 +583,10 @@ class Trainer:
         window: dict[str, list[float]] = {}
         wall_steps, cpu_steps = [], []
         stage_t0 = time.time()
-        for s in range(start, steps):
+        ck_step = start
+        s = start - 1
+        while s + 1 < steps:
+            s += 1
             for g in opt.param_groups:
                 g["lr"] = lr_fn(s)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -549,8 +612,11 @@ class Trainer:
                          history[-1]["step_cpu_s"], self.elapsed() / 60, per * (steps - s - 1) / 60)
                 window = {}
             if time.time() - last_ck > self.checkpoint_s and s + 1 < steps:
+                if pace is not None and s + 1 > ck_step:
+                    window_s = wall_steps[-(s + 1 - ck_step):]
+                    steps = pace(s + 1, steps, sum(window_s) / len(window_s))
                 self._checkpoint(path, modules, opt, ema, s + 1, history)
-                last_ck = time.time()
+                last_ck, ck_step = time.time(), s + 1
         self._checkpoint(path, modules, opt, ema, steps, history)
         timed = wall_steps[2:] if len(wall_steps) > 4 else wall_steps
         timed_cpu = cpu_steps[2:] if len(cpu_steps) > 4 else cpu_steps
@@ -917,11 +983,16 @@ class Trainer:
             opt.step()
             return {"loss": float(loss.detach())}
 
-        steps = self.plan_steps("unet", lambda: self.probe([dm], make_opt, step_fn))
+        planned = self.plan_steps("unet", lambda: self.probe([dm], make_opt, step_fn))
+        schedule = PacedCosine(planned, p.unet_lr, p.unet_warmup, self.state.get("replans", {}).get("unet", ()))
+        pace = (lambda done, steps, step_s: self.pace("unet", schedule, done, steps, step_s)) \
+            if self.budgeted("unet") else None
         opt = make_opt([dm])
-        rec = self.run_loop("unet", [dm], opt, steps, lambda s: cosine_lr(s, steps, p.unet_lr, p.unet_warmup),
-                            step_fn, ema=ema)
-        save_component(path, ema.shadow.state_dict(), demo.UNET_CONFIG, {"steps": steps, "ema_decay": p.ema_decay})
+        rec = self.run_loop("unet", [dm], opt, schedule.total, schedule, step_fn, ema=ema, pace=pace)
+        rec["replans"] = schedule.replans
+        save_component(path, ema.shadow.state_dict(), demo.UNET_CONFIG,
+                       {"steps": rec["steps"], "planned_steps": planned, "replans": schedule.replans,
+                        "ema_decay": p.ema_decay})
         self.finish_stage("unet", rec)
         return path
 
@@ -931,7 +1002,8 @@ class Trainer:
 
         demo = self.demo
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"plan": self.state["plan"], "steps": self.state["steps"], "budget_minutes": self.state.get("budget_minutes"),
+        record = {"plan": self.state["plan"], "steps": self.state["steps"], "replans": self.state.get("replans", {}),
+                  "budget_minutes": self.state.get("budget_minutes"),
                   "elapsed_min": self.elapsed() / 60, "torch": self.torch.__version__,
                   "threads": self.torch.get_num_threads(),
                   "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in self.state["stages"].items()}}
@@ -1286,7 +1358,8 @@ def main(argv: list[str]) -> int:
                                                   ".cache/mini_smoke/ckpt)")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help=f"fit the whole run into this wall-clock budget: each stage's steps are set from timed probe "
-                         f"steps (default {DEFAULT_BUDGET_MINUTES:g}; --smoke uses a budget only when given one)")
+                         f"steps, and the UNet stage shortens itself if the machine slows later (default "
+                         f"{DEFAULT_BUDGET_MINUTES:g}; --smoke uses a budget only when given one)")
     ap.add_argument("--no-budget", action="store_true",
                     help="use the fixed step counts of DEFAULT_PLAN instead of a time budget (bit-reproducible "
                          "anywhere; the time then depends on the machine)")

@@ -35,6 +35,11 @@ LOG = logging.getLogger("prompt_anatomy")
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
+# "x0": core TrainSampler's plain MSE of the x0 prediction; "min_snr": that MSE weighted per sample by
+# min(SNR, MIN_SNR_GAMMA) (Hang et al. 2023). An x0 error is sigma times the eps error, so the plain x0 loss is
+# dominated by the noisiest samples, where the layout is set, not the details (the glyphs of a word).
+LOSS_WEIGHTINGS = ("x0", "min_snr")
+MIN_SNR_GAMMA = 5.0
 
 
 def select_modules(model_patcher, weight_prefixes: list[str], targets=ATTENTION_TARGETS) -> dict[str, torch.nn.Module]:
@@ -113,6 +118,43 @@ def _wrap_inference_weights(mp, adapted) -> dict[str, torch.nn.Module]:
     return wrapped
 
 
+class MinSnrMSE:
+    """MSE of the x0 prediction, each sample weighted by min(SNR, gamma); ``snr`` [batch] is set before each
+    call from the step's sigmas (see ``min_snr_sampler``)."""
+
+    def __init__(self, gamma: float = MIN_SNR_GAMMA):
+        self.gamma = gamma
+        self.snr: torch.Tensor | None = None
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.snr is None or self.snr.shape[0] != pred.shape[0]:
+            raise RuntimeError(f"internal: MinSnrMSE got no SNR for a batch of {pred.shape[0]} (was TrainSampler's "
+                               "fwd_bwd renamed?)")
+        err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (self.snr.to(err).clamp(max=self.gamma) * err).mean()
+
+
+def snr_of_sigmas(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each sigma as the model mixes latent and noise (``noise_scaling``): 1/sigma^2
+    for SD-style eps / v models, ((1 - sigma) / sigma)^2 for flow models."""
+    one = torch.ones(sigmas.shape[0], 1, 1, 1, dtype=torch.float64)
+    s = sigmas.detach().to(torch.float64)
+    signal = model_sampling.noise_scaling(s, torch.zeros_like(one), one, False)
+    noise = model_sampling.noise_scaling(s, one, torch.zeros_like(one), False)
+    return (signal / noise).pow(2).flatten().float()
+
+
+def min_snr_sampler(train_sampler_cls):
+    """A subclass of core's TrainSampler that gives its ``MinSnrMSE`` loss the SNR of every step's sigmas."""
+
+    class MinSnrTrainSampler(train_sampler_cls):
+        def fwd_bwd(self, model_wrap, batch_sigmas, *args, **kwargs):
+            self.loss_fn.snr = snr_of_sigmas(model_wrap.inner_model.model_sampling, batch_sigmas)
+            return super().fwd_bwd(model_wrap, batch_sigmas, *args, **kwargs)
+
+    return MinSnrTrainSampler
+
+
 def _unload(mp, modules) -> None:
     """Unload the training clone and take its adapters off the shared modules (ComfyUI would only do so at
     the next load), so no trace of training stays on the base model."""
@@ -143,12 +185,13 @@ def _frozen(model: torch.nn.Module):
 def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: list[str], *, steps: int = 40,
                           rank: int = 4, alpha: float = 1.0, learning_rate: float = 1e-3, seed: int = 0,
                           batch_size: int = 1, targets=ATTENTION_TARGETS, training_dtype=torch.float32,
-                          lora_dtype=torch.float32) -> tuple[dict[str, torch.Tensor], list[float]]:
+                          lora_dtype=torch.float32, loss_weighting: str = "x0") -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train a LoRA on the chosen layers of ``model_patcher`` (a MODEL; never changed) with core's trainer.
 
     ``latents``: LATENT dict (or tensor) of training images; ``positive``: CONDITIONING, one entry for all
     latents or one per latent. Each step draws ``batch_size`` latents and a random sigma, and minimises the
-    MSE of the x0 prediction (``TrainSampler``). Deterministic for a given ``seed``; the global RNG is left
+    MSE of the x0 prediction (``TrainSampler``), weighted per sample by min(SNR, 5) when ``loss_weighting`` is
+    "min_snr" (see LOSS_WEIGHTINGS). Deterministic for a given ``seed``; the global RNG is left
     as it was. Returns ``(lora_sd, loss_history)``: LoRA tensors (keys only under ``weight_prefixes``) and
     the loss of every step."""
     import comfy.model_management
@@ -157,6 +200,8 @@ def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: lis
 
     if steps < 1 or rank < 1 or batch_size < 1:
         raise ValueError(f"steps, rank and batch_size must be at least 1 (got {steps}, {rank}, {batch_size}).")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting: {loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}.")
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         samples, positive = _latents_and_conds(latents, positive)
@@ -167,7 +212,9 @@ def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: lis
         wrapped = _wrap_inference_weights(mp, modules)
         trainable = [p for p in params.values() if p.requires_grad]
         losses: list[float] = []
-        sampler = TrainSampler(torch.nn.MSELoss(), torch.optim.AdamW(trainable, lr=learning_rate),
+        sampler_cls, loss_fn = (TrainSampler, torch.nn.MSELoss()) if loss_weighting == "x0" else \
+            (min_snr_sampler(TrainSampler), MinSnrMSE())
+        sampler = sampler_cls(loss_fn, torch.optim.AdamW(trainable, lr=learning_rate),
                                loss_callback=losses.append, batch_size=min(batch_size, samples.shape[0]),
                                total_steps=steps, seed=seed, training_dtype=training_dtype)
         guider = ncs.Guider_Basic(mp)

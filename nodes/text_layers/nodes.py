@@ -13,6 +13,7 @@ from ..core import LOG
 from ..core.layers import GRAMMAR
 from .localize import SCORES, localize, render_chart
 from .lora import load_text_layer_lora
+from .lora_train import LOSS_WEIGHTINGS
 from .patch import RANGE_UNITS, ROW_MODES, START_MODES, apply_text_layer_patch
 from .train_node import TARGET_MODES
 from .train_node import train as train_lora
@@ -313,6 +314,12 @@ class TextLayerLoraTrain(io.ComfyNode):
                 io.Boolean.Input("apply_lora", default=True,
                                  tooltip="On: the MODEL output has the new LoRA applied (strength 1) to these layers. "
                                          "Off: the input model is passed through."),
+                io.Combo.Input("loss", options=list(LOSS_WEIGHTINGS), default="x0", optional=True,
+                               tooltip="x0: core TrainSampler's loss, the squared error of the denoised image; on SD1.x "
+                                       "/ SDXL it is ruled by the noisiest steps, where the layout is set. min_snr: "
+                                       "each step weighted by min(SNR, 5), so the moderate noise levels that draw "
+                                       "details such as glyphs count too (faster to learn letters, also faster to "
+                                       "disturb the words the model knew)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the LoRA applied (or unchanged)."),
@@ -324,10 +331,11 @@ class TextLayerLoraTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, layers="auto", steps=200, rank=4, learning_rate=1e-3, seed=0,
-                lora_name="text_layers/text_layer_lora", targets="q_k_v_out", apply_lora=True) -> io.NodeOutput:
+                lora_name="text_layers/text_layer_lora", targets="q_k_v_out", apply_lora=True,
+                loss="x0") -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("loras")[0]
         m, rel, plot, report, _ = train_lora(model, latents, positive, layers, steps, rank, learning_rate, seed,
-                                          lora_name, folder, targets, apply_lora)
+                                          lora_name, folder, targets, apply_lora, loss)
         out_ui = ui.PreviewImage(plot, cls=cls).as_dict()
         out_ui.update(ui.PreviewText(report).as_dict())
         return io.NodeOutput(m, rel, plot, report, ui=out_ui)

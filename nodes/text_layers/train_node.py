@@ -14,7 +14,7 @@ from ..core import LOG
 from ..core.layers import layer_label, model_layers, parse_layers, weight_prefixes
 from ..shared.drawing import line_plot, pil_to_image
 from .lora import load_text_layer_lora
-from .lora_train import ATTENTION_TARGETS, save_lora, train_text_layer_lora
+from .lora_train import ATTENTION_TARGETS, LOSS_WEIGHTINGS, save_lora, train_text_layer_lora
 
 NODE_ID = "TextLayerLoraTrain"
 TARGET_MODES = {"q_k_v_out": ATTENTION_TARGETS, "k_v": ("to_k", "to_v")}
@@ -36,17 +36,18 @@ def lora_path(folder: str, name: str) -> tuple[Path, str]:
     return Path(folder) / rel, rel
 
 
-def loss_plot(losses: list[float], title: str) -> torch.Tensor:
+def loss_plot(losses: list[float], title: str, loss: str = "x0") -> torch.Tensor:
     xs = list(range(1, len(losses) + 1))
     k = max(1, len(losses) // 8)
     smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
     img = line_plot([("loss", xs, losses, (120, 160, 220), False), (f"mean of {k}", xs, smooth, (230, 120, 20), False)],
-                    title=title, xlabel="training step", ylabel="loss (MSE of the x0 prediction)")
+                    title=title, xlabel="training step",
+                    ylabel="loss (MSE of the x0 prediction" + (", x min(SNR, 5))" if loss == "min_snr" else ")"))
     return pil_to_image([img])
 
 
 def train(model, latents, positive, layers: str, steps: int, rank: int, learning_rate: float, seed: int,
-          lora_name: str, folder: str, targets: str = "q_k_v_out", apply: bool = True):
+          lora_name: str, folder: str, targets: str = "q_k_v_out", apply: bool = True, loss: str = "x0"):
     """Everything the node does. Returns (model, saved name, loss plot IMAGE, report, loss per step)."""
     ml = model_layers(model, NODE_ID)
     if ml.family.no_training:
@@ -59,6 +60,8 @@ def train(model, latents, positive, layers: str, steps: int, rank: int, learning
                          f"or TextLayerLocalize's 'layers' output); valid: {ml.describe()}.")
     if targets not in TARGET_MODES:
         raise ValueError(f"targets must be one of {', '.join(TARGET_MODES)}, got {targets!r}.")
+    if loss not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss!r}.")
     if not (learning_rate >= 0 and learning_rate < float("inf")):
         raise ValueError(f"learning_rate must be a finite number ≥ 0, got {learning_rate}.")
     path, rel = lora_path(folder, lora_name)  # checked before the training, which takes minutes
@@ -68,12 +71,14 @@ def train(model, latents, positive, layers: str, steps: int, rank: int, learning
     start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lora_sd, losses = train_text_layer_lora(model, latents, positive, prefixes, steps=steps, rank=rank,
-                                            learning_rate=learning_rate, seed=seed, targets=target_names)
+                                            learning_rate=learning_rate, seed=seed, targets=target_names,
+                                            loss_weighting=loss)
     seconds = time.perf_counter() - start
     names = [layer_label(layer) for layer in resolved]
     save_lora(lora_sd, path, {"prompt_anatomy.node": NODE_ID, "layers": names, "prefixes": prefixes, "rank": rank,
                               "steps": steps, "learning_rate": learning_rate, "seed": seed, "family": ml.family.name,
-                              "targets": targets if ml.kind == "unet" else "all", "final_loss": losses[-1]})
+                              "targets": targets if ml.kind == "unet" else "all", "loss": loss,
+                              "final_loss": losses[-1]})
     LOG.info("%s: saved %s (%d tensors) after %d steps in %.1f s", NODE_ID, path, len(lora_sd), steps, seconds)
     n_weights = sum(1 for k in lora_sd if k.endswith(".lora_up.weight"))
     n_params = sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha"))
@@ -84,7 +89,8 @@ def train(model, latents, positive, layers: str, steps: int, rank: int, learning
              f"{len(ml.layers)} {ml.unit}; {n_weights} weight matrices "
              f"({'/'.join(target_names) if target_names else 'every attention weight of the blocks'}), rank {rank}, "
              f"{n_params} LoRA parameters. Everything else is frozen and absent from the file.",
-             f"{steps} steps, learning rate {learning_rate:g}, seed {seed}, {latents['samples'].shape[0]} latents: "
+             f"{steps} steps, learning rate {learning_rate:g}, loss {loss}, seed {seed}, "
+             f"{latents['samples'].shape[0]} latents: "
              f"{seconds:.1f} s = {steps / seconds:.2f} steps/s (CPU load {load:.1f} at the start).",
              f"loss: mean of the first {window} steps {first:.4f}, of the last {window} {last:.4f} (the per-step loss "
              f"depends mostly on the random noise level of each step; compare windows, not single steps).",
@@ -96,5 +102,5 @@ def train(model, latents, positive, layers: str, steps: int, rank: int, learning
         lines.append("MODEL output: the LoRA applied at strength 1 to these layers (" + applied.splitlines()[1] + ")")
     else:
         lines.append("MODEL output: the input model unchanged (apply_lora off).")
-    plot = loss_plot(losses, f"{NODE_ID}: {rel}"[:80])
+    plot = loss_plot(losses, f"{NODE_ID}: {rel}"[:80], loss)
     return out_model, rel, plot, "\n".join(lines), losses

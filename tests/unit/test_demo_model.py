@@ -350,6 +350,63 @@ def test_budget_sets_steps_from_the_probed_step_time_and_keeps_them(tmp_path):
     assert plain.plan_steps("unet", lambda: pytest.fail("no budget: no probe")) == tm.SMOKE_PLAN.unet_steps
 
 
+def test_paced_cosine_is_cosine_lr_until_a_replan_then_continuous_and_ends_at_the_floor():
+    tm = _train_mini()
+    plain = tm.PacedCosine(100, 1e-3, 10)
+    assert [plain(s) for s in range(120)] == [tm.cosine_lr(s, 100, 1e-3, 10) for s in range(120)]
+    paced = tm.PacedCosine(100, 1e-3, 10, [(40, 70)])
+    assert paced.total == 70
+    assert [paced(s) for s in range(41)] == [plain(s) for s in range(41)]
+    assert paced.position(40) == 40.0 and paced.position(55) == 70.0 and paced.position(70) == 100.0
+    lrs = [paced(s) for s in range(40, 71)]
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True)) and lrs[-1] == pytest.approx(1e-4)
+    twice = tm.PacedCosine(100, 1e-3, 10, [(40, 70), (55, 60)])  # at 55 (position 70) the last 30 squeeze into 5
+    assert twice.position(55) == 70.0 and twice.position(60) == 100.0 and twice(54) == paced(54)
+
+
+def test_pace_shortens_the_last_stage_to_the_budget_and_a_resumed_run_follows_it(tmp_path):
+    tm = _train_mini()
+    t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
+    t.elapsed_before = 480.0  # 8 of 10 minutes gone
+    sched = tm.PacedCosine(1000, 1e-3, 10)
+    left = 600 * (1 - tm.BUDGET_SAFETY) - t.elapsed()
+    assert t.pace("unet", sched, 100, 1000, left / 905) == 1000  # 900 steps fit in what is left: within tolerance
+    assert sched.replans == [] and "replans" not in t.state
+    fit = t.pace("unet", sched, 100, 1000, left / 600)  # only about 600 of the 900 left fit
+    assert 695 <= fit <= 700 and sched.replans == [(100, fit)] and sched.total == fit
+    t._save_state()
+    again = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", budget_minutes=10)
+    assert again.state["replans"] == {"unet": [[100, fit]]}
+    assert tm.PacedCosine(1000, 1e-3, 10, again.state["replans"]["unet"]).total == fit
+    assert again.budgeted("unet")
+    fixed = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck2", budget_minutes=10,
+                       step_overrides={"unet": 50})
+    assert not fixed.budgeted("unet") and not tm.Trainer(tm.SMOKE_PLAN, tmp_path / "o", tmp_path / "ck3").budgeted("unet")
+
+
+def test_run_loop_asks_pace_at_checkpoints_and_stops_at_the_shortened_length(tmp_path):
+    tm = _train_mini()
+    t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", checkpoint_minutes=0.0, log_every=100)
+    net = torch.nn.Linear(2, 1)
+    asked = []
+
+    def pace(done, steps, step_s):
+        asked.append((done, steps))
+        assert step_s > 0
+        return 5 if done == 3 else steps
+
+    def step_fn(mods, opt, g, s):
+        loss = mods[0](torch.randn(3, 2, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    rec = t.run_loop("unet", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, step_fn, pace=pace)
+    assert asked == [(1, 9), (2, 9), (3, 9), (4, 5)] and rec["steps"] == 5
+    assert torch.load(tmp_path / "ck" / "unet.pt", weights_only=False)["step"] == 5
+
+
 def test_probe_times_throwaway_copies_and_leaves_the_model_alone(tmp_path):
     tm = _train_mini()
     t = tm.Trainer(tm.SMOKE_PLAN, tmp_path / "out", tmp_path / "ck", probe_steps=2)

@@ -148,6 +148,44 @@ def test_clear_errors(demo):
         lt.train_text_layer_lora(model, latent, pos, BLOCKS, steps=0)
 
 
+def test_snr_of_sigmas_follows_each_models_noise_mixing(demo):
+    import comfy.model_sampling as ms
+
+    sigmas = torch.tensor([0.5, 1.0, 2.0])
+    eps = lt.snr_of_sigmas(demo[0].model.model_sampling, sigmas)  # SD1.x: x_t = x0 + sigma * eps
+    assert torch.allclose(eps, 1.0 / sigmas ** 2)
+    flow = lt.snr_of_sigmas(ms.CONST(), torch.tensor([0.25, 0.5, 0.8]))  # x_t = (1 - s) x0 + s * eps
+    assert torch.allclose(flow, torch.tensor([9.0, 1.0, 0.0625]))
+
+
+def test_min_snr_mse_weighs_each_sample_by_its_capped_snr():
+    loss = lt.MinSnrMSE(gamma=5.0)
+    pred, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2) * torch.tensor([1.0, 2.0, 3.0])[:, None, None, None]
+    with pytest.raises(RuntimeError, match="internal: MinSnrMSE got no SNR"):
+        loss(pred, target)
+    loss.snr = torch.tensor([100.0, 5.0, 0.25])  # capped at 5, then as is
+    assert loss(pred, target).item() == pytest.approx((5 * 1 + 5 * 4 + 0.25 * 9) / 3)
+    loss.snr = torch.tensor([1.0])
+    with pytest.raises(RuntimeError, match="for a batch of 3"):
+        loss(pred, target)
+
+
+def test_min_snr_training_weighs_core_samplers_x0_loss_by_the_steps_sigma(demo):
+    """Same seed, no learning: each step draws the same sigma, noise and latent under both losses, so the ratio of
+    the two per-step losses is that step's min(SNR, 5) = min(1 / sigma^2, 5), with sigma inside the model's range."""
+    model, pos, _, latent = demo
+    kw = {"steps": 6, "rank": 2, "learning_rate": 0.0, "seed": 3, "batch_size": 1}
+    _, plain = lt.train_text_layer_lora(model, latent, pos, BLOCKS[:1], **kw)
+    _, weighted = lt.train_text_layer_lora(model, latent, pos, BLOCKS[:1], loss_weighting="min_snr", **kw)
+    ratios = [w / p for w, p in zip(weighted, plain, strict=True)]
+    sampling = model.model.model_sampling
+    lo, hi = float(sampling.sigma_min), float(sampling.sigma_max)
+    assert all(0 < r <= 5.0 + 1e-4 for r in ratios) and len({round(r, 4) for r in ratios}) > 1
+    assert all(r > 5.0 - 1e-4 or lo <= r ** -0.5 <= hi for r in ratios)
+    with pytest.raises(ValueError, match="loss_weighting: 'eps' is not one of x0, min_snr"):
+        lt.train_text_layer_lora(model, latent, pos, BLOCKS[:1], steps=1, loss_weighting="eps")
+
+
 # ------------------------------------------------------------------ the TextLayerLoraTrain node
 NODE_LAYERS = "output.4.0, output.5.0"  # = BLOCKS
 
@@ -193,7 +231,19 @@ def test_node_trains_only_the_chosen_layers_and_saves_under_loras(node_runs, dem
     assert progress[-1] == (STEPS, STEPS) and len(progress) == STEPS  # core TrainSampler's bar, one tick per step
     assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3
     assert "8 weight matrices (to_q/to_k/to_v/to_out.0), rank 4" in report and "steps/s" in report
+    assert "loss x0, seed 0" in report and meta["loss"] == "x0"  # the default: core TrainSampler's loss
     assert out.ui["text"] == (report,) and len(out.ui["images"]) == 1
+
+
+def test_node_min_snr_loss_is_recorded_in_the_report_and_the_file(demo, tmp_path):
+    from prompt_anatomy.nodes.text_layers import train_node
+
+    model, pos, _, latent = demo
+    _, rel, _, report, losses = train_node.train(model, latent, pos, NODE_LAYERS, 2, 2, 1e-3, 0, "snr", str(tmp_path),
+                                                 apply=False, loss="min_snr")
+    with safetensors.safe_open(str(tmp_path / rel), framework="pt") as f:
+        assert f.metadata()["loss"] == "min_snr"
+    assert "loss min_snr, seed 0" in report and len(losses) == 2
 
 
 def _windows(report):
@@ -234,6 +284,8 @@ def test_node_errors(demo, tmp_path):
         train_node.train(model, latent, pos, "", 1, 4, 1e-3, 0, "x", str(tmp_path))
     with pytest.raises(ValueError, match="lora_name: '../x' is not a usable file name"):
         train_node.train(model, latent, pos, NODE_LAYERS, 1, 4, 1e-3, 0, "../x", str(tmp_path))
+    with pytest.raises(ValueError, match="loss must be one of x0, min_snr, got 'eps'"):
+        train_node.train(model, latent, pos, NODE_LAYERS, 1, 4, 1e-3, 0, "x", str(tmp_path), loss="eps")
 
 
 def test_trains_a_dit_loaded_as_the_server_loads_it():
