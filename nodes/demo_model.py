@@ -51,7 +51,7 @@ JUDGE_FILE = "judge.safetensors"
 LORA_DIR = MODEL_DIR / "loras"  # the demo LoRA (random, for LoraLoaderTextLayers in the demo workflows)
 TRAIN_HINT = ("Restore the shipped files (`git checkout -- models/prompt_anatomy_mini` in the pack's folder) or train "
               "them with `python scripts/train_mini.py` and the shipped model's flags from docs/mini_model_card.md "
-              "(2 to 2.5 hours on one CPU core).")
+              "(under two hours on one CPU core).")
 
 # The shipped configs (train_mini.py writes the config it trained with into each file's metadata, and the
 # loader builds from the metadata, so these are only the defaults of a new training run).
