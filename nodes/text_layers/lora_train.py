@@ -7,7 +7,9 @@ This module therefore reuses its lower-level pieces unchanged: ``comfy.weight_ad
 create_train`` -> ``LoraDiff`` installed with ``ModelPatcher.add_weight_wrapper``), the training loop
 ``TrainSampler`` (random-sigma x0-prediction loss, optimizer steps, loss callback) driven by
 ``Guider_Basic.sample``, with the node's defaults (AdamW, MSE, LoRA alpha 1.0). Only the choice of weights
-differs. Gradient checkpointing is not used (it patches ``forward`` of the shared modules).
+differs, and optionally the loss: ``loss_weighting="min_snr"`` weighs each sample's MSE by min(SNR, 5) through a
+subclass of TrainSampler whose ``fwd_bwd`` hands the step's sigmas to the loss. Gradient checkpointing is not
+used (it patches ``forward`` of the shared modules).
 
 What is trained: every weight matrix whose module name starts with one of ``weight_prefixes`` and, when
 ``targets`` is given, ends with one of the target names. The default targets are the four projections of
