@@ -53,7 +53,6 @@ import importlib
 import importlib.util
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -750,6 +749,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="2 images per prompt, 3 pairs, 1 timing repeat")
     ap.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "mini_eval")
     args = ap.parse_args(argv)
+    if args.new_word is not None:  # checked before the models load
+        import mini_world  # next to this script, as train_mini
+
+        try:
+            mini_world.check_new_word(args.new_word)
+        except ValueError as e:
+            ap.error(f"--new-word: {e}")
     if args.quick:
         args.n, args.pairs, args.repeats, args.edit_pairs, args.substitute_prompts = 2, 3, 1, 2, 4
         args.lora_images, args.lora_steps, args.tune_images = 8, 4, 8
@@ -757,8 +763,6 @@ def main(argv: list[str]) -> int:
     ev.torch.set_num_threads(max(1, args.threads))
     ev.lora_lr, ev.lora_loss, ev.lora_keep = args.lora_lr, args.lora_loss, max(0, args.lora_keep)
     if args.new_word is not None:
-        if args.new_word in ev.world.WORDS or not re.fullmatch(r"[A-Z]{3}", args.new_word):
-            ap.error(f"--new-word must be three upper-case letters outside the world's words, got {args.new_word!r}")
         ev.new_word = args.new_word
     ev.results.update(lora_lr=args.lora_lr, lora_loss=args.lora_loss)
     parts = args.only or PARTS

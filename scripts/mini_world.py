@@ -617,11 +617,17 @@ def make_dataset(n: int, split: str = "train", seed: int = WORLD_SEED, start: in
     return images, scenes
 
 
+def check_new_word(word: str) -> str:
+    """``word`` if it can be taught as a new word (three upper-case letters, not one of WORDS), else ValueError."""
+    if word in WORDS or not re.fullmatch(r"[A-Z]{3}", word):
+        raise ValueError(f"word {word!r}: give three upper-case letters that are not a world word ({', '.join(WORDS)}).")
+    return word
+
+
 def new_word_dataset(n: int, word: str = NEW_WORD, seed: int = WORLD_SEED) -> tuple[np.ndarray, list[Scene]]:
     """``n`` scenes of a sign alone that says ``word``, a word outside WORDS (plate colour named in 60 % of the
     captions, as in training): the images a LoRA learns a new word from. uint8 images [n, SIZE, SIZE, 3]."""
-    if word in WORDS or not re.fullmatch(r"[A-Z]{3}", word):
-        raise ValueError(f"word {word!r}: give three upper-case letters that are not a world word ({', '.join(WORDS)}).")
+    check_new_word(word)
     scenes = []
     for i in range(n):
         rng = random.Random(f"{seed}:new_word:{word}:{i}")

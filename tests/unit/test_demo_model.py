@@ -268,6 +268,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(pa, pc)
 
 
+def _linear_step(mods, opt, g, s):
+    """A run_loop step_fn: one SGD step of a Linear(2, 1) on random inputs."""
+    loss = mods[0](torch.randn(3, 2, generator=g)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach())}
+
+
 def test_run_loop_monitor_adds_measurements_at_logging_steps_only(tmp_path):
     """The autoencoder stage's OCR gate rides on run_loop's monitor: asked at every logging step, its values land
     in that step's history entry."""
@@ -280,14 +289,7 @@ def test_run_loop_monitor_adds_measurements_at_logging_steps_only(tmp_path):
         asked.append(step)
         return {"gate": step / 10} if step % 4 == 0 else {}
 
-    def step_fn(mods, opt, g, s):
-        loss = mods[0](torch.randn(3, 2, generator=g)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach())}
-
-    rec = t.run_loop("judge", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, step_fn,
+    rec = t.run_loop("judge", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, _linear_step,
                      monitor=monitor)
     assert asked == [2, 4, 6, 8, 9]
     assert [(h["step"], h.get("gate")) for h in rec["history"]] == [(2, None), (4, 0.4), (6, None), (8, 0.8), (9, None)]
@@ -395,14 +397,7 @@ def test_run_loop_asks_pace_at_checkpoints_and_stops_at_the_shortened_length(tmp
         assert step_s > 0
         return 5 if done == 3 else steps
 
-    def step_fn(mods, opt, g, s):
-        loss = mods[0](torch.randn(3, 2, generator=g)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach())}
-
-    rec = t.run_loop("unet", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, step_fn, pace=pace)
+    rec = t.run_loop("unet", [net], torch.optim.SGD(net.parameters(), lr=0.1), 9, lambda s: 0.1, _linear_step, pace=pace)
     assert asked == [(1, 9), (2, 9), (3, 9), (4, 5)] and rec["steps"] == 5
     assert torch.load(tmp_path / "ck" / "unet.pt", weights_only=False)["step"] == 5
 
@@ -526,6 +521,15 @@ def test_eval_edit_pairs_change_only_the_word_and_count_the_layer_parameters(wei
     assert not ev.trained_signs()  # the untrained export records no sign world: parts 5 to 8 skip
     assert ev.substitute(2) == ev.lora(2, 1) == ev.edit(1) == ev.lora_tune(2, 1) == \
         {"skipped": "weights trained without signs"}
+
+
+@pytest.mark.parametrize("word", ["CAT", "cow", "COWS"])
+def test_eval_new_word_is_refused_before_the_models_load(word, capsys):
+    import eval_mini
+
+    with pytest.raises(SystemExit) as e:
+        eval_mini.main(["--new-word", word, "--weights", "/nonexistent"])
+    assert e.value.code == 2 and f"--new-word: word {word!r}: give three upper-case letters" in capsys.readouterr().err
 
 
 def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(weights):
