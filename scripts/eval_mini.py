@@ -95,8 +95,10 @@ class Evaluator:
         self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
         self.n, self.seed = n, seed
         self.lora_lr, self.lora_loss = 1e-3, "x0"  # the lora parts' recipe (--lora-lr, --lora-loss)
+        self.lora_targets = "q_k_v_out"  # TextLayerLoraTrain's targets (--lora-targets)
         self.new_word = self.world.NEW_WORD  # the word the lora part teaches (--new-word)
         self.lora_keep = 0  # trained-word sign scenes the lora part trains on beside it (--lora-keep)
+        self.lora_object_rate = 0.0  # share of the new word's images with an object beside it (--lora-object-rate)
         self.out_dir = out_dir
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,14 +372,15 @@ class Evaluator:
     def new_word_prompts(self) -> list[str]:
         """The taught word on every plate colour, and beside four objects (a composition the LoRA never saw)."""
         w = self.world
-        objs = [(c, s) for c in w.COLOUR_NAMES for s in w.SHAPES if not w.is_held_out(c, s)][::9][:4]
         return [w.sign_caption(self.new_word, c) for c in w.COLOUR_NAMES] + \
-            [w.sign_caption(self.new_word, None, o) for o in objs]
+            [w.sign_caption(self.new_word, None, o) for o in w.new_word_test_objects()]
 
-    def _word_rate(self, prompts: list[str], words: list[str], model=None, grid: str | None = None) -> float:
-        """How often OCR reads ``words[k]`` in the images of ``prompts[k]`` (seed + k); the images go to ``grid``."""
+    def _word_rate(self, prompts: list[str], words: list[str], model=None, grid: str | None = None,
+                   first: int = 0) -> float:
+        """How often OCR reads ``words[k]`` in the images of ``prompts[k]`` (seed + first + k); the images go to
+        ``grid``."""
         hits, shown = 0, []
-        for k, (prompt, word) in enumerate(zip(prompts, words, strict=True)):
+        for k, (prompt, word) in enumerate(zip(prompts, words, strict=True), start=first):
             images = self.sample(self.encode(prompt), self.seed + k, model=model)
             hits += sum(self.tm.ocr_reads(images, [word] * len(images)))
             shown.extend(images)
@@ -394,46 +397,54 @@ class Evaluator:
         import numpy as np
 
         word = self.new_word
-        images, scenes = w.new_word_dataset(n_images, word)
+        images, scenes = w.new_word_dataset(n_images, word, object_rate=self.lora_object_rate)
         if self.lora_keep:  # trained words beside the new one, so the LoRA keeps them (prior preservation)
             kept_images, kept_scenes = self.tune_dataset(self.lora_keep)
             images, scenes = np.concatenate([images, kept_images]), [*scenes, *kept_scenes]
         taught, n_params, losses, seconds = self._train_lora(best, images, scenes, steps)
         prompts = self.new_word_prompts()
+        plain = len(w.COLOUR_NAMES)  # the sign alone; the rest beside an object
         control = w.seen_sign_prompts()
         control_words = [w.parse_prompt(p)[-1]["sign"] for p in control]
-        out = {"word": word, "layers": best, "train_images": n_images, "kept_word_images": self.lora_keep,
-               "steps": steps, "train_seconds": seconds,
+        alone = self._word_rate(prompts[:plain], [word] * plain, taught, "lora_new_word")
+        beside = self._word_rate(prompts[plain:], [word] * (len(prompts) - plain), taught, "lora_new_word_object",
+                                 first=plain)
+        out = {"word": word, "layers": best, "targets": self.lora_targets, "train_images": n_images,
+               "kept_word_images": self.lora_keep, "object_rate": self.lora_object_rate, "steps": steps, "train_seconds": seconds,
                "lora_params": n_params,
                "loss_first_last": [losses[0], losses[-1]],
                "new_word_read_before": self._word_rate(prompts, [word] * len(prompts)),
-               "new_word_read_after": self._word_rate(prompts, [word] * len(prompts), taught, "lora_new_word"),
+               "new_word_read_after": (alone * plain + beside * (len(prompts) - plain)) / len(prompts),
+               "new_word_read_after_alone": alone, "new_word_read_after_beside_object": beside,
                "other_words_read_before": self._word_rate(control, control_words),
                "other_words_read_after": self._word_rate(control, control_words, taught)}
-        print(f"\n== 8. LoRA (rank 4 on {best}, {out['lora_params']} parameters, {steps} steps on {n_images} images of "
-              f'"{word}", {seconds:.0f} s) ==')
-        print(f"new word read: {_pct(out['new_word_read_before'])} before -> {_pct(out['new_word_read_after'])} after; "
+        print(f"\n== 8. LoRA (rank 4 on {best} {self.lora_targets}, {out['lora_params']} parameters, {steps} steps on "
+              f'{n_images} images of "{word}", {seconds:.0f} s) ==')
+        print(f"new word read: {_pct(out['new_word_read_before'])} before -> {_pct(out['new_word_read_after'])} after "
+              f"({_pct(alone)} on the sign alone, {_pct(beside)} beside an object); "
               f"the 24 trained words: {_pct(out['other_words_read_before'])} -> {_pct(out['other_words_read_after'])}")
         return out
 
     def _train_lora(self, layers: str, images, scenes, steps: int) -> tuple:
-        """A rank-4 LoRA (batch 8, ``lora_lr`` and ``lora_loss``: the lora parts' recipe) on ``layers`` trained on
+        """A rank-4 LoRA (batch 8, ``lora_lr``, ``lora_loss``, ``lora_targets``: the lora parts' recipe) on ``layers`` trained on
         uint8 ``images`` with their scenes' captions: (the model with it loaded, its trained parameter count, the
         losses, training seconds)."""
         from prompt_anatomy.nodes.core.layers import model_layers, parse_layers, weight_prefixes
         from prompt_anatomy.nodes.text_layers.lora import load_text_layer_lora
         from prompt_anatomy.nodes.text_layers.lora_train import train_text_layer_lora
+        from prompt_anatomy.nodes.text_layers.train_node import TARGET_MODES
 
         torch = self.torch
         with torch.no_grad():
             latents = self.vae.encode(torch.from_numpy(images).float() / 255.0)
-        positive = [self.encode(s.prompt)[0] for s in scenes]
+        positive = [self.encode(s.prompt)[0] for s in scenes]  # one object per caption (cached): run together
         ml = model_layers(self.model, "eval")
         prefixes = [p for layer in parse_layers(layers, ml) for p in weight_prefixes(ml, layer)]
         t0 = time.perf_counter()
         lora_sd, losses = train_text_layer_lora(self.model, {"samples": latents}, positive, prefixes, steps=steps,
                                                 rank=4, learning_rate=self.lora_lr, seed=self.seed, batch_size=8,
-                                                loss_weighting=self.lora_loss)
+                                                loss_weighting=self.lora_loss,
+                                                targets=TARGET_MODES[self.lora_targets])
         seconds = time.perf_counter() - t0
         n_params = sum(v.numel() for k, v in lora_sd.items() if not k.endswith(".alpha"))
         return load_text_layer_lora(self.model, lora_sd, layers)[0], n_params, losses, seconds
@@ -732,9 +743,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lora-loss", choices=("x0", "min_snr"), default="x0",
                     help="the lora parts' loss: core TrainSampler's x0 MSE, or that weighted by min(SNR, 5) "
                          "(default x0)")
+    ap.add_argument("--lora-targets", choices=("q_k_v_out", "k_v"), default="q_k_v_out",
+                    help="the lora parts' projections of each layer, as TextLayerLoraTrain's targets (default "
+                         "q_k_v_out)")
     ap.add_argument("--new-word", default=None, metavar="WORD",
                     help="three upper-case letters outside the world's 24 words that the lora part teaches (default "
                          "mini_world.NEW_WORD, COW)")
+    ap.add_argument("--lora-object-rate", type=float, default=0.0, metavar="R",
+                    help="share (0..1) of the lora part's new-word images that show an object beside the sign (never "
+                         "one of the objects it is tested beside; default 0)")
     ap.add_argument("--lora-keep", type=int, default=0, metavar="N",
                     help="the lora part also trains on N sign scenes of trained words (prior preservation; "
                          "default 0)")
@@ -762,9 +779,11 @@ def main(argv: list[str]) -> int:
     ev = Evaluator(args.weights, args.steps, args.cfg, args.sampler, args.scheduler, args.n, args.seed, args.out_dir)
     ev.torch.set_num_threads(max(1, args.threads))
     ev.lora_lr, ev.lora_loss, ev.lora_keep = args.lora_lr, args.lora_loss, max(0, args.lora_keep)
+    ev.lora_targets = args.lora_targets
+    ev.lora_object_rate = min(1.0, max(0.0, args.lora_object_rate))
     if args.new_word is not None:
         ev.new_word = args.new_word
-    ev.results.update(lora_lr=args.lora_lr, lora_loss=args.lora_loss)
+    ev.results.update(lora_lr=args.lora_lr, lora_loss=args.lora_loss, lora_targets=args.lora_targets)
     parts = args.only or PARTS
     t0 = time.time()
     for part in parts:

@@ -624,17 +624,35 @@ def check_new_word(word: str) -> str:
     return word
 
 
-def new_word_dataset(n: int, word: str = NEW_WORD, seed: int = WORLD_SEED) -> tuple[np.ndarray, list[Scene]]:
-    """``n`` scenes of a sign alone that says ``word``, a word outside WORDS (plate colour named in 60 % of the
-    captions, as in training): the images a LoRA learns a new word from. uint8 images [n, SIZE, SIZE, 3]."""
+def new_word_test_objects() -> list[tuple[str, str]]:
+    """The four (colour, shape) objects a taught word is tested beside (eval_mini's lora part);
+    new_word_dataset never draws them."""
+    return [(c, s) for c in COLOUR_NAMES for s in SHAPES if not is_held_out(c, s)][::9][:4]
+
+
+def _new_word_object(rng: random.Random, plate: str) -> tuple[str, str]:
+    """A plain trained object for a new-word scene: not the plate's colour, not one of the test objects."""
+    test = set(new_word_test_objects())
+    while True:
+        obj = _pick_attributes(rng, "train", texture_allowed=False)[:2]
+        if obj[0] != plate and obj not in test:
+            return obj
+
+
+def new_word_dataset(n: int, word: str = NEW_WORD, seed: int = WORLD_SEED,
+                     object_rate: float = 0.0) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` scenes of a sign that says ``word``, a word outside WORDS (plate colour named in 60 % of the captions,
+    as in training), alone or, in ``object_rate`` of them, beside a plain object (never one of
+    new_word_test_objects): the images a LoRA learns a new word from. uint8 images [n, SIZE, SIZE, 3]."""
     check_new_word(word)
     scenes = []
     for i in range(n):
         rng = random.Random(f"{seed}:new_word:{word}:{i}")
         bg, grad = _background(rng)
         colour = rng.choice(COLOUR_NAMES)
-        prompt = sign_caption(word, colour if rng.random() < 0.6 else None)
-        scenes.append(_layout_sign(rng, word, colour, None, bg, grad, prompt))
+        obj = _new_word_object(rng, colour) if object_rate and rng.random() < object_rate else None
+        prompt = sign_caption(word, colour if rng.random() < 0.6 else None, obj)
+        scenes.append(_layout_sign(rng, word, colour, obj, bg, grad, prompt))
     images = np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]) if scenes else \
         np.zeros((0, SIZE, SIZE, 3), np.uint8)
     return images, scenes

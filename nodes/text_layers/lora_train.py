@@ -11,6 +11,12 @@ differs, and optionally the loss: ``loss_weighting="min_snr"`` weighs each sampl
 subclass of TrainSampler whose ``fwd_bwd`` hands the step's sigmas to the loss. Gradient checkpointing is not
 used (it patches ``forward`` of the shared modules).
 
+One caption per latent: core's ``fwd_bwd`` puts the batch's captions into the guider as one list of conds, which
+ComfyUI's sampling combines, so with a batch of B every latent is denoised under each of the B captions and the
+predictions averaged (B x B model rows; the latent learns from a blend of the batch's captions). The subclass
+here (``per_caption_sampler``) runs each group of latents that share a conditioning with that conditioning alone:
+B rows, each under its own caption. With one conditioning for all latents, or batch 1, it computes what core's does.
+
 What is trained: every weight matrix whose module name starts with one of ``weight_prefixes`` and, when
 ``targets`` is given, ends with one of the target names. The default targets are the four projections of
 an attention layer (``to_q``, ``to_k``, ``to_v``, ``to_out.0``): the paper fine-tunes the localized
@@ -146,6 +152,45 @@ def snr_of_sigmas(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:
     return (signal / noise).pow(2).flatten().float()
 
 
+def caption_groups(positive: list) -> list[int]:
+    """For each latent, the index of the first latent with the same conditioning entry (the same object, as when
+    one conditioning is given for every latent)."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(c), i) for i, c in enumerate(positive)]
+
+
+def per_caption_sampler(train_sampler_cls, groups: list[int]):
+    """A subclass of core's TrainSampler whose step denoises every latent under its own caption only (see the
+    module docstring); ``groups`` from ``caption_groups``."""
+    from comfy_extras.nodes_train import make_batch_extra_option_dict
+
+    class PerCaptionTrainSampler(train_sampler_cls):
+        def fwd_bwd(self, model_wrap, batch_sigmas, batch_noise, batch_latent, cond, indicies, extra_args,
+                    dataset_size, bwd=True):
+            ms = model_wrap.inner_model.model_sampling
+            xt = ms.noise_scaling(batch_sigmas, batch_noise, batch_latent, False).requires_grad_(True)
+            x0 = ms.noise_scaling(torch.zeros_like(batch_sigmas), torch.zeros_like(batch_noise), batch_latent, False)
+            batch_sigmas.requires_grad_(True)
+            rows: dict[int, list[int]] = {}
+            for row, index in enumerate(indicies):
+                rows.setdefault(groups[index], []).append(row)
+            preds, order = [], []
+            with torch.autocast(xt.device.type, dtype=self.training_dtype):
+                for key, group in rows.items():
+                    model_wrap.conds["positive"] = [cond[key]]
+                    args = make_batch_extra_option_dict(extra_args, [indicies[r] for r in group],
+                                                        full_size=dataset_size)
+                    preds.append(model_wrap(xt[group], batch_sigmas[group], **args))
+                    order += group
+                x0_pred = torch.cat(preds)[torch.tensor(order).argsort()]
+                loss = self.loss_fn(x0_pred, x0)
+            if bwd:
+                (loss / self.grad_acc).backward()
+            return loss
+
+    return PerCaptionTrainSampler
+
+
 def min_snr_sampler(train_sampler_cls):
     """A subclass of core's TrainSampler that gives its ``MinSnrMSE`` loss the SNR of every step's sigmas."""
 
@@ -214,8 +259,9 @@ def train_text_layer_lora(model_patcher, latents, positive, weight_prefixes: lis
         wrapped = _wrap_inference_weights(mp, modules)
         trainable = [p for p in params.values() if p.requires_grad]
         losses: list[float] = []
-        sampler_cls, loss_fn = (TrainSampler, torch.nn.MSELoss()) if loss_weighting == "x0" else \
-            (min_snr_sampler(TrainSampler), MinSnrMSE())
+        sampler_cls = per_caption_sampler(TrainSampler, caption_groups(positive))
+        sampler_cls, loss_fn = (sampler_cls, torch.nn.MSELoss()) if loss_weighting == "x0" else \
+            (min_snr_sampler(sampler_cls), MinSnrMSE())
         sampler = sampler_cls(loss_fn, torch.optim.AdamW(trainable, lr=learning_rate),
                                loss_callback=losses.append, batch_size=min(batch_size, samples.shape[0]),
                                total_steps=steps, seed=seed, training_dtype=training_dtype)

@@ -555,6 +555,6 @@ def test_eval_substitution_lists_every_other_word_and_new_word_prompts_name_it(w
     prompts = ev.new_word_prompts()
     assert len(prompts) == 12 and all(p.endswith(f'sign that says "{w.NEW_WORD}"') for p in prompts)
     assert {p.split(" sign")[0] for p in prompts[:8]} == {w.sign_caption("X", c).split(" sign")[0] for c in w.COLOUR_NAMES}
-    for p in prompts[8:]:  # the object is a trained pair
+    for p, obj in zip(prompts[8:], w.new_word_test_objects(), strict=True):  # the object is a trained pair
         colour, shape = p.split(" and ")[0].split()[1:]
-        assert not w.is_held_out(colour, shape)
+        assert (colour, shape) == obj and not w.is_held_out(colour, shape)

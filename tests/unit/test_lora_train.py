@@ -186,6 +186,49 @@ def test_min_snr_training_weighs_core_samplers_x0_loss_by_the_steps_sigma(demo):
         lt.train_text_layer_lora(model, latent, pos, BLOCKS[:1], steps=1, loss_weighting="eps")
 
 
+def _rows_seen(model, latents, positive, batch_size):
+    """Train 2 steps (lr 0) and record every model row: (which latent, by its mean, as the sampler scales it;
+    which captions its context equals)."""
+    captions = [c[0] for c in positive]
+    means = model.model.process_latent_in(latents).mean((1, 2, 3))  # far apart: the noise moves a mean by < 1
+    seen = []
+
+    def record(apply_model, args):
+        x, ctx = args["input"], args["c"]["c_crossattn"]
+        for row in range(x.shape[0]):
+            which = [k for k, c in enumerate(captions) if torch.equal(ctx[row], c[0].to(ctx))]
+            seen.append((int((means - x[row].mean()).abs().argmin()), which))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(record)
+    lt.train_text_layer_lora(m, latents, positive, BLOCKS[:1], steps=2, rank=2, learning_rate=0.0, seed=0,
+                             batch_size=batch_size)
+    return seen
+
+
+def test_each_latent_is_denoised_under_its_own_caption_only(demo):
+    """Core's TrainSampler hands a batch's captions to the sampler as one list of conds, which ComfyUI combines:
+    every latent under every caption of the batch, averaged. Here: one row per latent per step, with its caption."""
+    model, clip = demo[0], dm.load_demo_model()[1]
+    prompts = ['a sign that says "CAT"', 'a sign that says "DOG"', "a red star", "a blue heart"]
+    positive = [comfy_nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
+    latents = torch.arange(4.0).mul(100).view(4, 1, 1, 1).expand(4, 4, 8, 8)  # latent k is 100 * k everywhere
+    seen = _rows_seen(model, latents, positive, batch_size=4)
+    assert len(seen) == 2 * 4  # core's own step: 2 * 4 * 4 rows
+    assert sorted(seen) == [(k, [k]) for k in range(4) for _ in range(2)]
+
+
+def test_one_conditioning_for_every_latent_runs_the_batch_once(demo):
+    model, pos = demo[0], demo[1]
+    latents = torch.arange(3.0).mul(100).view(3, 1, 1, 1).expand(3, 4, 8, 8)
+    seen = _rows_seen(model, latents, pos, batch_size=3)
+    assert sorted(seen) == [(k, [0]) for k in range(3) for _ in range(2)]
+    assert lt.caption_groups(pos * 3) == [0, 0, 0]
+    a, b = pos[0], [pos[0][0], dict(pos[0][1])]
+    assert lt.caption_groups([a, b, a, b]) == [0, 1, 0, 1]
+
+
 # ------------------------------------------------------------------ the TextLayerLoraTrain node
 NODE_LAYERS = "output.4.0, output.5.0"  # = BLOCKS
 

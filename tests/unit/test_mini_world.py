@@ -347,3 +347,20 @@ def test_new_word_dataset_shows_only_the_new_word_and_is_deterministic():
     for bad in ("CAT", "cow", "COWS"):
         with pytest.raises(ValueError, match="three upper-case letters that are not a world word"):
             w.new_word_dataset(1, bad)
+
+
+@needs_fonts
+def test_new_word_dataset_puts_objects_beside_the_sign_but_never_the_test_objects():
+    """object_rate: scenes with a plain trained object beside the sign, never one the lora part tests the word
+    beside, never the plate's colour; rate 0 (the default) draws none."""
+    plain_imgs, plain = w.new_word_dataset(24, "POT")
+    imgs, scenes = w.new_word_dataset(24, "POT", object_rate=1.0)
+    test = set(w.new_word_test_objects())
+    assert len(test) == 4 and not any(w.is_held_out(c, s) for c, s in test)
+    assert not any(s.objects for s in plain) and all(len(s.objects) == 1 for s in scenes)
+    for s in scenes:
+        o = s.objects[0]
+        assert (o.colour, o.shape) not in test and o.colour != s.sign.colour and not w.is_held_out(o.colour, o.shape)
+        assert s.prompt.startswith(f"{w.caption(o.colour, o.shape)} and ") and s.prompt.endswith('says "POT"')
+    half = w.new_word_dataset(64, "POT", object_rate=0.5)[1]
+    assert 16 < sum(bool(s.objects) for s in half) < 48
