@@ -182,7 +182,7 @@ def per_caption_sampler(train_sampler_cls, groups: list[int]):
                                                         full_size=dataset_size)
                     preds.append(model_wrap(xt[group], batch_sigmas[group], **args))
                     order += group
-                x0_pred = torch.cat(preds)[torch.tensor(order).argsort()]
+                x0_pred = torch.cat(preds)[torch.tensor(order, device=xt.device).argsort()]
                 loss = self.loss_fn(x0_pred, x0)
             if bwd:
                 (loss / self.grad_acc).backward()

@@ -188,23 +188,26 @@ def test_min_snr_training_weighs_core_samplers_x0_loss_by_the_steps_sigma(demo):
 
 def _rows_seen(model, latents, positive, batch_size):
     """Train 2 steps (lr 0) and record every model row: (which latent, by its mean, as the sampler scales it;
-    which captions its context equals)."""
+    which captions its context equals). The model answers each row with its latent's clean x0 exactly, so every
+    step's loss is 0 only if the trainer puts the answers back in the batch's order. Returns (rows, losses)."""
     captions = [c[0] for c in positive]
-    means = model.model.process_latent_in(latents).mean((1, 2, 3))  # far apart: the noise moves a mean by < 1
+    clean = model.model.process_latent_in(latents)
+    means = clean.mean((1, 2, 3))  # far apart: the noise moves a mean by < 1
     seen = []
 
     def record(apply_model, args):
         x, ctx = args["input"], args["c"]["c_crossattn"]
-        for row in range(x.shape[0]):
-            which = [k for k, c in enumerate(captions) if torch.equal(ctx[row], c[0].to(ctx))]
-            seen.append((int((means - x[row].mean()).abs().argmin()), which))
-        return apply_model(args["input"], args["timestep"], **args["c"])
+        latent = [int((means - x[row].mean()).abs().argmin()) for row in range(x.shape[0])]
+        for row, k in enumerate(latent):
+            seen.append((k, [j for j, c in enumerate(captions) if torch.equal(ctx[row], c[0].to(ctx))]))
+        out = apply_model(args["input"], args["timestep"], **args["c"])  # keeps the graph to the LoRA
+        return out * 0 + clean[latent].to(out)
 
     m = model.clone()
     m.set_model_unet_function_wrapper(record)
-    lt.train_text_layer_lora(m, latents, positive, BLOCKS[:1], steps=2, rank=2, learning_rate=0.0, seed=0,
-                             batch_size=batch_size)
-    return seen
+    _, losses = lt.train_text_layer_lora(m, latents, positive, BLOCKS[:1], steps=2, rank=2, learning_rate=0.0,
+                                         seed=0, batch_size=batch_size)
+    return seen, losses
 
 
 def test_each_latent_is_denoised_under_its_own_caption_only(demo):
@@ -214,17 +217,27 @@ def test_each_latent_is_denoised_under_its_own_caption_only(demo):
     prompts = ['a sign that says "CAT"', 'a sign that says "DOG"', "a red star", "a blue heart"]
     positive = [comfy_nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
     latents = torch.arange(4.0).mul(100).view(4, 1, 1, 1).expand(4, 4, 8, 8)  # latent k is 100 * k everywhere
-    seen = _rows_seen(model, latents, positive, batch_size=4)
+    seen, losses = _rows_seen(model, latents, positive, batch_size=4)
     assert len(seen) == 2 * 4  # core's own step: 2 * 4 * 4 rows
     assert sorted(seen) == [(k, [k]) for k in range(4) for _ in range(2)]
+    assert losses == [0.0, 0.0]
 
 
 def test_one_conditioning_for_every_latent_runs_the_batch_once(demo):
     model, pos = demo[0], demo[1]
     latents = torch.arange(3.0).mul(100).view(3, 1, 1, 1).expand(3, 4, 8, 8)
-    seen = _rows_seen(model, latents, pos, batch_size=3)
-    assert sorted(seen) == [(k, [0]) for k in range(3) for _ in range(2)]
+    seen, losses = _rows_seen(model, latents, pos, batch_size=3)
+    assert sorted(seen) == [(k, [0]) for k in range(3) for _ in range(2)] and losses == [0.0, 0.0]
     assert lt.caption_groups(pos * 3) == [0, 0, 0]
+
+
+def test_interleaved_captions_get_their_predictions_back_in_the_batchs_order(demo):
+    """Captions a, b, a, b: two groups whose rows interleave, so the answers must be put back in order."""
+    model, pos, neg = demo[0], demo[1], demo[2]
+    latents = torch.arange(4.0).mul(100).view(4, 1, 1, 1).expand(4, 4, 8, 8)
+    seen, losses = _rows_seen(model, latents, [pos[0], neg[0], pos[0], neg[0]], batch_size=4)
+    assert sorted(seen) == [(k, [k % 2, k % 2 + 2]) for k in range(4) for _ in range(2)]
+    assert losses == [0.0, 0.0]
     a, b = pos[0], [pos[0][0], dict(pos[0][1])]
     assert lt.caption_groups([a, b, a, b]) == [0, 1, 0, 1]
 
