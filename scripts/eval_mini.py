@@ -36,7 +36,10 @@ ships (models/prompt_anatomy_mini, or --weights). Prints the numbers and writes 
 8. lora        (v2 weights) a rank-4 LoRA trained only on the localized layers (TextLayerLoraTrain's trainer) on
                images of a sign saying a word no caption uses (mini_world.NEW_WORD, or --new-word): how often OCR
                reads it before and after, and whether the 24 trained words still render. --lora-loss min_snr
-               weighs the trainer's loss by min(SNR, 5); --lora-keep N adds N trained-word sign scenes.
+               weighs the trainer's loss by min(SNR, 5); --lora-keep N adds N trained-word sign scenes;
+               --lora-object-rate R shows the new word beside an object in a share R of its images (never one of
+               the four objects it is tested beside); --lora-targets k_v trains only k and v. The new word is
+               reported on the sign alone and beside an object apart.
 9. lora_tune   (v2 weights) paper 2 Sec. 5 (c): a rank-4 LoRA on only the localized layers against one on every
                cross-attention layer, both trained on sign scenes of trained captions that no training run drew:
                the held-out and seen word rates (as in 5) and the held-out shape rate (as in 1), before and after.
