@@ -24,8 +24,13 @@ pytestmark = pytest.mark.slow  # two 32-step CPU trainings: ~30 s on a quiet 2-c
 
 
 @pytest.fixture(scope="module")
-def demo():
-    model, clip, vae = dm.load_demo_model()
+def loaded():
+    return dm.load_demo_model()
+
+
+@pytest.fixture(scope="module")
+def demo(loaded):
+    model, clip, vae = loaded
     (pos,) = comfy_nodes.CLIPTextEncode().encode(clip, "a red star")
     (neg,) = comfy_nodes.CLIPTextEncode().encode(clip, "")
     # a target the model does not draw for this prompt: plain blue images, so there is something to learn
@@ -210,10 +215,10 @@ def _rows_seen(model, latents, positive, batch_size):
     return seen, losses
 
 
-def test_each_latent_is_denoised_under_its_own_caption_only(demo):
+def test_each_latent_is_denoised_under_its_own_caption_only(demo, loaded):
     """Core's TrainSampler hands a batch's captions to the sampler as one list of conds, which ComfyUI combines:
     every latent under every caption of the batch, averaged. Here: one row per latent per step, with its caption."""
-    model, clip = demo[0], dm.load_demo_model()[1]
+    model, clip = demo[0], loaded[1]
     prompts = ['a sign that says "CAT"', 'a sign that says "DOG"', "a red star", "a blue heart"]
     positive = [comfy_nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts]
     latents = torch.arange(4.0).mul(100).view(4, 1, 1, 1).expand(4, 4, 8, 8)  # latent k is 100 * k everywhere

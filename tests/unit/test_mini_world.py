@@ -353,8 +353,8 @@ def test_new_word_dataset_shows_only_the_new_word_and_is_deterministic():
 def test_new_word_dataset_puts_objects_beside_the_sign_but_never_the_test_objects():
     """object_rate: scenes with a plain trained object beside the sign, never one the lora part tests the word
     beside, never the plate's colour; rate 0 (the default) draws none."""
-    plain_imgs, plain = w.new_word_dataset(24, "POT")
-    imgs, scenes = w.new_word_dataset(24, "POT", object_rate=1.0)
+    plain = w.new_word_dataset(24, "POT")[1]
+    scenes = w.new_word_dataset(24, "POT", object_rate=1.0)[1]
     test = set(w.new_word_test_objects())
     assert len(test) == 4 and not any(w.is_held_out(c, s) for c, s in test)
     assert not any(s.objects for s in plain) and all(len(s.objects) == 1 for s in scenes)
